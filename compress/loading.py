@@ -1,0 +1,181 @@
+"""compress.load_model(source) -> (model, tokenizer, SourceInfo) for HF dirs, GGUF files, aliases and checkpoints.
+
+A GGUF is de-quantized by transformers' GGUF loader once (about half a minute for SmolLM2) and the result is
+cached as an ordinary safetensors checkpoint under the cache dir, keyed by the GGUF's sha256, so later loads
+take a second or two.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from runtime.fsutil import atomic_dir, sha256_file
+from runtime.manifest import Architecture
+
+from .errors import CompressError
+from .sources import ALIASES, SourceInfo, cache_dir, resolve
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def architecture_from_config(config) -> Architecture:
+    """The manifest's architecture block from a transformers config (v4 and v5 rope fields)."""
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED_ARCHITECTURES:
+        raise CompressError(
+            f"unsupported architecture {mt!r}; llmkiln supports Llama-style decoders: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    scaling = getattr(config, "rope_scaling", None)
+    if rope and rope.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    heads = config.num_attention_heads
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return Architecture(
+        model_type=mt,
+        layers=config.num_hidden_layers,
+        hidden=hidden,
+        intermediate=config.intermediate_size,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab=config.vocab_size,
+        max_position=config.max_position_embeddings,
+        rope_theta=float(theta),
+        rms_eps=float(config.rms_norm_eps),
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        rope_scaling=dict(scaling) if scaling else None,
+        bos_token_id=getattr(config, "bos_token_id", None),
+        eos_token_id=getattr(config, "eos_token_id", None),
+        hidden_act=getattr(config, "hidden_act", "silu"),
+    )
+
+
+def _check_config(path: Path) -> dict:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CompressError(f"{path}/config.json: unreadable ({e})") from None
+    mt = cfg.get("model_type")
+    if mt not in SUPPORTED_ARCHITECTURES:
+        raise CompressError(
+            f"{path}: unsupported architecture {mt!r}; llmkiln supports Llama-style decoders: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return cfg
+
+
+def _check_safetensors(files: list[Path]) -> None:
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                keys = list(h.keys())
+                if keys:  # touching one tensor catches truncation of the data section
+                    h.get_slice(keys[-1])[...]
+        except Exception as e:
+            raise CompressError(f"{f}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def _load_hf_dir(path: Path, allow_pickle: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_config(path)
+    files = sorted(path.glob("*.safetensors"))
+    _check_safetensors(files)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch.float32, use_safetensors=bool(files) or not allow_pickle,
+                low_cpu_mem_usage=True,
+            )
+        except Exception as e:
+            raise CompressError(f"{path}: could not load the weights ({str(e).splitlines()[0][:300]})") from None
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:
+            raise CompressError(f"{path}: no usable tokenizer ({str(e).splitlines()[0][:200]})") from None
+    model.eval()
+    return model, tok
+
+
+def _gguf_cache(gguf: Path, sha: str) -> Path:
+    return cache_dir() / "converted" / sha[:16]
+
+
+def _convert_gguf(gguf: Path, sha: str, quiet: bool) -> Path:
+    """De-quantize a GGUF with transformers and cache it as a safetensors HF dir."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = _gguf_cache(gguf, sha)
+    if (out / "config.json").is_file():
+        return out
+    try:
+        from gguf import GGUFReader
+
+        arch = GGUFReader(str(gguf)).fields["general.architecture"]
+        arch = bytes(arch.parts[arch.data[0]]).decode()
+    except Exception as e:
+        raise CompressError(f"{gguf}: corrupt or truncated GGUF file ({str(e).splitlines()[0][:200]})") from None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CompressError(
+            f"{gguf}: unsupported architecture {arch!r}; llmkiln supports Llama-style decoders: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if not quiet:
+        print(f"llmkiln: converting {gguf.name} to float32 safetensors (once; cached in {out})",
+              file=sys.stderr, flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except Exception as e:
+            raise CompressError(f"{gguf}: could not load the GGUF ({str(e).splitlines()[0][:300]})") from None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    from safetensors.torch import save_file
+
+    from .checkpoint import state_for_saving
+
+    with atomic_dir(out, force=True) as tmp:
+        save_file(state_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(str(tmp))
+        model.generation_config.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}) + "\n")
+    return out
+
+
+def load_model(source: str | SourceInfo, allow_pickle: bool = False, quiet: bool = False):
+    """Load a model for the PyTorch stages.
+
+    Returns (model, tokenizer, SourceInfo). ``source`` is an alias (``smollm2-135m``), a ``.gguf`` file,
+    a Hugging Face checkpoint dir (safetensors; pickle only with ``allow_pickle``), or an llmkiln
+    checkpoint dir (kiln.json kind "checkpoint", possibly quantized: rebuilt with exact fake-quant numerics).
+    """
+    info = source if isinstance(source, SourceInfo) else resolve(source, allow_pickle=allow_pickle, quiet=quiet)
+    if info.kind == "gguf":
+        sha = ALIASES[info.alias].file_sha256 if info.alias else sha256_file(info.path)
+        conv = _convert_gguf(info.path, sha, quiet)
+        model, tok = _load_hf_dir(conv)
+        info.extra["converted"] = str(conv)
+        info.extra["sha256"] = sha
+        return model, tok, info
+    if info.kind == "checkpoint":
+        from .checkpoint import load_checkpoint
+
+        model, tok = load_checkpoint(info.path, info.manifest)
+        return model, tok, info
+    model, tok = _load_hf_dir(info.path, allow_pickle=info.allow_pickle)
+    return model, tok, info

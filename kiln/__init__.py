@@ -1,0 +1,1 @@
+"""llmkiln command line (`kiln`) and the pipeline that chains the stages."""

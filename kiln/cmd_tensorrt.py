@@ -1,0 +1,2 @@
+"""Commands of this stage (filled in by its package)."""
+COMMANDS: list = []

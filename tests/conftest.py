@@ -1,0 +1,41 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import save_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (2 layers, hidden 64, 4 query / 2 KV heads, tied embeddings) as an HF dir."""
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def tiny_copy(tiny_dir, tmp_path) -> Path:
+    """A private copy of the tiny model dir, for tests that might touch it."""
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_dir, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (slow tests only): loaded once per session."""
+    from compress.loading import load_model
+
+    return load_model("smollm2-135m")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import tensorrt  # noqa: F401
+        has_trt = True
+    except Exception:
+        has_trt = False
+    skip = pytest.mark.skip(reason="needs TensorRT and an NVIDIA GPU (pip install 'llmkiln[gpu]' on an H100)")
+    for item in items:
+        if "gpu" in item.keywords and not has_trt:
+            item.add_marker(skip)
