@@ -63,3 +63,73 @@ def save_tiny(path: Path, seed: int = 0, **kw) -> Path:
     model.save_pretrained(str(path), safe_serialization=True)
     tok.save_pretrained(str(path))
     return path
+
+
+def _permute_qk(w, n_head: int):
+    """The row permutation llama.cpp's converter applies to q/k weights (transformers undoes it on load)."""
+    out, inp = w.shape
+    return w.reshape(n_head, 2, out // n_head // 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def save_tiny_gguf(src_dir: Path, out: Path) -> Path:
+    """Write the tiny HF model in ``src_dir`` as an F32 llama GGUF (with its BPE tokenizer) using the gguf package."""
+    import json
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((src_dir / "config.json").read_text())
+    tj = json.loads((src_dir / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    for added in tj.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    special = {a["id"] for a in tj.get("added_tokens", [])}
+    types = [3 if i in special else 1 for i in range(len(tokens))]  # 3 = control, 1 = normal
+
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_name("tiny-llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    w.add_vocab_size(len(tokens))
+    w.add_file_type(0)  # all F32
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+
+    sd = load_file(str(src_dir / "model.safetensors"))
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].astype(np.float32))
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, gg in names.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"].astype(np.float32)
+            if gg == "attn_q":
+                t = _permute_qk(t, nh)
+            elif gg == "attn_k":
+                t = _permute_qk(t, nkv)
+            w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t))
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"].astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
