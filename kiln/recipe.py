@@ -1,0 +1,156 @@
+"""Pipeline recipes: a YAML file listing passes (the serialization kiln.json uses) plus stage settings.
+
+    passes:
+      - kind: prune
+        config: {method: width, mlp: 0.25, recover_steps: 200}
+      - kind: quantize
+        config: {scheme: int8-wo}
+    export: {form: portable}
+    eval: {text: builtin:pydoc, windows: 8, seq_len: 512}
+    bench: {prompt_len: 32, new_tokens: 128, runs: 3}
+    target: cpu
+
+Every error names the file and line: unknown keys, wrong types, unknown passes, prune after quantize.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compress.errors import CompressError
+
+PASS_ORDER = {"prune": 0, "quantize": 1}
+TARGETS = ("cpu", "h100")
+_SECTIONS = {
+    "export": {"form": str, "opset": int},
+    "eval": {"text": str, "windows": int, "seq_len": int},
+    "bench": {"prompt_len": int, "new_tokens": int, "runs": int, "threads": int},
+}
+
+
+class RecipeError(CompressError):
+    """A recipe that cannot be used; the message names the file and line."""
+
+
+@dataclass
+class Recipe:
+    passes: list[dict] = field(default_factory=list)
+    export: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+    bench: dict = field(default_factory=dict)
+    target: str | None = None
+    name: str = "recipe"
+
+
+def _line(node) -> int:
+    return node.start_mark.line + 1
+
+
+def _plain(node):
+    import yaml
+
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def _mapping(node, where: str):
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        raise RecipeError(f"{where}:{_line(node)}: expected a mapping")
+    out = {}
+    for k, v in node.value:
+        if not isinstance(k, yaml.ScalarNode):
+            raise RecipeError(f"{where}:{_line(k)}: keys must be plain names")
+        out[k.value] = (k, v)
+    return out
+
+
+def parse_recipe(text: str, where: str = "recipe") -> Recipe:
+    """Parse and validate recipe text; pass configs are checked by the config classes they name."""
+    import yaml
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else "?"
+        raise RecipeError(f"{where}:{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if root is None:
+        raise RecipeError(f"{where}:1: the recipe is empty")
+    top = _mapping(root, where)
+    recipe = Recipe(name=Path(where).stem)
+    for key, (knode, vnode) in top.items():
+        if key == "passes":
+            recipe.passes = _passes(vnode, where)
+        elif key in _SECTIONS:
+            fields = _mapping(vnode, where)
+            for fk, (fkn, fvn) in fields.items():
+                want = _SECTIONS[key].get(fk)
+                if want is None:
+                    raise RecipeError(f"{where}:{_line(fkn)}: unknown field {key}.{fk} "
+                                      f"(known: {', '.join(_SECTIONS[key])})")
+                val = _plain(fvn)
+                if not isinstance(val, want) or isinstance(val, bool):
+                    raise RecipeError(f"{where}:{_line(fvn)}: {key}.{fk} must be {want.__name__}, got {val!r}")
+                getattr(recipe, key)[fk] = val
+        elif key == "target":
+            val = _plain(vnode)
+            if val not in TARGETS:
+                raise RecipeError(f"{where}:{_line(vnode)}: target must be one of {', '.join(TARGETS)}")
+            recipe.target = val
+        else:
+            raise RecipeError(f"{where}:{_line(knode)}: unknown key {key!r} "
+                              f"(known: passes, target, {', '.join(_SECTIONS)})")
+    return recipe
+
+
+def _passes(node, where: str) -> list[dict]:
+    import yaml
+
+    if not isinstance(node, yaml.SequenceNode):
+        raise RecipeError(f"{where}:{_line(node)}: passes must be a list")
+    out, last_kind = [], None
+    for item in node.value:
+        fields = _mapping(item, where)
+        unknown = sorted(set(fields) - {"kind", "config"})
+        if unknown:
+            raise RecipeError(f"{where}:{_line(fields[unknown[0]][0])}: unknown pass field {unknown[0]!r} "
+                              "(a pass has kind and config)")
+        if "kind" not in fields:
+            raise RecipeError(f"{where}:{_line(item)}: a pass needs 'kind' (prune or quantize)")
+        kind_node = fields["kind"][1]
+        kind = _plain(kind_node)
+        if kind not in PASS_ORDER:
+            raise RecipeError(f"{where}:{_line(kind_node)}: unknown pass {kind!r}; passes are prune, quantize")
+        if last_kind is not None and PASS_ORDER[kind] < PASS_ORDER[last_kind]:
+            raise RecipeError(f"{where}:{_line(kind_node)}: {kind} after {last_kind}; prune must come before quantize")
+        if kind == "quantize" and last_kind == "quantize":
+            raise RecipeError(f"{where}:{_line(kind_node)}: only one quantize pass is allowed")
+        cfg_node = fields.get("config", (None, None))[1]
+        cfg = _plain(cfg_node) if cfg_node is not None else {}
+        if not isinstance(cfg, dict):
+            raise RecipeError(f"{where}:{_line(cfg_node)}: config must be a mapping")
+        try:
+            build_config(kind, cfg)
+        except (CompressError, TypeError, ValueError) as e:
+            line = _line(cfg_node if cfg_node is not None else item)
+            raise RecipeError(f"{where}:{line}: {kind} config: {' '.join(str(e).split())}") from None
+        out.append({"kind": kind, "config": cfg})
+        last_kind = kind
+    return out
+
+
+def build_config(kind: str, cfg: dict):
+    """The library config object for a serialized pass config (the same form kiln.json stores)."""
+    if kind == "quantize":
+        from compress.quant import config_from_dict
+    else:
+        from compress.prune import config_from_dict
+    return config_from_dict(cfg)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    return parse_recipe(p.read_text(encoding="utf-8"), where=str(path))
