@@ -1,0 +1,149 @@
+"""Entry points: ``prune_(model, config, calib=...)`` in place, and ``prune_checkpoint`` (load -> prune -> save)."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+from ..errors import CompressError
+from .config import METHODS, Depth, Magnitude, Recover, SparseGPT, StructuredWidth, Wanda
+
+
+@dataclass
+class PruneReport:
+    """What ``prune_`` did: the config, removed units (structured) or keep-masks (unstructured), stats."""
+
+    config: object
+    stats: dict = field(default_factory=dict)
+    removed: dict = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)
+    recover: Recover | None = None
+
+    def to_pass(self, calibration: dict | None = None) -> dict:
+        """The kiln.json ``passes`` entry."""
+        cfg = self.config.to_dict()
+        if calibration:
+            cfg["calibration"] = calibration
+        if self.recover is not None:
+            cfg["recover"] = self.recover.to_dict()
+        return {"kind": "prune", "config": cfg, "stats": self.stats}
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def prune_(model, config, calib=None, recover: Recover | None = None, recover_data=None,
+           progress: bool = False) -> PruneReport:
+    """Prune ``model`` in place with ``config`` (Magnitude, Wanda, SparseGPT, StructuredWidth, Depth).
+
+    ``calib``: a list of [1, S] int64 token tensors or a ``forward_loop(model)`` callable.
+    ``recover``: distil from a frozen copy of the unpruned model on ``recover_data`` (list of [1, S] tensors;
+    default: ``calib`` when it is a list) after pruning.
+    """
+    if not isinstance(config, tuple(METHODS.values())):
+        raise CompressError(f"unknown pruning config {config!r}; use one of {', '.join(c.__name__ for c in METHODS.values())}")
+    if recover is not None and not isinstance(recover, Recover):
+        raise CompressError("recover must be a Recover(...) config")
+    if recover is not None:
+        recover_data = recover_data if recover_data is not None else (calib if isinstance(calib, list) else None)
+        if not recover_data:
+            raise CompressError("recovery needs token windows: pass recover_data=[tensor [1, S], ...]")
+    if config.needs_calibration and calib is None:
+        raise CompressError(f"{config.method} pruning needs calibration data (token windows or a forward_loop)")
+    teacher = copy.deepcopy(model).eval() if recover is not None else None
+    params_before = count_parameters(model)
+    bar = None
+    report = PruneReport(config=config, recover=recover)
+    try:
+        if isinstance(config, (Magnitude, Wanda, SparseGPT)):
+            from .unstructured import prune_magnitude, prune_sequential, target_linears
+
+            if progress:
+                from runtime.progress import bar as make_bar
+
+                n = len(target_linears(model, config)) if isinstance(config, Magnitude) else len(model.model.layers)
+                bar = make_bar(n, f"pruning ({config.method})")
+            if isinstance(config, Magnitude):
+                report.masks = prune_magnitude(model, config, bar)
+            else:
+                report.masks = prune_sequential(model, config, calib, bar)
+            total = sum(k.numel() for k in report.masks.values())
+            kept = sum(int(k.sum()) for k in report.masks.values())
+            report.stats = {"matrices": len(report.masks), "weights": total, "zeros": total - kept,
+                            "sparsity": round((total - kept) / total, 6)}
+        elif isinstance(config, StructuredWidth):
+            from .structured import prune_width
+
+            report.removed = prune_width(model, config, calib)
+        else:
+            from .structured import prune_depth
+
+            report.removed = prune_depth(model, config, calib)
+            report.stats["removed_layers"] = report.removed["layers"]
+    finally:
+        if bar:
+            bar.close()
+    report.stats |= {"parameters_before": params_before, "parameters_after": count_parameters(model)}
+    if recover is not None:
+        from .distill import distill_
+
+        report.stats["recover"] = distill_(model, teacher, recover_data, recover, masks=report.masks,
+                                           progress=progress)
+        del teacher
+    return report
+
+
+def _windows(tokenizer, text: str, seq_len: int, samples: int, cap: bool = False) -> list:
+    """Calibration windows [1, seq_len] from the end of the corpus; ``cap`` lowers samples to what fits."""
+    import torch
+
+    from runtime.corpus import EVAL_RESERVE_WINDOWS, CorpusError, calibration_windows
+
+    from ..evaluate import corpus_ids
+
+    try:
+        ids = corpus_ids(tokenizer, text)
+        if cap:
+            samples = max(1, min(samples, len(ids) // seq_len - EVAL_RESERVE_WINDOWS))
+        wins = calibration_windows(ids, seq_len, samples)
+    except CorpusError as e:
+        raise CompressError(str(e)) from None
+    return [torch.tensor([w], dtype=torch.long) for w in wins]
+
+
+def prune_checkpoint(source, out, config, *, text: str = "builtin:pydoc", calib_samples: int = 64,
+                     calib_seq_len: int = 512, recover: Recover | None = None, force: bool = False,
+                     allow_pickle: bool = False, progress: bool = True) -> dict:
+    """Load ``source``, prune it, optionally recover, and write an llmkiln checkpoint to ``out`` atomically.
+
+    Earlier passes of an llmkiln checkpoint are kept first in kiln.json. Returns a summary dict.
+    """
+    from runtime.corpus import corpus_name
+
+    from ..checkpoint import save_checkpoint, source_record
+    from ..loading import load_model
+
+    t0 = time.perf_counter()
+    if calib_samples < 1 or calib_seq_len < 2:
+        raise CompressError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+    model, tok, info = load_model(source, allow_pickle=allow_pickle, quiet=not progress)
+    prev = list(info.manifest.passes) if info.manifest is not None else []
+    if info.manifest is not None and info.manifest.quant_pass() is not None:
+        raise CompressError(f"{source} is quantized; prune the float model first, then quantize "
+                            "(kiln compress prune ... then kiln compress quantize ...)")
+    calib = None
+    calibration = None
+    if config.needs_calibration:
+        calib = _windows(tok, text, calib_seq_len, calib_samples)
+        calibration = {"text": corpus_name(text), "samples": calib_samples, "seq_len": calib_seq_len}
+    recover_data = None
+    if recover is not None:
+        recover_data = _windows(tok, text, recover.seq_len, recover.steps, cap=True)
+        calibration = (calibration or {}) | {"recover_text": corpus_name(text), "recover_windows": len(recover_data)}
+    report = prune_(model, config, calib=calib, recover=recover, recover_data=recover_data, progress=progress)
+    entry = report.to_pass(calibration)
+    manifest = save_checkpoint(model, tok, out, source=source_record(info), passes=prev + [entry], force=force)
+    size = sum(f["size"] for f in manifest.files.values())
+    return {"out": str(out), "method": config.method, "passes": [p["kind"] for p in manifest.passes],
+            "stats": report.stats, "bytes_on_disk": size, "seconds": round(time.perf_counter() - t0, 2)}
