@@ -1,0 +1,77 @@
+"""GPTQ for INT4 (symmetric, zero point 0, static groups chosen by weighted MSE, act-order), run layer by
+layer: each decoder layer sees the outputs of the already-quantized layers before it."""
+from __future__ import annotations
+
+import torch
+
+from . import primitives as P
+
+GROUP_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65)
+
+
+def int4_scale_search(w: torch.Tensor, group: int, h: torch.Tensor, clips=GROUP_CLIPS) -> torch.Tensor:
+    """Per (row, group) scale minimizing sum_j h_j (w_ij - q(w_ij))^2.  w: [out, in], h: [in] -> [out, in/group]."""
+    out, inn = w.shape
+    base = P.int4_scale(w, group)
+    hw = h.reshape(1, inn // group, group)
+    best_s, best_e = base, None
+    for c in clips:
+        s = base * c
+        d = (P.dequantize(P.quantize_int4(w, s), s) - w).reshape(out, -1, group)
+        e = (d * d * hw).sum(dim=2)  # [out, G]
+        if best_e is None:
+            best_s, best_e = s, e
+        else:
+            better = e < best_e
+            best_s, best_e = torch.where(better, s, best_s), torch.where(better, e, best_e)
+    return best_s
+
+
+@torch.no_grad()
+def gptq_int4(w: torch.Tensor, hess: torch.Tensor, group: int, damp: float = 0.01,
+              block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8 [out, in] in [-8, 7], scale [out, in/group]) for w [out, in] given H = E[x x^T] [in, in]."""
+    w = w.detach().float().clone()
+    h = hess.detach().double().clone()
+    n = w.shape[1]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    scale = int4_scale_search(w, group, torch.diag(h).float())
+    perm = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(n, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    col_scale = scale[:, perm // group]  # [out, in] scale of each (permuted) column
+    codes = torch.zeros_like(w, dtype=torch.int8)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col, d, s = w1[:, i], hinv1[i, i], col_scale[:, i1 + i]
+            q = torch.clamp(torch.round(col / s), P.INT4_MIN, P.INT4_MAX)
+            codes[:, i1 + i] = q.to(torch.int8)
+            e = (col - q * s) / d
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    return codes[:, inv].contiguous(), scale
+
+
+class HessianAccumulator:
+    """H = mean over tokens of x x^T for one Linear input, filled by a forward pre-hook."""
+
+    def __init__(self, n: int):
+        self.h = torch.zeros(n, n, dtype=torch.float64)
+        self.tokens = 0
+
+    def __call__(self, _mod, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [T, in]
+        self.h += (x.T @ x).double()
+        self.tokens += x.shape[0]
+
+    def get(self) -> torch.Tensor:
+        return self.h / max(self.tokens, 1)

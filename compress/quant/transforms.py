@@ -1,0 +1,95 @@
+"""Module transforms: fold smoothing factors, swap nn.Linear for QuantLinear, quantize the tied embedding."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import primitives as P
+from .calibrate import Group
+from .modules import QuantLinear, is_tied, set_module
+from .smooth import kv_part, quantize_weight
+
+WEIGHT_CLIPS = (1.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.88, 0.85, 0.8)
+
+
+def int8_scale_search(w: torch.Tensor, h: torch.Tensor | None, clips=WEIGHT_CLIPS) -> torch.Tensor:
+    """Per output channel INT8 scale minimizing sum_j h_j (w_ij - q(w_ij))^2 over clip candidates.
+    w: [out, in]; h: [in] mean x_j^2 of the input (None: plain max)."""
+    base = P.int8_weight_scale(w)
+    if h is None:
+        return base
+    best_s, best_e = base, None
+    for c in clips:
+        s = base * c
+        d = P.dequantize(P.quantize_int8(w, s), s) - w
+        e = (d * d * h[None, :]).sum(dim=1)  # [out]
+        if best_e is None:
+            best_s, best_e = s, e
+        else:
+            better = e < best_e
+            best_s, best_e = torch.where(better, s, best_s), torch.where(better, e, best_e)
+    return best_s
+
+
+def replace_linear(model, name: str, codes, scale, weight: str, act=None, input_scale=None, smooth=None,
+                   group_size=None) -> QuantLinear:
+    lin = model.get_submodule(name)
+    q = QuantLinear(codes, scale, weight, act, input_scale, lin.bias, smooth, group_size)
+    set_module(model, name, q)
+    return q
+
+
+def quantize_int8_linear(model, name: str, h: torch.Tensor | None = None) -> QuantLinear:
+    w = model.get_submodule(name).weight.detach().float()
+    s = int8_scale_search(w, h)
+    return replace_linear(model, name, P.quantize_int8(w, s), s, "int8")
+
+
+@torch.no_grad()
+def fold_smoothing(model, group: Group, s: torch.Tensor, head_dim: int) -> None:
+    """X' = X / s in the producing op, W' = W * s in every Linear of the group (outputs unchanged)."""
+    prev = model.get_submodule(group.prev)
+    if group.prev_kind == "norm":
+        prev.weight.div_(s)
+    else:
+        r = kv_part(s, group.repeat, head_dim)  # [prev_out]
+        prev.weight.div_(r[:, None])
+        if prev.bias is not None:
+            prev.bias.div_(r)
+    for n in group.linears:
+        model.get_submodule(n).weight.mul_(s[None, :])
+
+
+def quantize_static_linear(model, name: str, weight_fmt: str, act: str, input_scale, smooth) -> QuantLinear:
+    w = model.get_submodule(name).weight.detach().float()
+    codes, sc = quantize_weight(w, weight_fmt)
+    return replace_linear(model, name, codes, sc, weight_fmt, act, input_scale, smooth)
+
+
+@torch.no_grad()
+def quantize_lm_head(model, fmt: str = "int8", group: int = 128) -> dict:
+    """Quantize the lm_head weight-only. Tied: the embedding table serves both (dequantized in place).
+    Returns {"spec": ..., "codes": ..., "scale": ...} for saving."""
+    head = model.get_output_embeddings()
+    w = head.weight.detach().float()
+    if fmt == "int4":
+        g = P.int4_group_size(w.shape[1], group)
+        s = P.int4_scale(w, g)
+        codes, spec = P.quantize_int4(w, s), {"weight": "int4", "group_size": g, "act": None}
+    else:
+        s = P.int8_weight_scale(w)
+        codes, spec = P.quantize_int8(w, s), {"weight": "int8", "act": None}
+    if is_tied(model):
+        model.get_input_embeddings().weight.copy_(P.dequantize(codes, s))
+        return {"spec": spec, "codes": codes, "scale": s}
+    q = replace_linear(model, "lm_head", codes, s, spec["weight"], group_size=spec.get("group_size"))
+    return {"spec": q.spec(), "module": q}
+
+
+def float_linear_from(q: QuantLinear) -> nn.Linear:
+    """Back to a float nn.Linear holding the dequantized weight (used by GPTQ's layer runner)."""
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+    lin.weight.data.copy_(q.weight)
+    if q.bias is not None:
+        lin.bias.data.copy_(q.bias)
+    return lin
