@@ -1,0 +1,180 @@
+"""ONNX Runtime backend (CPU by default): IO binding straight into preallocated host KV buffers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EngineError
+from .base import Backend, KVCache
+from .hostcache import HostKVCache
+from .ort_graph import POSITIONS, with_logits_positions
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+_ONNX_CODE = {np.float32: 1, np.float16: 10, np.int64: 7}  # TensorProto data types (cheaper to bind than dtypes)
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+class _OrtCache(HostKVCache):
+    """Host cache plus the session's IO binding (one per cache, so separate caches can run concurrently)."""
+
+    def __init__(self, sess, *a):
+        super().__init__(*a)
+        self.binding = sess.io_binding()
+        self.cbinding = getattr(self.binding, "_iobinding", None)
+        self.logits = np.zeros(0, dtype=np.float32)  # reused output buffer, grown on demand
+
+    def logits_buffer(self, n: int, dtype) -> np.ndarray:
+        if self.logits.size < n or self.logits.dtype != dtype:
+            self.logits = np.empty(max(n, int(self.logits.size * 1.5)), dtype=dtype)
+        return self.logits
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, artifact_dir, manifest, threads=None, providers=None):
+        import onnxruntime as ort
+
+        root = Path(artifact_dir)
+        model = root / "model.onnx"
+        if not model.is_file():
+            raise EngineError(f"{root}: model.onnx is missing; re-export the artifact")
+        if threads is not None and threads < 1:
+            raise EngineError(f"threads must be at least 1, got {threads}")
+        arch = manifest.architecture
+        self.layers, self.kv_heads, self.head_dim, self.vocab = arch.layers, arch.kv_heads, arch.head_dim, arch.vocab
+        self.threads = threads
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.inter_op_num_threads = 1
+        if threads:
+            so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(root))
+        avail = ort.get_available_providers()
+        providers = list(providers) if providers else ["CPUExecutionProvider"]
+        missing = [p for p in providers if p not in avail]
+        if missing:
+            raise EngineError(f"ONNX Runtime provider(s) {', '.join(missing)} not available here "
+                              f"(available: {', '.join(avail)})")
+        edited = with_logits_positions(model)
+        try:
+            self.sess = ort.InferenceSession(edited if edited is not None else str(model), so, providers=providers)
+        except Exception as e:  # ORT raises its own exception types for a corrupt or unsupported graph
+            msg = " ".join(str(e).split())[:300]
+            raise EngineError(f"{model}: ONNX Runtime cannot load it ({msg}); re-export the artifact") from None
+        self.providers = providers
+        self._check_io()
+        # The per-step binding of 2 x layers KV tensors is the Python hot path: call the C++ binding directly
+        # with a device object made once (the public wrappers rebuild it on every call).
+        try:
+            from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
+
+            self._cdev = OrtDevice.make("cpu", 0)._get_c_device()
+            self._csess = self.sess._sess
+        except Exception:
+            self._cdev = self._csess = None
+
+    # ---- IO contract ---------------------------------------------------------------------------------
+    def _check_io(self) -> None:
+        ins = {i.name: i for i in self.sess.get_inputs()}
+        outs = {o.name: o for o in self.sess.get_outputs()}
+        need_in = ["input_ids", "attention_mask", "position_ids"]
+        need_out = ["logits"]
+        for i in range(self.layers):
+            need_in += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+            need_out += [f"present.{i}.key", f"present.{i}.value"]
+        miss = [n for n in need_in if n not in ins] + [n for n in need_out if n not in outs]
+        if miss:
+            raise EngineError(f"model.onnx does not follow the llmkiln IO contract: missing {', '.join(miss[:4])}"
+                              f"{' ...' if len(miss) > 4 else ''}; re-export it with `kiln export onnx`")
+        self.positions = POSITIONS in ins
+        kv = ins["past_key_values.0.key"]
+        self.kv_dtype = _ORT_TYPES.get(kv.type)
+        if self.kv_dtype is None or outs["logits"].type not in _ORT_TYPES:
+            raise EngineError(f"model.onnx: unsupported KV/logits types {kv.type}/{outs['logits'].type}")
+        self.logits_dtype = _ORT_TYPES[outs["logits"].type]
+        self._names = [(f"past_key_values.{i}.{w}", f"present.{i}.{w}") for i in range(self.layers)
+                       for w in ("key", "value")]
+
+    # ---- Backend --------------------------------------------------------------------------------------
+    def allocate(self, batch: int, max_len: int) -> KVCache:
+        return _OrtCache(self.sess, self.layers, self.kv_heads, self.head_dim, self.kv_dtype, batch, max_len)
+
+    def forward(self, cache, input_ids, attention_mask, position_ids, last_only=True):
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        pos = np.ascontiguousarray(position_ids, dtype=np.int64)
+        b, s = ids.shape
+        p = cache.length
+        t = p + s
+        if b != cache.batch and p > 0:
+            raise EngineError(f"batch {b} does not match the cache's {cache.batch} rows")
+        if mask.shape != (b, t) or pos.shape != (b, s):
+            raise EngineError(f"attention_mask must be [{b}, {t}] and position_ids [{b}, {s}], "
+                              f"got {list(mask.shape)} and {list(pos.shape)}")
+        cache.batch = b
+        cache.reserve(b, t)
+        fast = self._cdev is not None and cache.cbinding is not None
+        io = cache.cbinding if fast else cache.binding
+        i64, ldt, dt = _ONNX_CODE[np.int64], _ONNX_CODE[self.logits_dtype], _ONNX_CODE[self.kv_dtype]
+        if fast:
+            dev = self._cdev
+
+            def bin_(n, dt, shape, ptr):
+                io.bind_input(n, dev, dt, shape, ptr)
+
+            def bout(n, dt, shape, ptr):
+                io.bind_output(n, dev, dt, shape, ptr)
+        else:
+            def bin_(n, dt, shape, ptr):
+                io.bind_input(n, "cpu", 0, dt, shape, ptr)
+
+            def bout(n, dt, shape, ptr):
+                io.bind_output(n, "cpu", 0, dt, shape, ptr)
+        bin_("input_ids", i64, [b, s], _addr(ids))
+        bin_("attention_mask", i64, [b, t], _addr(mask))
+        bin_("position_ids", i64, [b, s], _addr(pos))
+        k = 1 if last_only else s
+        if self.positions:
+            sel = np.arange(s - k, s, dtype=np.int64)
+            bin_(POSITIONS, i64, [k], _addr(sel))
+            out_s = k
+        else:
+            out_s = s
+        logits = cache.logits_buffer(b * out_s * self.vocab, self.logits_dtype)
+        bout("logits", ldt, [b, out_s, self.vocab], _addr(logits))
+        src, dst = cache.ptrs[cache.side], cache.ptrs[cache.side ^ 1]
+        kv, hd = self.kv_heads, self.head_dim
+        past_shape, present_shape = [b, kv, p, hd], [b, kv, t, hd]
+        for j, (pin, pout) in enumerate(self._names):
+            bin_(pin, dt, past_shape, src[j])
+            bout(pout, dt, present_shape, dst[j])
+        try:
+            if fast:
+                self._csess.run_with_iobinding(io, None)
+            else:
+                self.sess.run_with_iobinding(io)
+        except Exception as e:
+            msg = " ".join(str(e).split())[:300]
+            raise EngineError(f"ONNX Runtime failed to run the model: {msg}") from None
+        cache.advance(b, s)
+        out = logits[: b * out_s * self.vocab].reshape(b, out_s, self.vocab)
+        if out_s != k:
+            out = out[:, -k:]
+        if out.dtype != np.float32:
+            out = out.astype(np.float32)
+        return out
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "providers": self.providers,
+                "threads": self.threads or os.cpu_count(), "logits_positions": self.positions}
+
+    def close(self) -> None:
+        self.sess = None
