@@ -1,2 +1,49 @@
-"""Commands of this stage (filled in by its package)."""
-COMMANDS: list = []
+"""`kiln export onnx`: ONNX graph built from the weights, self-validated on ONNX Runtime CPU."""
+from __future__ import annotations
+
+import click
+
+from .common import emit_json, stderr
+
+
+@click.command("onnx")
+@click.argument("source")
+@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Artifact dir to create (model.onnx, model.onnx.data, tokenizer, kiln.json).")
+@click.option("--form", type=click.Choice(["portable", "ort"]), default="portable", show_default=True,
+              help="portable: standard ONNX ops + QDQ (TensorRT and ONNX Runtime). ort: not built (see error).")
+@click.option("--opset", type=int, default=None,
+              help="23 (default): fused Attention/RotaryEmbedding/RMSNormalization; 21: the same with plain ops.")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs torch self-validation.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only after the new artifact is complete).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object last on stdout.")
+def onnx_cmd(source, out, form, opset, no_validate, force, as_json):
+    """Export SOURCE (model, GGUF, alias or compressed checkpoint) to an ONNX artifact dir with KV cache.
+
+    The graph is written from the weights (no tracing), weights in model.onnx.data, and checked against
+    the torch model on ONNX Runtime CPU unless --no-validate.
+    """
+    import time
+
+    from export.onnx import export_onnx
+
+    t0 = time.perf_counter()
+    m = export_onnx(source, out, form=form, opset=opset, validate=not no_validate, force=force,
+                    progress=not as_json)
+    secs = round(time.perf_counter() - t0, 2)
+    size = sum(f["size"] for f in m.files.values())
+    v = m.validation or {}
+    if as_json:
+        emit_json({"out": out, "kind": m.kind, "scheme": m.io["scheme"], "form": m.io["form"],
+                   "opset": m.io["opset"], "bytes": size, "seconds": secs, "timings": getattr(m, "timings", {}),
+                   "validation": v})
+        return
+    if v.get("passed"):
+        stderr(f"validated on ONNX Runtime CPU: max |Δlogits| {v['value']:.2e} of the logit range "
+               f"(tolerance {v['tolerance']:g}), greedy {v['greedy_identical_prefix']}/{v['greedy_tokens']} identical")
+    else:
+        stderr("validation skipped (--no-validate)")
+    click.echo(f"wrote {out} ({m.io['scheme']}, {m.io['form']}, opset {m.io['opset']}, {size / 1e6:.1f} MB) in {secs} s")
+
+
+COMMANDS = [onnx_cmd]

@@ -1,0 +1,178 @@
+"""The Llama-style decoder graph, built from the weights (no tracing).
+
+IO (docs in DESIGN.md "ONNX graph"):
+  input_ids [B,S] int64, attention_mask [B,T] int64, position_ids [B,S] int64,
+  past_key_values.{i}.key|value [B,kv_heads,P,head_dim] float32   (P = T - S; zero-length on the first call)
+  -> logits [B,S,vocab] float32, present.{i}.key|value [B,kv_heads,T,head_dim] float32
+
+``fused=True`` uses the opset-23 ``RMSNormalization`` / ``RotaryEmbedding`` / ``Attention`` ops; otherwise the
+same math is written with plain opset-21 ops. Linear layers and embeddings come from ``qdq``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from .graph import GraphBuilder
+from .qdq import embedding, lm_head, linear
+
+F = TensorProto.FLOAT
+
+
+def io_spec(arch) -> dict:
+    """The ``io`` block of kiln.json: names, dtypes, symbolic shapes, KV layout."""
+    kv = [arch.kv_heads, arch.head_dim]
+    inputs = [
+        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_seq"]},
+        {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+    ]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "seq", arch.vocab]}]
+    for i in range(arch.layers):
+        for kind in ("key", "value"):
+            inputs.append({"name": f"past_key_values.{i}.{kind}", "dtype": "float32",
+                           "shape": ["batch", kv[0], "past_seq", kv[1]]})
+            outputs.append({"name": f"present.{i}.{kind}", "dtype": "float32",
+                            "shape": ["batch", kv[0], "total_seq", kv[1]]})
+    return {
+        "inputs": inputs,
+        "outputs": outputs,
+        "dynamic_axes": {"batch": "B", "seq": "S (new tokens)", "past_seq": "P = total_seq - seq",
+                         "total_seq": "T = P + S"},
+        "kv_layout": "[batch, kv_heads, seq, head_dim]",
+        "kv_dtype": "float32",
+        "first_call": "past_key_values.* with past_seq = 0",
+        "attention_mask": "1 = real token, 0 = padding (left padding); covers past and new tokens",
+        "position_ids": "0-based positions of the new tokens (with left padding: cumsum(attention_mask) - 1)",
+        "present": "past followed by the new tokens; feed present.{i}.* back as past_key_values.{i}.*",
+    }
+
+
+def _rmsnorm(b: GraphBuilder, x: str, w: np.ndarray, eps: float, ns: str, wname: str, fused: bool) -> str:
+    scale = b.initializer(wname, w)
+    if fused:
+        return b.op("RMSNormalization", [x, scale], f"{ns}/RMSNormalization", axis=-1, epsilon=eps)
+    sq = b.op("Pow", [x, b.const(2.0, "float32")], f"{ns}/Pow")
+    ms = b.op("ReduceMean", [sq, b.const([-1])], f"{ns}/ReduceMean", keepdims=1)
+    var = b.op("Add", [ms, b.const(eps, "float32")], f"{ns}/Add")
+    rs = b.op("Sqrt", [var], f"{ns}/Sqrt")
+    n = b.op("Div", [x, rs], f"{ns}/Div")
+    return b.op("Mul", [n, scale], f"{ns}/Mul")
+
+
+def _heads(b: GraphBuilder, x: str, n: int, hd: int, ns: str) -> str:
+    """[B,S,n*hd] -> [B,n,S,hd]"""
+    r = b.op("Reshape", [x, b.const([0, 0, n, hd])], f"{ns}/Reshape")
+    return b.op("Transpose", [r], f"{ns}/Transpose", perm=[0, 2, 1, 3])
+
+
+def _rope_plain(b: GraphBuilder, x: str, cos: str, sin: str, half: int, ns: str) -> str:
+    """x [B,n,S,hd], cos/sin [B,1,S,hd/2] -> rotate-half RoPE (Llama layout)."""
+    x1, x2 = b.op("Split", [x, b.const([half, half])], f"{ns}/Split", n_out=2, axis=-1)
+    a = b.op("Sub", [b.op("Mul", [x1, cos], f"{ns}/Mul_0"), b.op("Mul", [x2, sin], f"{ns}/Mul_1")], f"{ns}/Sub")
+    c = b.op("Add", [b.op("Mul", [x2, cos], f"{ns}/Mul_2"), b.op("Mul", [x1, sin], f"{ns}/Mul_3")], f"{ns}/Add")
+    return b.op("Concat", [a, c], f"{ns}/Concat", axis=-1)
+
+
+def _masks(b: GraphBuilder) -> str:
+    """Boolean [B,1,S,T]: key j visible to query i iff attention_mask[b,j] and j <= P+i; the diagonal always
+    (a padded query then attends to itself, which keeps every row finite)."""
+    ns = "/model/attn_mask"
+    s = b.op("Gather", [b.op("Shape", ["input_ids"], f"{ns}/Shape_0"), b.const(1)], f"{ns}/Gather_0", axis=0)
+    t = b.op("Gather", [b.op("Shape", ["attention_mask"], f"{ns}/Shape_1"), b.const(1)], f"{ns}/Gather_1", axis=0)
+    p = b.op("Sub", [t, s], f"{ns}/Sub")
+    qpos = b.op("Unsqueeze", [b.op("Range", [p, t, b.const(1)], f"{ns}/Range_0"), b.const([1])], f"{ns}/Unsqueeze_0")
+    kpos = b.op("Unsqueeze", [b.op("Range", [b.const(0), t, b.const(1)], f"{ns}/Range_1"), b.const([0])],
+                f"{ns}/Unsqueeze_1")
+    causal = b.op("LessOrEqual", [kpos, qpos], f"{ns}/LessOrEqual")  # [S,T]
+    diag = b.op("Equal", [kpos, qpos], f"{ns}/Equal")
+    pad = b.op("Cast", ["attention_mask"], f"{ns}/Cast", to=TensorProto.BOOL)
+    pad = b.op("Unsqueeze", [pad, b.const([1, 2])], f"{ns}/Unsqueeze_2")  # [B,1,1,T]
+    vis = b.op("And", [causal, pad], f"{ns}/And")
+    return b.op("Or", [vis, diag], f"{ns}/Or")  # [B,1,S,T]
+
+
+def _attention_plain(b, q, k, v, past_k, past_v, mask, layer, arch, ns) -> tuple[str, str, str]:
+    nh, kvh, hd = arch.heads, arch.kv_heads, arch.head_dim
+    rep = nh // kvh
+    pk = b.op("Concat", [past_k, k], f"{ns}/Concat_k", axis=2, outputs=[f"present.{layer}.key"])[0]
+    pv = b.op("Concat", [past_v, v], f"{ns}/Concat_v", axis=2, outputs=[f"present.{layer}.value"])[0]
+    qg = b.op("Reshape", [q, b.const([0, kvh, rep, -1, hd])], f"{ns}/Reshape_q")  # [B,kvh,rep,S,hd]
+    kt = b.op("Transpose", [pk], f"{ns}/Transpose_k", perm=[0, 1, 3, 2])  # [B,kvh,hd,T]
+    kt = b.op("Unsqueeze", [kt, b.const([2])], f"{ns}/Unsqueeze_k")  # [B,kvh,1,hd,T]
+    sc = b.op("MatMul", [qg, kt], f"{ns}/MatMul_qk")  # [B,kvh,rep,S,T]
+    sc = b.op("Mul", [sc, b.const(1.0 / np.sqrt(hd), "float32")], f"{ns}/Mul_scale")
+    m5 = b.op("Unsqueeze", [mask, b.const([1])], f"{ns}/Unsqueeze_m")  # [B,1,1,S,T]
+    sc = b.op("Where", [m5, sc, b.const(-np.inf, "float32")], f"{ns}/Where")
+    pr = b.op("Softmax", [sc], f"{ns}/Softmax", axis=-1)
+    v5 = b.op("Unsqueeze", [pv, b.const([2])], f"{ns}/Unsqueeze_v")  # [B,kvh,1,T,hd]
+    o = b.op("MatMul", [pr, v5], f"{ns}/MatMul_pv")  # [B,kvh,rep,S,hd]
+    o = b.op("Reshape", [o, b.const([0, nh, -1, hd])], f"{ns}/Reshape_o")  # [B,nh,S,hd]
+    o = b.op("Transpose", [o], f"{ns}/Transpose_o", perm=[0, 2, 1, 3])
+    o = b.op("Reshape", [o, b.const([0, 0, nh * hd])], f"{ns}/Reshape_out")  # [B,S,nh*hd]
+    return o, pk, pv
+
+
+def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.ndarray, fused: bool,
+                  progress=None) -> None:
+    """Emit the whole graph into ``b``. rope_cos/sin: [max_position, head_dim/2] float32 (scaling applied)."""
+    I64 = TensorProto.INT64
+    H, nh, kvh, hd = arch.hidden, arch.heads, arch.kv_heads, arch.head_dim
+    b.input("input_ids", I64, ["batch", "seq"])
+    b.input("attention_mask", I64, ["batch", "total_seq"])
+    b.input("position_ids", I64, ["batch", "seq"])
+    for i in range(arch.layers):
+        for kind in ("key", "value"):
+            b.input(f"past_key_values.{i}.{kind}", F, ["batch", kvh, "past_seq", hd])
+    b.output("logits", F, ["batch", "seq", arch.vocab])
+    for i in range(arch.layers):
+        for kind in ("key", "value"):
+            b.output(f"present.{i}.{kind}", F, ["batch", kvh, "total_seq", hd])
+
+    x = embedding(b, w, arch)  # [B,S,H]
+    cos = b.initializer("/model/rotary/cos_cache", rope_cos.astype(np.float32))
+    sin = b.initializer("/model/rotary/sin_cache", rope_sin.astype(np.float32))
+    mask = _masks(b)
+    if not fused:
+        ns = "/model/rotary"
+        cg = b.op("Gather", [cos, "position_ids"], f"{ns}/Gather_cos", axis=0)  # [B,S,hd/2]
+        sg = b.op("Gather", [sin, "position_ids"], f"{ns}/Gather_sin", axis=0)
+        cos_b = b.op("Unsqueeze", [cg, b.const([1])], f"{ns}/Unsqueeze_cos")  # [B,1,S,hd/2]
+        sin_b = b.op("Unsqueeze", [sg, b.const([1])], f"{ns}/Unsqueeze_sin")
+    for i in range(arch.layers):
+        p, ns = f"model.layers.{i}", f"/model/layers.{i}"
+        h = _rmsnorm(b, x, w.get(f"{p}.input_layernorm.weight", (H,)), arch.rms_eps, f"{ns}/input_layernorm",
+                     f"{p}.input_layernorm.weight", fused)
+        q = linear(b, w, h, f"{p}.self_attn.q_proj", H, nh * hd, f"{ns}/attn/q_proj")
+        k = linear(b, w, h, f"{p}.self_attn.k_proj", H, kvh * hd, f"{ns}/attn/k_proj")
+        v = linear(b, w, h, f"{p}.self_attn.v_proj", H, kvh * hd, f"{ns}/attn/v_proj")
+        pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        if fused:
+            q = b.op("RotaryEmbedding", [q, cos, sin, "position_ids"], f"{ns}/attn/q_rotary/RotaryEmbedding",
+                     num_heads=nh, interleaved=0)
+            k = b.op("RotaryEmbedding", [k, cos, sin, "position_ids"], f"{ns}/attn/k_rotary/RotaryEmbedding",
+                     num_heads=kvh, interleaved=0)
+            o = b.op("Attention", [q, k, v, mask, pk, pv], f"{ns}/attn/Attention",
+                     outputs=[f"{ns}/attn/Attention/output_0", f"present.{i}.key", f"present.{i}.value"],
+                     q_num_heads=nh, kv_num_heads=kvh, scale=float(1.0 / np.sqrt(hd)))[0]
+        else:
+            q4 = _rope_plain(b, _heads(b, q, nh, hd, f"{ns}/attn/q_heads"), cos_b, sin_b, hd // 2,
+                             f"{ns}/attn/q_rotary")
+            k4 = _rope_plain(b, _heads(b, k, kvh, hd, f"{ns}/attn/k_heads"), cos_b, sin_b, hd // 2,
+                             f"{ns}/attn/k_rotary")
+            v4 = _heads(b, v, kvh, hd, f"{ns}/attn/v_heads")
+            o, _, _ = _attention_plain(b, q4, k4, v4, pk, pv, mask, i, arch, f"{ns}/attn")
+        o = linear(b, w, o, f"{p}.self_attn.o_proj", nh * hd, H, f"{ns}/attn/o_proj")
+        x = b.op("Add", [x, o], f"{ns}/attn_residual/Add")
+        h = _rmsnorm(b, x, w.get(f"{p}.post_attention_layernorm.weight", (H,)), arch.rms_eps,
+                     f"{ns}/post_attention_layernorm", f"{p}.post_attention_layernorm.weight", fused)
+        g = linear(b, w, h, f"{p}.mlp.gate_proj", H, arch.intermediate, f"{ns}/mlp/gate_proj")
+        u = linear(b, w, h, f"{p}.mlp.up_proj", H, arch.intermediate, f"{ns}/mlp/up_proj")
+        g = b.op("Mul", [g, b.op("Sigmoid", [g], f"{ns}/mlp/act/Sigmoid")], f"{ns}/mlp/act/Mul")
+        m = b.op("Mul", [g, u], f"{ns}/mlp/Mul")
+        d = linear(b, w, m, f"{p}.mlp.down_proj", arch.intermediate, H, f"{ns}/mlp/down_proj")
+        x = b.op("Add", [x, d], f"{ns}/mlp_residual/Add")
+        if progress is not None:
+            progress()
+    h = _rmsnorm(b, x, w.get("model.norm.weight", (H,)), arch.rms_eps, "/model/norm", "model.norm.weight", fused)
+    lm_head(b, w, h, arch)

@@ -1,0 +1,149 @@
+"""export_onnx(source, out): the entry point — load, build the graph from the weights, validate, write atomically."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ExportError
+
+FORMS = ("portable", "ort")
+FUSED_OPSET = 23  # RMSNormalization / RotaryEmbedding / Attention
+PLAIN_OPSET = 21  # the same math in plain ops (INT4 blocked DequantizeLinear needs 21)
+DEFAULT_OPSET = FUSED_OPSET
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+ORT_FORM_WHY = (
+    "--form ort is not built: on ONNX Runtime CPU the portable graph already runs the fused opset-23 "
+    "Attention/RotaryEmbedding/RMSNormalization kernels and ORT's own DequantizeLinear->MatMul fusions, and "
+    "the decode benchmark showed no gain worth a second graph; use --form portable"
+)
+
+
+@dataclass(frozen=True)
+class OnnxExportConfig:
+    form: str = "portable"
+    opset: int | None = None
+    validate: bool = True
+    force: bool = False
+
+    def __post_init__(self):
+        if self.form not in FORMS:
+            raise ExportError(f"--form must be one of {', '.join(FORMS)}, got {self.form!r}")
+        if self.form == "ort":
+            raise ExportError(ORT_FORM_WHY)
+        if self.opset is not None and self.opset not in (PLAIN_OPSET, 22, FUSED_OPSET):
+            raise ExportError(f"--opset must be 21 or 22 (plain ops) or 23 (fused Attention/RoPE/RMSNorm), "
+                              f"got {self.opset}")
+
+    @property
+    def resolved_opset(self) -> int:
+        return self.opset or DEFAULT_OPSET
+
+    @property
+    def fused(self) -> bool:
+        return self.resolved_opset >= FUSED_OPSET
+
+
+def rope_tables(model, arch) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_position, head_dim/2] exactly as the torch model computes them (scaling included)."""
+    import torch
+
+    rtype = (arch.rope_scaling or {}).get("rope_type", (arch.rope_scaling or {}).get("type", "default"))
+    if rtype not in STATIC_ROPE:
+        raise ExportError(f"rope_scaling type {rtype!r} depends on the sequence length at run time and is not "
+                          f"supported by the ONNX exporter; supported: {', '.join(STATIC_ROPE)}")
+    rot = model.model.rotary_emb
+    pos = torch.arange(arch.max_position, dtype=torch.int64)[None]
+    with torch.no_grad():
+        cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos)  # [1, maxpos, head_dim]
+    half = arch.head_dim // 2
+    return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
+
+
+def _scheme(info) -> str:
+    qp = info.manifest.quant_pass() if info.manifest is not None else None
+    return "fp32" if qp is None else qp.get("config", {}).get("scheme", "?")
+
+
+def _write_side_files(tmp: Path, model, tok) -> None:
+    tok.save_pretrained(str(tmp))
+    gc = getattr(model, "generation_config", None)
+    if gc is not None:
+        try:
+            gc.save_pretrained(str(tmp))
+        except Exception:
+            pass
+
+
+def export_onnx(source, out, *, form: str = "portable", opset: int | None = None, validate: bool = True,
+                force: bool = False, progress: bool = False, before_rename=None):
+    """Build ``out`` (model.onnx + model.onnx.data + tokenizer + kiln.json) from ``source``.
+
+    ``source`` is anything ``compress.load_model`` accepts (alias, .gguf, HF dir, llmkiln checkpoint, SourceInfo).
+    Returns the written Manifest. Raises ExportError (or CompressError for an unloadable source).
+    """
+    cfg = OnnxExportConfig(form=form, opset=opset, validate=validate, force=force)
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    from compress.checkpoint import source_record
+    from compress.loading import architecture_from_config, load_model
+    from runtime.fsutil import atomic_dir
+    from runtime.manifest import Manifest
+
+    from .decoder import build_decoder, io_spec
+    from .graph import GraphBuilder
+    from .weights import weights_for
+
+    t0 = time.perf_counter()
+    model, tok, info = load_model(source, quiet=not progress)
+    if info.path is not None and Path(info.path).resolve() == out.resolve():
+        raise ExportError(f"{out}: output would overwrite the source; choose another -o")
+    arch = architecture_from_config(model.config)
+    if arch.hidden_act != "silu":
+        raise ExportError(f"hidden_act {arch.hidden_act!r} is not supported by the ONNX exporter (silu only)")
+    if arch.heads % arch.kv_heads:
+        raise ExportError(f"heads {arch.heads} not divisible by kv_heads {arch.kv_heads}")
+    scheme = _scheme(info)
+    w = weights_for(model, info)
+    if scheme == "int4" and cfg.resolved_opset < 21:
+        raise ExportError("int4 needs opset >= 21 (INT4 blocked DequantizeLinear)")
+    cos, sin = rope_tables(model, arch)
+    t_load = time.perf_counter() - t0
+
+    bar = None
+    if progress:
+        from runtime.progress import bar as make_bar
+
+        bar = make_bar(arch.layers, "building graph")
+    with atomic_dir(out, force=force, error=ExportError) as tmp:
+        b = GraphBuilder(tmp, cfg.resolved_opset)
+        try:
+            build_decoder(b, w, arch, cos, sin, fused=cfg.fused, progress=bar.advance if bar else None)
+            onnx_path = b.finish("llmkiln_decoder", doc=f"llmkiln {arch.model_type} decoder ({scheme})",
+                                 metadata={"scheme": scheme, "form": cfg.form})
+        finally:
+            b.abort()
+            if bar:
+                bar.close()
+        t_build = time.perf_counter() - t0 - t_load
+        _write_side_files(tmp, model, tok)
+        validation = None
+        if cfg.validate:
+            from .validate import validate as run_validation
+
+            validation = run_validation(model, tok, onnx_path, arch, scheme)
+        t_val = time.perf_counter() - t0 - t_load - t_build
+        io = io_spec(arch) | {"form": cfg.form, "opset": cfg.resolved_opset, "scheme": scheme,
+                              "external_data": "model.onnx.data"}
+        passes = list(info.manifest.passes) if info.manifest is not None else []
+        manifest = Manifest(kind="onnx", architecture=arch, source=source_record(info), passes=passes, io=io,
+                            validation=validation or {"skipped": True, "passed": None})
+        manifest.record_files(tmp)
+        manifest.save(tmp)
+        if before_rename is not None:
+            before_rename(tmp, manifest)
+    manifest.timings = {"load_s": round(t_load, 3), "build_s": round(t_build, 3), "validate_s": round(t_val, 3)}
+    return manifest

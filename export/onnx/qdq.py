@@ -1,0 +1,201 @@
+"""Linear layers, embedding and lm_head, in float or with QDQ the way TensorRT wants it.
+
+Weights are stored pre-quantized and transposed to ``[in, out]`` so ``DequantizeLinear`` feeds ``MatMul``
+input 1 directly (symmetric, zero point 0):
+  int8  : INT8 codes [in,out], float scale [out], DequantizeLinear(axis=1)
+  fp8   : FLOAT8E4M3FN codes [in,out], float scale [out], DequantizeLinear(axis=1)
+  int4  : INT4 codes [in,out] (ONNX packing), float scale [in/group,out], DequantizeLinear(axis=0, block_size)
+Activations: static fp8/int8 -> QuantizeLinear -> DequantizeLinear with the calibrated per-tensor scale;
+``int8-dyn`` (per token, ORT CPU scheme) -> s_t = max|x_t|/127, Round(x/s_t) -> MatMulInteger with the INT8
+weight codes -> int32 -> float * s_t * w_scale, which is the torch per-token numerics with an exact int32 sum.
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from ..errors import ExportError
+from .graph import GraphBuilder
+
+EMBED = "model.embed_tokens"
+
+
+# ---- pure array helpers ------------------------------------------------------------------------------
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """uint8 [..., n/2] (element 2j low nibble, 2j+1 high nibble) -> int8 [..., n] in [-8, 7]."""
+    lo = (packed & 0x0F).astype(np.int8)
+    hi = (packed >> 4).astype(np.int8)
+    lo = (lo ^ 8) - 8
+    hi = (hi ^ 8) - 8
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), dtype=np.int8)
+    out[..., 0::2] = lo
+    out[..., 1::2] = hi
+    return out
+
+
+def pack_int4(vals: np.ndarray) -> np.ndarray:
+    """int8 values in [-8, 7], any shape -> flat uint8 bytes in ONNX INT4 packing (row-major pairs)."""
+    flat = vals.reshape(-1).astype(np.uint8) & 0x0F
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+
+
+# ---- emission ------------------------------------------------------------------------------------------
+def _zero_point(b: GraphBuilder, kind: str) -> str:
+    if kind == "fp8":
+        key = "/const/zero_point_fp8"
+        if key not in b._names:
+            b.initializer(key, np.zeros((), np.uint8), elem=TensorProto.FLOAT8E4M3FN, dims=[])
+        return key
+    return b.const(0, "int8")
+
+
+def _act_qdq(b: GraphBuilder, w, x: str, module: str, act: str, ns: str) -> str:
+    s = b.initializer(f"{module}.input_scale", np.asarray(w.get(f"{module}.input_scale", ()), np.float32))
+    q = b.op("QuantizeLinear", [x, s, _zero_point(b, act)], f"{ns}/input_quant/QuantizeLinear")
+    return b.op("DequantizeLinear", [q, s, _zero_point(b, act)], f"{ns}/input_quant/DequantizeLinear")
+
+
+def _weight_dq(b: GraphBuilder, w, module: str, spec: dict, d_in: int, d_out: int, ns: str) -> str:
+    """Store the codes transposed to [in, out] and return the DequantizeLinear output (float [in, out])."""
+    kind = spec["weight"]
+    wname = f"{module}.weight"
+    if kind == "int4":
+        g = spec["group_size"]
+        if d_in % g:
+            raise ExportError(f"{wname}: in-features {d_in} not divisible by group_size {g}")
+        codes = w.get(wname, (d_out, d_in // 2), raw=True)
+        scale = w.get(f"{module}.weight_scale", (d_out, d_in // g))
+        codes_t = b.initializer(wname, pack_int4(unpack_int4(codes).T), elem=TensorProto.INT4, dims=[d_in, d_out])
+        s = b.initializer(f"{module}.weight_scale", np.ascontiguousarray(scale.T))
+        return b.op("DequantizeLinear", [codes_t, s], f"{ns}/weight_quant/DequantizeLinear", axis=0, block_size=g)
+    codes = w.get(wname, (d_out, d_in), raw=True)
+    scale = w.get(f"{module}.weight_scale", (d_out,))
+    if kind == "int8":
+        if codes.dtype != np.int8:
+            raise ExportError(f"{wname}: int8 codes expected, found {codes.dtype}")
+        codes_t = b.initializer(wname, np.ascontiguousarray(codes.T))
+    else:  # fp8: raw E4M3FN bytes
+        codes_t = b.initializer(wname, np.ascontiguousarray(codes.view(np.uint8).T), elem=TensorProto.FLOAT8E4M3FN)
+    s = b.initializer(f"{module}.weight_scale", scale)
+    return b.op("DequantizeLinear", [codes_t, s], f"{ns}/weight_quant/DequantizeLinear", axis=1)
+
+
+def _dynamic_int8(b: GraphBuilder, w, x: str, module: str, spec: dict, d_in: int, d_out: int, ns: str) -> str:
+    """Per-token symmetric int8 activations x INT8 weights via MatMulInteger (exact int32 accumulation)."""
+    if spec["weight"] != "int8":
+        raise ExportError(f"{module}: act 'int8-dyn' needs int8 weights, found {spec['weight']}")
+    codes = w.get(f"{module}.weight", (d_out, d_in), raw=True)
+    scale = w.get(f"{module}.weight_scale", (d_out,))
+    codes_t = b.initializer(f"{module}.weight", np.ascontiguousarray(codes.T))
+    ws = b.initializer(f"{module}.weight_scale", scale)
+    dq = f"{ns}/input_quant"
+    amax = b.op("ReduceMax", [b.op("Abs", [x], f"{dq}/Abs"), b.const([-1])], f"{dq}/ReduceMax", keepdims=1)
+    st = b.op("Div", [amax, b.const(127.0, "float32")], f"{dq}/Div_scale")  # [B,S,1]
+    st = b.op("Max", [st, b.const(np.finfo(np.float32).tiny, "float32")], f"{dq}/Max")
+    xq = b.op("Round", [b.op("Div", [x, st], f"{dq}/Div")], f"{dq}/Round")
+    xq = b.op("Cast", [xq], f"{dq}/Cast", to=TensorProto.INT8)
+    acc = b.op("MatMulInteger", [xq, codes_t], f"{ns}/MatMulInteger")  # int32 [B,S,out]
+    y = b.op("Cast", [acc], f"{ns}/Cast", to=TensorProto.FLOAT)
+    y = b.op("Mul", [y, st], f"{ns}/Mul_act_scale")
+    return b.op("Mul", [y, ws], f"{ns}/Mul_weight_scale")
+
+
+def linear(b: GraphBuilder, w, x: str, module: str, d_in: int, d_out: int, ns: str) -> str:
+    """x [B,S,in] -> [B,S,out] for the torch Linear ``module`` (float, or quantized per its SPEC)."""
+    spec = w.spec(module)
+    if spec is None:
+        wt = b.initializer(f"{module}.weight", np.ascontiguousarray(w.get(f"{module}.weight", (d_out, d_in)).T))
+        y = b.op("MatMul", [x, wt], f"{ns}/MatMul")
+    elif spec.get("act") == "int8-dyn":
+        y = _dynamic_int8(b, w, x, module, spec, d_in, d_out, ns)
+    else:
+        if spec.get("act") in ("fp8", "int8"):
+            x = _act_qdq(b, w, x, module, spec["act"], ns)
+        y = b.op("MatMul", [x, _weight_dq(b, w, module, spec, d_in, d_out, ns)], f"{ns}/MatMul")
+    if w.has(f"{module}.bias"):
+        bias = b.initializer(f"{module}.bias", w.get(f"{module}.bias", (d_out,)))
+        y = b.op("Add", [y, bias], f"{ns}/Add")
+    return y
+
+
+def _tied_quant_spec(w, arch) -> dict | None:
+    return w.spec("lm_head") if arch.tied_embeddings else None
+
+
+def embedding(b: GraphBuilder, w, arch) -> str:
+    """input_ids [B,S] -> [B,S,H]. A quantized (tied) table is gathered as codes + row scales, then scaled."""
+    V, H = arch.vocab, arch.hidden
+    ns = "/model/embed_tokens"
+    spec = _tied_quant_spec(w, arch)
+    name = f"{EMBED}.weight"
+    if spec is None:
+        table = b.initializer(name, w.get(name, (V, H)))
+        return b.op("Gather", [table, "input_ids"], f"{ns}/Gather", axis=0)
+    if spec["weight"] == "int4":  # blocked scales: dequantize the table, then gather (slow path, rare)
+        g = spec["group_size"]
+        codes = w.get(name, (V, H // 2), raw=True)
+        scale = w.get(f"{EMBED}.weight_scale", (V, H // g))
+        t = b.initializer(name, pack_int4(unpack_int4(codes)), elem=TensorProto.INT4, dims=[V, H])
+        s = b.initializer(f"{EMBED}.weight_scale", scale)
+        table = b.op("DequantizeLinear", [t, s], f"{ns}/weight_quant/DequantizeLinear", axis=1, block_size=g)
+        return b.op("Gather", [table, "input_ids"], f"{ns}/Gather", axis=0)
+    codes = w.get(name, (V, H), raw=True)
+    scale = w.get(f"{EMBED}.weight_scale", (V,))
+    if spec["weight"] == "int8":
+        t = b.initializer(name, codes)
+    else:
+        t = b.initializer(name, codes.view(np.uint8), elem=TensorProto.FLOAT8E4M3FN)
+    s = b.initializer(f"{EMBED}.weight_scale", scale)
+    rows = b.op("Gather", [t, "input_ids"], f"{ns}/Gather", axis=0)  # codes [B,S,H]
+    rs = b.op("Gather", [s, "input_ids"], f"{ns}/Gather_scale", axis=0)  # [B,S]
+    rows = b.op("Cast", [rows], f"{ns}/Cast", to=TensorProto.FLOAT)
+    rs = b.op("Unsqueeze", [rs, b.const([-1])], f"{ns}/Unsqueeze")
+    return b.op("Mul", [rows, rs], f"{ns}/Mul")
+
+
+def lm_head(b: GraphBuilder, w, h: str, arch) -> str:
+    """h [B,S,H] -> logits [B,S,V] with Gemm(transB=1) on the [V,H] table, so ORT never transposes it per step;
+    per-row (vocab) scales are applied to the product, so the codes are only cast (folded once at load)."""
+    V, H = arch.vocab, arch.hidden
+    ns = "/model/lm_head"
+    spec = w.spec("lm_head")
+    tname = f"{EMBED}.weight" if arch.tied_embeddings else "lm_head.weight"
+    mod = EMBED if arch.tied_embeddings else "lm_head"
+    if spec is not None and spec.get("act") == "int8-dyn":
+        raise ExportError("lm_head: act 'int8-dyn' is not supported on lm_head; re-quantize with lm_head ignored")
+    if spec is not None and spec.get("act") in ("fp8", "int8"):
+        if arch.tied_embeddings and not w.has(f"{EMBED}.input_scale") and w.has("lm_head.input_scale"):
+            mod_in = "lm_head"
+        else:
+            mod_in = mod
+        h = _act_qdq(b, w, h, mod_in, spec["act"], ns)
+    h2 = b.op("Reshape", [h, b.const([-1, H])], f"{ns}/Reshape_in")  # [B*S,H]
+    if spec is None:
+        table = tname if arch.tied_embeddings else b.initializer(tname, w.get(tname, (V, H)))
+        y = b.op("Gemm", [h2, table], f"{ns}/Gemm", transB=1)
+    elif spec["weight"] == "int4":
+        if arch.tied_embeddings:
+            table = f"{ns.replace('lm_head', 'embed_tokens')}/weight_quant/DequantizeLinear/output_0"
+        else:
+            g = spec["group_size"]
+            codes = w.get(tname, (V, H // 2), raw=True)
+            t = b.initializer(tname, pack_int4(unpack_int4(codes)), elem=TensorProto.INT4, dims=[V, H])
+            s = b.initializer(f"{mod}.weight_scale", w.get(f"{mod}.weight_scale", (V, H // g)))
+            table = b.op("DequantizeLinear", [t, s], f"{ns}/weight_quant/DequantizeLinear", axis=1, block_size=g)
+        y = b.op("Gemm", [h2, table], f"{ns}/Gemm", transB=1)
+    else:
+        if arch.tied_embeddings:
+            t, s = tname, f"{EMBED}.weight_scale"
+        else:
+            codes = w.get(tname, (V, H), raw=True)
+            t = b.initializer(tname, codes if spec["weight"] == "int8" else codes.view(np.uint8),
+                              elem=None if spec["weight"] == "int8" else TensorProto.FLOAT8E4M3FN)
+            s = b.initializer(f"{mod}.weight_scale", w.get(f"{mod}.weight_scale", (V,)))
+        tf = b.op("Cast", [t], f"{ns}/weight_quant/Cast", to=TensorProto.FLOAT)
+        y = b.op("Gemm", [h2, tf], f"{ns}/Gemm", transB=1)
+        y = b.op("Mul", [y, s], f"{ns}/Mul_weight_scale")
+    shape = b.op("Concat", [b.op("Shape", [h], f"{ns}/Shape", start=0, end=2), b.const([V])], f"{ns}/Concat",
+                 axis=0)
+    return b.op("Reshape", [y, shape], f"{ns}/Reshape_out", outputs=["logits"])[0]

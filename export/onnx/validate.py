@@ -1,0 +1,127 @@
+"""Self-validation: run the artifact on ONNX Runtime CPU and compare with the torch model of the same checkpoint.
+
+Checks (all on one prompt): logits without past (P = 0), logits of the prompt's second half fed with the
+first half's present KV, and greedy decoding of 32 tokens with the KV cache on both sides.
+The metric is max |Δlogits| divided by the torch logit range (max - min) on the same positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ExportError
+
+PROMPT = ("The quick brown fox jumps over the lazy dog. In Python, a list comprehension builds a new list "
+          "from an iterable, and a generator expression yields its items lazily.")
+GREEDY_TOKENS = 32
+# max |Δlogits| / logit range, per scheme (fp32 from the spec; quantized ones measured against the
+# fake-quant torch model with margin: static activation rounding can flip a code where torch and ORT differ
+# in the last float bit, which moves a logit by one quantization step)
+TOLERANCES = {"fp32": 1e-3, "int8-wo": 1e-3, "fp8": 2e-2, "int8-sq": 2e-2, "int8-dyn": 2e-2, "int4": 1e-3}
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    prompt: str = PROMPT
+    max_prompt_tokens: int = 24
+    greedy_tokens: int = GREEDY_TOKENS
+
+    def __post_init__(self):
+        if self.max_prompt_tokens < 4:
+            raise ExportError("validation needs a prompt of at least 4 tokens")
+
+
+def _feeds(ids: np.ndarray, past: list[np.ndarray] | None, arch) -> dict:
+    B, S = ids.shape
+    P = 0 if past is None else past[0].shape[2]
+    feeds = {
+        "input_ids": ids.astype(np.int64),
+        "attention_mask": np.ones((B, P + S), np.int64),
+        "position_ids": np.broadcast_to(np.arange(P, P + S, dtype=np.int64), (B, S)).copy(),
+    }
+    for i in range(arch.layers):
+        for j, kind in enumerate(("key", "value")):
+            feeds[f"past_key_values.{i}.{kind}"] = (
+                np.zeros((B, arch.kv_heads, 0, arch.head_dim), np.float32) if past is None else past[2 * i + j])
+    return feeds
+
+
+def ort_session(path, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run_ort(sess, ids, past, arch):
+    outs = sess.run(None, _feeds(ids, past, arch))
+    return outs[0], outs[1:]
+
+
+def _rel(a: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    d = float(np.max(np.abs(a.astype(np.float64) - ref)))
+    rng = float(ref.max() - ref.min()) or 1.0
+    return d, d / rng
+
+
+def validate(model, tokenizer, onnx_path, arch, scheme: str, cfg: ValidationConfig = ValidationConfig()) -> dict:
+    """Compare ORT and torch; returns the kiln.json ``validation`` block, raises ExportError when out of tolerance."""
+    import torch
+
+    tol = TOLERANCES[scheme]
+    ids = tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"][: cfg.max_prompt_tokens]
+    ids = np.asarray([ids], dtype=np.int64) % arch.vocab
+    S = ids.shape[1]
+    sess = ort_session(onnx_path)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.float().numpy()  # [1,S,V]
+    full, _ = run_ort(sess, ids, None, arch)
+    abs0, rel0 = _rel(full, ref)
+    k = S // 2
+    _, past = run_ort(sess, ids[:, :k], None, arch)
+    tail, _ = run_ort(sess, ids[:, k:], past, arch)
+    abs1, rel1 = _rel(tail, ref[:, k:])
+    top1 = float(np.mean(full.argmax(-1) == ref.argmax(-1)))
+
+    # greedy decoding with the KV cache on both sides
+    ort_tokens, t_tokens = [], []
+    logits, past = run_ort(sess, ids, None, arch)
+    for _ in range(cfg.greedy_tokens):
+        nxt = int(logits[0, -1].argmax())
+        ort_tokens.append(nxt)
+        logits, past = run_ort(sess, np.asarray([[nxt]], np.int64), past, arch)
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), use_cache=True)
+        for _ in range(cfg.greedy_tokens):
+            nxt = int(out.logits[0, -1].argmax())
+            t_tokens.append(nxt)
+            out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    same = next((i for i, (a, b) in enumerate(zip(ort_tokens, t_tokens)) if a != b), len(t_tokens))
+    result = {
+        "reference": "torch model of the same checkpoint" + ("" if scheme == "fp32" else " (fake-quant)"),
+        "runtime": "onnxruntime CPUExecutionProvider",
+        "prompt_tokens": int(S),
+        "metric": "max |logits_ort - logits_torch| / (max - min of logits_torch)",
+        "no_past": {"max_abs": abs0, "value": rel0},
+        "with_past": {"past_tokens": int(k), "max_abs": abs1, "value": rel1},
+        "value": max(rel0, rel1),
+        "tolerance": tol,
+        "top1_agreement": top1,
+        "greedy_tokens": cfg.greedy_tokens,
+        "greedy_identical_prefix": int(same),
+        "greedy_required": scheme == "fp32",
+        "passed": True,
+    }
+    problems = []
+    if not max(rel0, rel1) <= tol:
+        problems.append(f"logits differ by {max(rel0, rel1):.3g} of the logit range (tolerance {tol:g})")
+    if scheme == "fp32" and same != cfg.greedy_tokens:
+        problems.append(f"greedy tokens diverge at step {same} of {cfg.greedy_tokens}")
+    if problems:
+        raise ExportError(f"self-validation failed on ONNX Runtime CPU: {'; '.join(problems)}; "
+                          "no artifact was written")
+    return result

@@ -1,0 +1,107 @@
+"""Read the tensors a graph needs, one at a time, from a loaded model or a checkpoint's safetensors.
+
+Every read checks presence and shape and names the tensor when it is wrong. Quantized checkpoints
+(docs/FORMATS.md) are read from ``model.safetensors`` directly so the graph gets the real codes and scales,
+never the fake-quant floats.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ExportError
+
+SUPPORTED_SCHEMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4")
+SPEC_WEIGHTS = ("int8", "fp8", "int4")
+SPEC_ACTS = (None, "fp8", "int8", "int8-dyn")
+
+
+def to_numpy(t) -> np.ndarray:
+    """A torch tensor (any dtype, incl. float8) or array as numpy; float8 comes back as its raw uint8 bytes."""
+    if isinstance(t, np.ndarray):
+        return t
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8).numpy()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.numpy()
+
+
+class Weights:
+    """``get(name, shape)`` -> numpy array; ``spec(module)`` -> the quantize SPEC of a Linear or None."""
+
+    def __init__(self, source_desc: str, tensors, quant_pass: dict | None = None):
+        self.desc = source_desc
+        self._t = tensors  # mapping-like: name -> torch tensor (state_dict or a safetensors handle wrapper)
+        self.quant = quant_pass
+        self.layers: dict = (quant_pass or {}).get("layers", {}) if quant_pass else {}
+        self.scheme = (quant_pass or {}).get("config", {}).get("scheme") if quant_pass else None
+        if quant_pass is not None:
+            self._check_pass()
+
+    def _check_pass(self) -> None:
+        if self.scheme not in SUPPORTED_SCHEMES:
+            raise ExportError(
+                f"{self.desc}: quantization scheme {self.scheme!r} is not supported by the ONNX exporter; "
+                f"supported: {', '.join(SUPPORTED_SCHEMES)}"
+            )
+        if not isinstance(self.layers, dict):
+            raise ExportError(f"{self.desc}: kiln.json quantize pass has no 'layers' object")
+        for mod, spec in self.layers.items():
+            if not isinstance(spec, dict) or spec.get("weight") not in SPEC_WEIGHTS or spec.get("act") not in SPEC_ACTS:
+                raise ExportError(
+                    f"{self.desc}: kiln.json layer {mod} has an unsupported spec {spec!r}; weight must be one of "
+                    f"{', '.join(SPEC_WEIGHTS)} and act one of {', '.join(map(str, SPEC_ACTS))}"
+                )
+            if spec["weight"] == "int4" and not isinstance(spec.get("group_size"), int):
+                raise ExportError(f"{self.desc}: kiln.json layer {mod}: int4 needs an integer group_size")
+
+    def has(self, name: str) -> bool:
+        return name in self._t
+
+    def get(self, name: str, shape: tuple | None = None, raw: bool = False) -> np.ndarray:
+        if name not in self._t:
+            raise ExportError(f"{self.desc}: tensor {name} is missing; the checkpoint is incomplete")
+        arr = to_numpy(self._t[name])
+        if shape is not None and tuple(arr.shape) != tuple(shape):
+            raise ExportError(
+                f"{self.desc}: tensor {name} has shape {list(arr.shape)}, expected {list(shape)} "
+                "from the architecture; the checkpoint is inconsistent"
+            )
+        if not raw and arr.dtype != np.float32:
+            arr = arr.astype(np.float32)
+        return arr
+
+    def spec(self, module: str) -> dict | None:
+        return self.layers.get(module)
+
+
+class _SafetensorsMap:
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._h = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {k: h for h in self._h for k in h.keys()}
+
+    def __contains__(self, name):
+        return name in self._where
+
+    def __getitem__(self, name):
+        return self._where[name].get_tensor(name)
+
+
+def weights_for(model, info) -> Weights:
+    """Weights of a loaded model: a quantized checkpoint reads its safetensors, anything else the state dict."""
+    desc = str(info.path) if info is not None else "model"
+    qp = info.manifest.quant_pass() if info is not None and info.manifest is not None else None
+    if qp is not None:
+        files = sorted(Path(info.path).glob("*.safetensors"))
+        if not files:
+            raise ExportError(f"{desc}: no *.safetensors in the checkpoint")
+        return Weights(desc, _SafetensorsMap(files), qp)
+    state = model.state_dict()
+    return Weights(desc, state)
