@@ -52,6 +52,12 @@ class Engine:
         self.eos_ids = frozenset(eos)
         self._lock = threading.Lock()  # one generate/score at a time through this object
 
+    @property
+    def model_name(self) -> str:
+        """The source model's id (an alias, or the last part of its path), else the artifact dir's name."""
+        sid = self.manifest.source.get("id") or self.manifest.source.get("model")
+        return Path(str(sid)).name if sid else self.root.name
+
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None,
              providers: list[str] | None = None, verify: str = "quick") -> Engine:
@@ -175,7 +181,7 @@ class Engine:
     def describe(self) -> dict:
         a = self.manifest.architecture
         q = self.manifest.quant_pass()
-        return {"path": str(self.root), "kind": self.manifest.kind, "model": self.manifest.source.get("model"),
+        return {"path": str(self.root), "kind": self.manifest.kind, "model": self.model_name,
                 "layers": a.layers, "hidden": a.hidden, "vocab": a.vocab, "context": self.context_length,
                 "quantization": q["config"].get("scheme") if q else None, **self.backend.describe()}
 

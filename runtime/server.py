@@ -106,7 +106,7 @@ class _Events:
 class App:
     def __init__(self, engine, config: ServerConfig):
         self.engine, self.config = engine, config
-        self.model = config.model_name or (engine.manifest.source.get("model") or engine.root.name)
+        self.model = config.model_name or engine.model_name
         self.scheduler = Scheduler(engine, config.max_batch, config.max_queue)
         self.started = time.time()
 

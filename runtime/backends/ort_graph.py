@@ -11,24 +11,39 @@ from __future__ import annotations
 from pathlib import Path
 
 POSITIONS = "logits_positions"
-_PASS_THROUGH = {"Cast", "Identity"}
+_MATMULS = {"MatMul", "Gemm", "MatMulNBits", "MatMulInteger"}
+_AFTER = {"Reshape", "Cast", "Identity", "Mul", "Add", "Div"}  # between the lm_head product and `logits`
+_BEFORE = {"Reshape", "Cast", "Identity", "QuantizeLinear", "DequantizeLinear"}  # between hidden and product
 
 
-def _find_lm_head(graph, output: str = "logits"):
+def find_final_hidden(graph, output: str = "logits") -> str | None:
+    """The [B, S, hidden] tensor the lm_head reads: walk back from ``output`` over reshapes, casts and scale
+    multiplies to the lm_head MatMul/Gemm, then over the flattening Reshape / activation QDQ before it."""
     producer = {o: n for n in graph.node for o in n.output}
-    inits = {i.name for i in graph.initializer}
-    name = output
+    consts = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
+                                                     for o in n.output}
+    name, mm = output, None
     for _ in range(8):
         node = producer.get(name)
         if node is None:
             return None
-        if node.op_type in ("MatMul", "MatMulNBits", "MatMulInteger"):
-            return node
-        if node.op_type in _PASS_THROUGH or (node.op_type == "Add" and any(i in inits for i in node.input)):
-            name = next(i for i in node.input if i not in inits)
-            continue
+        if node.op_type in _MATMULS:
+            mm = node
+            break
+        if node.op_type not in _AFTER:
+            return None
+        name = node.input[0]
+        if name in consts:
+            return None
+    if mm is None:
         return None
-    return None
+    h = mm.input[0]
+    for _ in range(4):
+        node = producer.get(h)
+        if node is None or node.op_type not in _BEFORE:
+            break
+        h = node.input[0]
+    return None if h in consts or h in {i.name for i in graph.input} else h
 
 
 def _inline_small(graph, base: Path, limit: int = 1 << 16) -> None:
@@ -59,17 +74,19 @@ def with_logits_positions(model_path: str | Path) -> bytes | None:
     _inline_small(g, Path(model_path).parent)
     if any(i.name == POSITIONS for i in g.input) or not any(o.name == "logits" for o in g.output):
         return None
-    mm = _find_lm_head(g)
-    if mm is None:
+    hidden = find_final_hidden(g)
+    if hidden is None:
         return None
-    hidden = mm.input[0]
     picked = hidden + "/kiln_logits_positions"
     gather = helper.make_node("Gather", [hidden, POSITIONS], [picked], axis=1,
                               name="/kiln/logits_positions/Gather")
-    mm.input[0] = picked
-    nodes = list(g.node)
-    at = nodes.index(mm)
-    g.node.insert(at, gather)
+    users = [n for n in g.node if hidden in n.input]
+    for n in users:
+        for k, name in enumerate(n.input):
+            if name == hidden:
+                n.input[k] = picked
+    first = min(list(g.node).index(n) for n in users)
+    g.node.insert(first, gather)
     g.input.append(helper.make_tensor_value_info(POSITIONS, TensorProto.INT64, [POSITIONS]))
     for o in g.output:
         if o.name == "logits":
@@ -78,7 +95,5 @@ def with_logits_positions(model_path: str | Path) -> bytes | None:
                 dims[1].Clear()
                 dims[1].dim_param = POSITIONS
     # shapes recorded for the edited path no longer hold
-    keep = [v for v in g.value_info if v.name not in (hidden, picked) and v.name not in mm.output]
-    del g.value_info[:]
-    g.value_info.extend(keep)
+    del g.value_info[:]  # recorded shapes downstream of the edit no longer hold; ORT infers them again
     return model.SerializeToString()
