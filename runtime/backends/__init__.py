@@ -19,6 +19,9 @@ def _tensorrt(root, manifest, threads, providers) -> Backend:
         from .tensorrt import TensorRTBackend
     except ImportError as e:
         raise EngineError(f"the tensorrt backend is not available ({e}): {_GPU_HINT}") from None
+    if manifest.kind != "engine":
+        raise EngineError(f"{root} is an {manifest.kind} artifact; the tensorrt backend runs engine artifacts "
+                          "(build one with `kiln export tensorrt`)")
     return TensorRTBackend(root, manifest, threads=threads, providers=providers)
 
 
@@ -29,9 +32,6 @@ def load_backend(root: str | Path, manifest, backend: str = "auto", threads: int
     if backend == "auto":
         backend = "tensorrt" if manifest.kind == "engine" else "onnxruntime"
     if backend == "tensorrt":
-        if manifest.kind != "engine":
-            raise EngineError(f"{root} is an {manifest.kind} artifact; the tensorrt backend runs engine artifacts "
-                              "(build one with `kiln export tensorrt`)")
         return _tensorrt(root, manifest, threads, providers)
     if manifest.kind != "onnx":
         raise EngineError(f"{root} is a {manifest.kind} artifact; the onnxruntime backend runs onnx artifacts "

@@ -63,7 +63,12 @@ class OnnxRuntimeBackend(Backend):
         if missing:
             raise EngineError(f"ONNX Runtime provider(s) {', '.join(missing)} not available here "
                               f"(available: {', '.join(avail)})")
-        edited = with_logits_positions(model)
+        try:
+            edited = with_logits_positions(model)
+        except Exception as e:  # protobuf / onnx errors for a damaged file
+            msg = " ".join(str(e).split())[:200]
+            raise EngineError(f"{model}: ONNX Runtime cannot load it (not a readable ONNX model: {msg}); "
+                              "re-export the artifact") from None
         try:
             self.sess = ort.InferenceSession(edited if edited is not None else str(model), so, providers=providers)
         except Exception as e:  # ORT raises its own exception types for a corrupt or unsupported graph
