@@ -93,7 +93,8 @@ def _dynamic_int8(b: GraphBuilder, w, x: str, module: str, spec: dict, d_in: int
     dq = f"{ns}/input_quant"
     amax = b.op("ReduceMax", [b.op("Abs", [x], f"{dq}/Abs"), b.const([-1])], f"{dq}/ReduceMax", keepdims=1)
     st = b.op("Div", [amax, b.const(127.0, "float32")], f"{dq}/Div_scale")  # [B,S,1]
-    st = b.op("Max", [st, b.const(np.finfo(np.float32).tiny, "float32")], f"{dq}/Max")
+    pos = b.op("Greater", [st, b.const(0.0, "float32")], f"{dq}/Greater")  # an all-zero token gets s_t = 1
+    st = b.op("Where", [pos, st, b.const(1.0, "float32")], f"{dq}/Where")
     xq = b.op("Round", [b.op("Div", [x, st], f"{dq}/Div")], f"{dq}/Round")
     xq = b.op("Cast", [xq], f"{dq}/Cast", to=TensorProto.INT8)
     acc = b.op("MatMulInteger", [xq, codes_t], f"{ns}/MatMulInteger")  # int32 [B,S,out]
