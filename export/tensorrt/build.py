@@ -53,9 +53,10 @@ def _ok(cudart, result, what: str):
 
 def device_info(cudart, device: int = 0) -> dict:
     """Name and compute capability of GPU ``device`` (ExportError when there is none)."""
-    n = _ok(cudart, cudart.cudaGetDeviceCount(), "device query")
-    if not n or device >= n:
-        raise ExportError(f"no NVIDIA GPU is visible (found {n or 0}); {INSTALL_HINT}")
+    err, n = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess or not n or device >= n:
+        raise ExportError(f"no NVIDIA GPU is visible (CUDA: {getattr(err, 'name', err)}, {n or 0} device(s)); "
+                          f"{INSTALL_HINT}")
     prop = _ok(cudart, cudart.cudaGetDeviceProperties(device), "device properties")
     name = prop.name
     if isinstance(name, (bytes, bytearray)):

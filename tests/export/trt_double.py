@@ -40,6 +40,9 @@ class RecordingTensorRT:
                                                           if self.major < 11 else [("STRONGLY_TYPED", 1)])
         self.MemoryPoolType = enum.IntEnum("MemoryPoolType", [("WORKSPACE", 0), ("DLA_MANAGED_SRAM", 1)])
         self.TensorIOMode = enum.IntEnum("TensorIOMode", [("NONE", 0), ("INPUT", 1), ("OUTPUT", 2)])
+        self.DataType = enum.IntEnum("DataType", [("FLOAT", 0), ("HALF", 1), ("INT8", 2), ("INT32", 3),
+                                                  ("BOOL", 4), ("UINT8", 5), ("FP8", 6), ("BF16", 7),
+                                                  ("INT64", 8), ("INT4", 9)])
         rec = self
 
         class Logger:
@@ -51,7 +54,20 @@ class RecordingTensorRT:
         self.Logger = Logger
         self.Builder = lambda logger: _Builder(rec, logger)
         self.OnnxParser = lambda network, logger: _Parser(rec, network, logger)
-        self.Runtime = lambda logger: _Runtime(rec, logger)
+
+        def runtime(logger):
+            from tests.export.trt_runtime_double import RuntimeDouble
+
+            rec._call("Runtime", logger)
+            return RuntimeDouble(rec)
+
+        self.Runtime = runtime
+
+    def nptype(self, dt):
+        import numpy as np
+
+        return {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "BOOL": np.bool_,
+                "UINT8": np.uint8, "INT64": np.int64}[self.DataType(dt).name]
 
     def _call(self, name, *args):
         self.calls.append((name, args))
@@ -101,6 +117,11 @@ class _Parser:
             if vi.name not in inits:
                 dims = [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
                 self.network.inputs.append(_Input(vi.name, dims))
+        self.network.path = path
+        self.network.io = [(vi.name, mode, vi.type.tensor_type.elem_type,
+                            [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim])
+                           for mode, vis in (("INPUT", [v for v in model.graph.input if v.name not in inits]),
+                                             ("OUTPUT", model.graph.output)) for vi in vis]
         self.network.parsed = not self.errors
         return not self.errors
 
@@ -208,23 +229,29 @@ class _Builder:
             return None
         desc = {"flags": config.flags, "network_flags": network.flags, "pool": {int(k): v for k, v in config.pool.items()},
                 "profiles": [{n: [list(s) for s in v] for n, v in p.shapes.items()} for p in config.profiles],
-                "version": self.rec.__version__}
+                "version": self.rec.__version__, "onnx": network.path, "io": network.io}
         return memoryview(b"PLAN" + json.dumps(desc).encode())
 
 
-class _Runtime:
-    def __init__(self, rec, logger):
-        rec._call("Runtime", logger)
-        self.rec = rec
-        self.engine_host_code_allowed = False
-
-
 class RecordingCudart:
-    """Stands in for cuda-python's ``cudart``: calls return ``(cudaError_t, *values)`` as documented."""
+    """Stands in for cuda-python's ``cudart``: calls return ``(cudaError_t, *values)`` as documented.
 
-    class cudaError_t(enum.IntEnum):  # noqa: N801 - the library's name
+    "Device" memory is host memory this double allocates and tracks: every copy checks that its kind matches
+    where the pointers live (a device address must lie in a live allocation, a host address must not) and that
+    every byte touched lies inside one allocation, so pointer arithmetic errors fail loudly instead of
+    corrupting memory.
+    """
+
+    class cudaError_t(enum.IntEnum):  # noqa: N801 - the library's names
         cudaSuccess = 0
+        cudaErrorInvalidValue = 1
         cudaErrorNoDevice = 100
+
+    class cudaMemcpyKind(enum.IntEnum):  # noqa: N801
+        cudaMemcpyHostToHost = 0
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+        cudaMemcpyDeviceToDevice = 3
 
     class _Props:
         def __init__(self, name: bytes, major: int, minor: int):
@@ -233,14 +260,110 @@ class RecordingCudart:
     def __init__(self, devices=((b"NVIDIA H100 80GB HBM3", 9, 0),)):
         self.devices = list(devices)
         self.calls: list[tuple[str, tuple]] = []
+        self.allocs: dict[int, object] = {}  # address -> numpy buffer
+        self.streams: set[int] = set()
+
+    def _rec(self, name, *args):
+        self.calls.append((name, args))
+
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
 
     def cudaGetDeviceCount(self):  # noqa: N802
-        self.calls.append(("cudaGetDeviceCount", ()))
+        self._rec("cudaGetDeviceCount")
         if not self.devices:
             return (self.cudaError_t.cudaErrorNoDevice, 0)
         return (self.cudaError_t.cudaSuccess, len(self.devices))
 
+    def cudaSetDevice(self, device):  # noqa: N802
+        self._rec("cudaSetDevice", device)
+        return (self.cudaError_t.cudaSuccess,)
+
     def cudaGetDeviceProperties(self, device):  # noqa: N802
-        self.calls.append(("cudaGetDeviceProperties", (device,)))
+        self._rec("cudaGetDeviceProperties", device)
         name, major, minor = self.devices[device]
         return (self.cudaError_t.cudaSuccess, self._Props(name + b"\0" * 8, major, minor))
+
+    def cudaStreamCreate(self):  # noqa: N802
+        handle = 0x5EED0000 + len(self.streams) + 1
+        self.streams.add(handle)
+        self._rec("cudaStreamCreate")
+        return (self.cudaError_t.cudaSuccess, handle)
+
+    def _stream(self, stream):
+        if int(stream) not in self.streams:
+            raise DoubleError(f"unknown stream {stream}")
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        self._stream(stream)
+        self._rec("cudaStreamSynchronize", stream)
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaStreamDestroy(self, stream):  # noqa: N802
+        self._stream(stream)
+        self.streams.discard(int(stream))
+        self._rec("cudaStreamDestroy", stream)
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaMalloc(self, size):  # noqa: N802
+        import numpy as np
+
+        buf = np.full(int(size), 0xAB, dtype=np.uint8)  # garbage, like real cudaMalloc
+        self.allocs[buf.ctypes.data] = buf
+        self._rec("cudaMalloc", size)
+        return (self.cudaError_t.cudaSuccess, buf.ctypes.data)
+
+    def cudaFree(self, ptr):  # noqa: N802
+        self._rec("cudaFree", ptr)
+        if self.allocs.pop(int(ptr), None) is None:
+            raise DoubleError(f"cudaFree of {ptr:#x}, which is not a live allocation")
+        return (self.cudaError_t.cudaSuccess,)
+
+    def device_bytes(self) -> int:
+        return sum(b.nbytes for b in self.allocs.values())
+
+    def _where(self, ptr: int, n: int) -> str:
+        for base, buf in self.allocs.items():
+            if base <= ptr < base + buf.nbytes or (n == 0 and ptr == base + buf.nbytes):
+                if ptr + n > base + buf.nbytes:
+                    raise DoubleError(f"access of {n} bytes at {ptr:#x} runs past its allocation")
+                return "device"
+        return "host"
+
+    def _check(self, kind, dst, dn, src, sn):
+        want = {1: ("device", "host"), 2: ("host", "device"), 3: ("device", "device"), 0: ("host", "host")}
+        got = (self._where(int(dst), dn), self._where(int(src), sn))
+        if got != want[int(kind)]:
+            raise DoubleError(f"{self.cudaMemcpyKind(kind).name} between {got[1]} {src:#x} and {got[0]} {dst:#x}")
+
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):  # noqa: N802
+        import ctypes
+
+        self._stream(stream)
+        self._rec("cudaMemcpyAsync", dst, src, count, kind)
+        self._check(kind, dst, count, src, count)
+        ctypes.memmove(int(dst), int(src), int(count))
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):  # noqa: N802
+        import ctypes
+
+        self._stream(stream)
+        self._rec("cudaMemcpy2DAsync", dst, dpitch, src, spitch, width, height, kind)
+        if width > dpitch or width > spitch:
+            return (self.cudaError_t.cudaErrorInvalidValue,)
+        self._check(kind, dst, dpitch * (height - 1) + width, src, spitch * (height - 1) + width)
+        for r in range(int(height)):
+            ctypes.memmove(int(dst) + r * dpitch, int(src) + r * spitch, int(width))
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaMemset2DAsync(self, ptr, pitch, value, width, height, stream):  # noqa: N802
+        import ctypes
+
+        self._stream(stream)
+        self._rec("cudaMemset2DAsync", ptr, pitch, value, width, height)
+        if width > pitch or self._where(int(ptr), pitch * (height - 1) + width) != "device":
+            return (self.cudaError_t.cudaErrorInvalidValue,)
+        for r in range(int(height)):
+            ctypes.memset(int(ptr) + r * pitch, int(value), int(width))
+        return (self.cudaError_t.cudaSuccess,)

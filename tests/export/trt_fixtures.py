@@ -47,7 +47,8 @@ def contract_model(seed: int = 0, drop_input: str | None = None) -> onnx.ModelPr
                                name="/lm_head/input/DequantizeLinear"),
               helper.make_node("MatMul", ["hdq", "wdq"], ["logits"], name="/lm_head/MatMul")]
     inits.append(numpy_helper.from_array(np.array([0, 0, KV, HD], np.int64), "kv_shape"))
-    nodes += [helper.make_node("Reshape", ["h", "kv_shape"], ["h4"], name="/kv/Reshape"),
+    nodes += [helper.make_node("Gather", ["emb", "input_ids"], ["hk"], name="/kv/Gather"),
+              helper.make_node("Reshape", ["hk", "kv_shape"], ["h4"], name="/kv/Reshape"),
               helper.make_node("Transpose", ["h4"], ["kvnew"], perm=[0, 2, 1, 3], name="/kv/Transpose")]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
