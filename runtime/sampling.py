@@ -65,8 +65,9 @@ def nucleus(probs_desc: np.ndarray, top_p: float) -> int:
     the mass strictly before it is below top_p; at least one stays."""
     if top_p >= 1.0:
         return probs_desc.shape[0]
-    before = np.cumsum(probs_desc) - probs_desc
-    return max(1, int(np.count_nonzero(before < top_p)))
+    csum = np.cumsum(probs_desc)
+    # mass strictly before token i is csum[i-1]; the count of i with csum[i-1] < top_p, plus token 0
+    return min(probs_desc.shape[0], 1 + int(np.count_nonzero(csum[:-1] < top_p)))
 
 
 def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
