@@ -97,8 +97,14 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
     from .graph import GraphBuilder
     from .weights import weights_for
 
+    from compress.sources import SourceInfo, resolve
+
+    from .weights import precheck
+
     t0 = time.perf_counter()
-    model, tok, info = load_model(source, quiet=not progress)
+    info = source if isinstance(source, SourceInfo) else resolve(str(source), quiet=not progress)
+    precheck(info)
+    model, tok, info = load_model(info, quiet=not progress)
     if info.path is not None and Path(info.path).resolve() == out.resolve():
         raise ExportError(f"{out}: output would overwrite the source; choose another -o")
     arch = architecture_from_config(model.config)

@@ -94,6 +94,88 @@ class _SafetensorsMap:
         return self._where[name].get_tensor(name)
 
 
+def _float_linears(arch) -> dict:
+    """Every Linear the graph reads: module -> (out, in)."""
+    H, I, hd = arch.hidden, arch.intermediate, arch.head_dim
+    mods = {}
+    for i in range(arch.layers):
+        p = f"model.layers.{i}"
+        mods |= {f"{p}.self_attn.q_proj": (arch.heads * hd, H), f"{p}.self_attn.k_proj": (arch.kv_heads * hd, H),
+                 f"{p}.self_attn.v_proj": (arch.kv_heads * hd, H), f"{p}.self_attn.o_proj": (H, arch.heads * hd),
+                 f"{p}.mlp.gate_proj": (I, H), f"{p}.mlp.up_proj": (I, H), f"{p}.mlp.down_proj": (H, I)}
+    return mods
+
+
+def expected_shapes(arch, layers: dict | None) -> dict:
+    """name -> shape of every tensor the graph reads (docs/FORMATS.md layouts for quantized modules)."""
+    layers = layers or {}
+    V, H = arch.vocab, arch.hidden
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    for i in range(arch.layers):
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            shapes[f"model.layers.{i}.{n}.weight"] = (H,)
+    mods = _float_linears(arch)
+    if not arch.tied_embeddings:
+        mods["lm_head"] = (V, H)
+    for mod, (o, i) in mods.items():
+        spec = layers.get(mod)
+        if spec is None:
+            shapes[f"{mod}.weight"] = (o, i)
+        elif spec.get("weight") == "int4":
+            g = spec.get("group_size") or 1
+            shapes[f"{mod}.weight"] = (o, i // 2)
+            shapes[f"{mod}.weight_scale"] = (o, i // g)
+        else:
+            shapes[f"{mod}.weight"] = (o, i)
+            shapes[f"{mod}.weight_scale"] = (o,)
+    head = layers.get("lm_head")
+    if arch.tied_embeddings and head is not None:
+        g = head.get("group_size") or 1
+        shapes["model.embed_tokens.weight"] = (V, H // 2) if head.get("weight") == "int4" else (V, H)
+        shapes["model.embed_tokens.weight_scale"] = (V, H // g) if head.get("weight") == "int4" else (V,)
+    return shapes
+
+
+def precheck(info) -> None:
+    """Before any model is loaded: every tensor the graph needs is in the safetensors files with its shape.
+    (Transformers would silently re-initialize a missing tensor and reports a wrong shape without its name.)"""
+    from safetensors import safe_open
+
+    if info.kind not in ("hf", "checkpoint"):
+        return
+    files = sorted(Path(info.path).glob("*.safetensors"))
+    if not files:
+        return
+    try:
+        from transformers import AutoConfig
+
+        from compress.loading import architecture_from_config
+
+        arch = architecture_from_config(AutoConfig.from_pretrained(str(info.path)))
+    except ExportError:
+        raise
+    except Exception:
+        return  # the loader reports an unreadable config in its own words
+    qp = info.manifest.quant_pass() if info.manifest is not None else None
+    if qp is not None:
+        Weights(str(info.path), {}, qp)  # scheme and layer specs first
+    have = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    have[k] = tuple(h.get_slice(k).get_shape())
+        except Exception:
+            return  # corrupt file: the loader says so
+    for name, shape in expected_shapes(arch, (qp or {}).get("layers")).items():
+        if name not in have:
+            raise ExportError(f"{info.path}: tensor {name} is missing from the safetensors files; "
+                              "the checkpoint is incomplete")
+        if have[name] != tuple(shape):
+            raise ExportError(f"{info.path}: tensor {name} has shape {list(have[name])}, expected {list(shape)} "
+                              "from config.json; the checkpoint is inconsistent")
+
+
 def weights_for(model, info) -> Weights:
     """Weights of a loaded model: a quantized checkpoint reads its safetensors, anything else the state dict."""
     desc = str(info.path) if info is not None else "model"
