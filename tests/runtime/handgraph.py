@@ -75,7 +75,7 @@ def build(path: Path, vocab: int, layers: int = 2, heads: int = 2, head_dim: int
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     onnx.checker.check_model(model)
     onnx.save_model(model, str(path / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=0)
+                    location="model.onnx.data", size_threshold=1024)
 
 
 def make_artifact(out: Path, tokenizer_dir: Path, layers: int = 2, heads: int = 2, head_dim: int = 8,
