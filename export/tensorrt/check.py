@@ -9,6 +9,7 @@ Sources (TensorRT 10.x / 11.x documentation):
   scale is a build-time constant (scalar per-tensor, 1-D per-channel, 2-D for INT4 block quantization);
   INT4 is weight-only (no ``QuantizeLinear`` to INT4); DQ inputs are INT8, FP8 E4M3, INT4 or FP4;
   low-precision constants are consumed by ``DequantizeLinear`` only.
+- Operators ``operators.md`` lists as unsupported (``MatMulInteger``, ``DynamicQuantizeLinear``, sequences, ...).
 - This project additionally refuses ``If``/``Loop`` (data-dependent control flow defeats the optimization
   profiles this stage builds).
 
@@ -28,6 +29,13 @@ STANDARD_DOMAINS = ("", "ai.onnx")
 MIN_OPSET = 9
 MAX_OPSET = {10: 24, 11: 25}  # per major version, from the documentation of 10.15 and 11.x
 FORBIDDEN_OPS = ("If", "Loop")
+# Standard-domain operators operators.md (TensorRT 10.15) marks unsupported ("N").
+UNSUPPORTED_OPS = frozenset("""AffineGrid Bernoulli BitShift BitwiseAnd BitwiseNot BitwiseOr BitwiseXor Col2Im
+    CenterCropPad Compress ConcatFromSequence ConvInteger DFT Det DynamicQuantizeLinear ImageDecoder MatMulInteger
+    MaxRoiPool MaxUnpool MelWeightMatrix Multinomial NegativeLogLikelihoodLoss Optional OptionalGetElement
+    OptionalHasElement QLinearConv QLinearMatMul RegexFullMatch SequenceAt SequenceConstruct SequenceEmpty
+    SequenceErase SequenceInsert SequenceLength SequenceMap SoftmaxCrossEntropyLoss SplitToSequence StringConcat
+    StringNormalizer StringSplit TfIdfVectorizer Unique""".split())
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,11 @@ def _check_nodes(model, out):
         if node.domain not in STANDARD_DOMAINS:
             out.append(Violation("domain", where, f"{node.domain}::{node.op_type} is outside the standard ONNX "
                                                   "domain; TensorRT parses only ai.onnx operators"))
+        if node.op_type in UNSUPPORTED_OPS and node.domain in STANDARD_DOMAINS:
+            hint = (" (integer matmul of dynamically quantized activations: quantize with static scales, "
+                    "--scheme int8-sq)") if node.op_type in ("MatMulInteger", "DynamicQuantizeLinear") else ""
+            out.append(Violation("unsupported-op", where, f"{node.op_type} is not supported by the TensorRT ONNX "
+                                                          f"parser{hint}"))
         if node.op_type in FORBIDDEN_OPS and node.domain in STANDARD_DOMAINS:
             out.append(Violation("control-flow", where, f"{node.op_type} (data-dependent control flow) is not "
                                                         "allowed in a TensorRT build input"))
@@ -253,8 +266,8 @@ def _check_attention(model, elem_types: dict, ranks: dict, out):
         if node.op_type == "Attention":
             for i, what in ((4, "past_key"), (5, "past_value"), (6, "nonpad_kv_seqlen")):
                 if len(node.input) > i and node.input[i]:
-                    out.append(Violation("attention", where, f"Attention input {what} is unsupported by TensorRT; "
-                                                             "concatenate the cache before Attention"))
+                    out.append(Violation("attention", where, f"Attention input {what} is unsupported by TensorRT "
+                                                             "(export with --opset 21: plain attention ops)"))
             for i, what in ((1, "present_key"), (2, "present_value"), (3, "qk_matmul_output")):
                 if len(node.output) > i and node.output[i]:
                     out.append(Violation("attention", where, f"Attention output {what} is unsupported by TensorRT"))

@@ -1,0 +1,94 @@
+"""check_onnx on every scheme's portable export of the tiny model, and the engine pipeline on a real export.
+
+The plain-ops form (``--opset 21``) is what TensorRT's parser takes; the fused opset-23 form feeds the KV
+cache into ``Attention`` (past_key/past_value), which the parser documents as unsupported, and check_onnx
+says so before any build. ``int8-dyn`` quantizes activations at run time (``MatMulInteger``), which TensorRT
+does not parse either.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from export.errors import ExportError
+from export.onnx import export_onnx
+from export.tensorrt import ProfileFlags, check_onnx, export_tensorrt
+from tests.export.onnx_helpers import make_quantized
+from tests.export.trt_double import RecordingCudart, RecordingTensorRT
+
+SCHEMES = ["float", "int8-wo", "fp8", "int8-sq", "int8-dyn", "int4"]
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_dir, tmp_path_factory):
+    """scheme -> portable ONNX artifact (opset 21) of the tiny model; validation is the exporter's own tests'."""
+    d = tmp_path_factory.mktemp("schemes")
+    out = {}
+    for scheme in SCHEMES:
+        src = tiny_dir if scheme == "float" else make_quantized(tiny_dir, d / f"ckpt-{scheme}", scheme)
+        export_onnx(str(src), d / f"onnx-{scheme}", opset=21, validate=False)
+        out[scheme] = d / f"onnx-{scheme}"
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["float", "int8-wo", "fp8", "int8-sq", "int4"])
+def test_portable_export_meets_tensorrt_constraints(exports, scheme):
+    summary = check_onnx(exports[scheme], trt_version="10.15.1")
+    assert summary["opset"] == 21
+    if scheme != "float":
+        assert summary["dequantize_linear"] > 0
+    if scheme in ("fp8", "int8-sq"):
+        assert summary["quantize_linear"] > 0  # static activation Q/DQ pairs
+
+
+def test_dynamic_int8_is_refused_with_what_to_do(exports):
+    with pytest.raises(ExportError, match=r"MatMulInteger is not supported.*--scheme int8-sq"):
+        check_onnx(exports["int8-dyn"])
+
+
+def test_fused_opset23_form_is_refused_before_any_build(tiny_dir, tmp_path):
+    out = tmp_path / "fused"
+    export_onnx(str(tiny_dir), out, opset=23, validate=False)
+    with pytest.raises(ExportError, match=r"past_key is unsupported by TensorRT \(export with --opset 21"):
+        check_onnx(out)
+    with pytest.raises(ExportError, match="past_key is unsupported"):
+        export_tensorrt(out, tmp_path / "engine", trt=RecordingTensorRT(), cudart=RecordingCudart())
+    assert not (tmp_path / "engine").exists()
+
+
+def test_engine_pipeline_on_a_real_fp8_export(exports, tmp_path):
+    trt = RecordingTensorRT("10.15.1")
+    m = export_tensorrt(exports["fp8"], tmp_path / "engine", ProfileFlags(2, 64, 16), trt=trt,
+                        cudart=RecordingCudart())
+    layers = m.architecture.layers
+    assert len(trt.args("IOptimizationProfile.set_shape")) == 2 * (3 + 2 * layers)
+    assert m.engine["settings"]["scheme"] == "fp8" and m.engine["settings"]["min_compute_capability"] == "8.9"
+
+
+def test_generation_through_the_engine_matches_onnxruntime(exports, tmp_path, monkeypatch):
+    """The TensorRT backend in the real generation loop (``Engine``), with the recording doubles standing in
+    for the ``tensorrt`` and cuda-python modules: greedy tokens identical to the ONNX Runtime backend."""
+    from runtime import Engine
+
+    trt, cud = RecordingTensorRT("10.15.1"), RecordingCudart()
+    eng_dir = tmp_path / "engine"
+    export_tensorrt(exports["float"], eng_dir, ProfileFlags(2, 64, 16), trt=trt, cudart=cud)
+    cuda_pkg = type(sys)("cuda")
+    bindings = type(sys)("cuda.bindings")
+    bindings.runtime = cud
+    cuda_pkg.bindings = bindings
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "cuda", cuda_pkg)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cud)
+    with Engine.load(exports["float"]) as ref, Engine.load(eng_dir, backend="tensorrt") as eng:
+        assert eng.describe()["backend"] == "tensorrt"
+        prompts = ["The quick brown fox", "def main():"]
+        a = ref.generate(prompts, max_new_tokens=12, temperature=0)
+        b = eng.generate(prompts, max_new_tokens=12, temperature=0)
+        assert [r.token_ids for r in a] == [r.token_ids for r in b] and all(len(r.token_ids) > 0 for r in a)
+        ids = np.array(ref.tokenizer.encode("import os\nimport sys\n"), dtype=np.int64)
+        assert np.allclose(ref.score(ids), eng.score(ids), atol=1e-4)
+    assert "IExecutionContext.execute_async_v3" in trt.names()
