@@ -92,3 +92,24 @@ def test_generation_through_the_engine_matches_onnxruntime(exports, tmp_path, mo
         ids = np.array(ref.tokenizer.encode("import os\nimport sys\n"), dtype=np.int64)
         assert np.allclose(ref.score(ids), eng.score(ids), atol=1e-4)
     assert "IExecutionContext.execute_async_v3" in trt.names()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["float", "fp8", "int8-sq", "int4"])
+def test_real_engine_scores_like_onnxruntime(exports, tmp_path, scheme):
+    """Needs TensorRT and an NVIDIA GPU (FP8 needs compute capability 8.9+): a real build of each scheme's
+    portable export, its logits against ONNX Runtime CPU on the same graph (TF32/FP8 kernels: loose tolerance,
+    top-1 agreement)."""
+    from runtime import Engine
+
+    eng_dir = tmp_path / "engine"
+    export_tensorrt(exports[scheme], eng_dir, ProfileFlags(2, 64, 16))
+    with Engine.load(exports[scheme]) as ref, Engine.load(eng_dir) as eng:
+        assert eng.describe()["backend"] == "tensorrt"
+        ids = np.array(ref.tokenizer.encode("import os\nimport sys\ndef main():\n    return 0\n"), dtype=np.int64)
+        a, b = ref.score(ids), eng.score(ids)
+        assert a.shape == b.shape
+        assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+        assert np.abs(a - b).max() < 0.05 * max(1.0, np.abs(a).max())
+        out = eng.generate("The quick brown fox", max_new_tokens=8, temperature=0)
+        assert len(out.token_ids) > 0
