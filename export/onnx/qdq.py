@@ -121,15 +121,11 @@ def linear(b: GraphBuilder, w, x: str, module: str, d_in: int, d_out: int, ns: s
     return y
 
 
-def _tied_quant_spec(w, arch) -> dict | None:
-    return w.spec("lm_head") if arch.tied_embeddings else None
-
-
 def embedding(b: GraphBuilder, w, arch) -> str:
     """input_ids [B,S] -> [B,S,H]. A quantized (tied) table is gathered as codes + row scales, then scaled."""
     V, H = arch.vocab, arch.hidden
     ns = "/model/embed_tokens"
-    spec = _tied_quant_spec(w, arch)
+    spec = w.spec("lm_head") if arch.tied_embeddings else None
     name = f"{EMBED}.weight"
     if spec is None:
         table = b.initializer(name, w.get(name, (V, H)))
@@ -142,14 +138,18 @@ def embedding(b: GraphBuilder, w, arch) -> str:
         s = b.initializer(f"{EMBED}.weight_scale", scale)
         table = b.op("DequantizeLinear", [t, s], f"{ns}/weight_quant/DequantizeLinear", axis=1, block_size=g)
         return b.op("Gather", [table, "input_ids"], f"{ns}/Gather", axis=0)
+    # int8 / fp8 per-row codes, stored ONCE transposed to [H, V]: the lm_head reads them as DequantizeLinear ->
+    # MatMul input 1 (ORT turns that into its int8 kernel; TensorRT gets its QDQ pattern) and the embedding
+    # gathers columns of codes plus their scales (never the whole table).
     codes = w.get(name, (V, H), raw=True)
     scale = w.get(f"{EMBED}.weight_scale", (V,))
     if spec["weight"] == "int8":
-        t = b.initializer(name, codes)
+        t = b.initializer(name, np.ascontiguousarray(codes.T))
     else:
-        t = b.initializer(name, codes.view(np.uint8), elem=TensorProto.FLOAT8E4M3FN)
+        t = b.initializer(name, np.ascontiguousarray(codes.view(np.uint8).T), elem=TensorProto.FLOAT8E4M3FN)
     s = b.initializer(f"{EMBED}.weight_scale", scale)
-    rows = b.op("Gather", [t, "input_ids"], f"{ns}/Gather", axis=0)  # codes [B,S,H]
+    cols = b.op("Gather", [t, "input_ids"], f"{ns}/Gather", axis=1)  # codes [H,B,S]
+    rows = b.op("Transpose", [cols], f"{ns}/Transpose", perm=[1, 2, 0])  # [B,S,H]
     rs = b.op("Gather", [s, "input_ids"], f"{ns}/Gather_scale", axis=0)  # [B,S]
     rows = b.op("Cast", [rows], f"{ns}/Cast", to=TensorProto.FLOAT)
     rs = b.op("Unsqueeze", [rs, b.const([-1])], f"{ns}/Unsqueeze")
@@ -157,46 +157,31 @@ def embedding(b: GraphBuilder, w, arch) -> str:
 
 
 def lm_head(b: GraphBuilder, w, h: str, arch) -> str:
-    """h [B,S,H] -> logits [B,S,V] with Gemm(transB=1) on the [V,H] table, so ORT never transposes it per step;
-    per-row (vocab) scales are applied to the product, so the codes are only cast (folded once at load)."""
+    """h [B,S,H] -> logits [B,S,V].
+    float: Gemm(transB=1) on the [V,H] table (stored once with a tied embedding), prepacked once by ORT, so
+           nothing is transposed per step.
+    int8/fp8 tied: DequantizeLinear on the [H,V] codes (shared with the embedding) -> MatMul input 1.
+    untied quantized: an ordinary quantized linear ([H,V] codes).
+    int4 tied: blocked DequantizeLinear on the [V,H] table shared with the embedding -> Gemm(transB=1)."""
     V, H = arch.vocab, arch.hidden
     ns = "/model/lm_head"
     spec = w.spec("lm_head")
-    tname = f"{EMBED}.weight" if arch.tied_embeddings else "lm_head.weight"
-    mod = EMBED if arch.tied_embeddings else "lm_head"
-    if spec is not None and spec.get("act") == "int8-dyn":
-        raise ExportError("lm_head: act 'int8-dyn' is not supported on lm_head; re-quantize with lm_head ignored")
-    if spec is not None and spec.get("act") in ("fp8", "int8"):
-        if arch.tied_embeddings and not w.has(f"{EMBED}.input_scale") and w.has("lm_head.input_scale"):
-            mod_in = "lm_head"
-        else:
-            mod_in = mod
-        h = _act_qdq(b, w, h, mod_in, spec["act"], ns)
+    tied = arch.tied_embeddings
+    if spec is not None and not tied:
+        y = linear(b, w, h, "lm_head", H, V, ns)
+        return b.op("Identity", [y], f"{ns}/Identity", outputs=["logits"])[0]
+    if spec is not None and spec.get("act") is not None:
+        raise ExportError(f"lm_head: the tied lm_head can only be weight-only, kiln.json says act {spec['act']!r}")
+    if spec is not None and spec["weight"] != "int4":
+        dq = b.op("DequantizeLinear", [f"{EMBED}.weight", f"{EMBED}.weight_scale"],
+                  f"{ns}/weight_quant/DequantizeLinear", axis=1)  # [H,V]
+        return b.op("MatMul", [h, dq], f"{ns}/MatMul", outputs=["logits"])[0]
     h2 = b.op("Reshape", [h, b.const([-1, H])], f"{ns}/Reshape_in")  # [B*S,H]
     if spec is None:
-        table = tname if arch.tied_embeddings else b.initializer(tname, w.get(tname, (V, H)))
-        y = b.op("Gemm", [h2, table], f"{ns}/Gemm", transB=1)
-    elif spec["weight"] == "int4":
-        if arch.tied_embeddings:
-            table = f"{ns.replace('lm_head', 'embed_tokens')}/weight_quant/DequantizeLinear/output_0"
-        else:
-            g = spec["group_size"]
-            codes = w.get(tname, (V, H // 2), raw=True)
-            t = b.initializer(tname, pack_int4(unpack_int4(codes)), elem=TensorProto.INT4, dims=[V, H])
-            s = b.initializer(f"{mod}.weight_scale", w.get(f"{mod}.weight_scale", (V, H // g)))
-            table = b.op("DequantizeLinear", [t, s], f"{ns}/weight_quant/DequantizeLinear", axis=1, block_size=g)
-        y = b.op("Gemm", [h2, table], f"{ns}/Gemm", transB=1)
-    else:
-        if arch.tied_embeddings:
-            t, s = tname, f"{EMBED}.weight_scale"
-        else:
-            codes = w.get(tname, (V, H), raw=True)
-            t = b.initializer(tname, codes if spec["weight"] == "int8" else codes.view(np.uint8),
-                              elem=None if spec["weight"] == "int8" else TensorProto.FLOAT8E4M3FN)
-            s = b.initializer(f"{mod}.weight_scale", w.get(f"{mod}.weight_scale", (V,)))
-        tf = b.op("Cast", [t], f"{ns}/weight_quant/Cast", to=TensorProto.FLOAT)
-        y = b.op("Gemm", [h2, tf], f"{ns}/Gemm", transB=1)
-        y = b.op("Mul", [y, s], f"{ns}/Mul_weight_scale")
+        table = f"{EMBED}.weight" if tied else b.initializer("lm_head.weight", w.get("lm_head.weight", (V, H)))
+    else:  # tied int4: the embedding's dequantized [V,H] table
+        table = "/model/embed_tokens/weight_quant/DequantizeLinear/output_0"
+    y = b.op("Gemm", [h2, table], f"{ns}/Gemm", transB=1)  # [B*S,V]
     shape = b.op("Concat", [b.op("Shape", [h], f"{ns}/Shape", start=0, end=2), b.const([V])], f"{ns}/Concat",
                  axis=0)
     return b.op("Reshape", [y, shape], f"{ns}/Reshape_out", outputs=["logits"])[0]

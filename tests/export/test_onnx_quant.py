@@ -69,7 +69,10 @@ def test_scheme_export_parity(scheme, ckpts, tmp_path):
     assert "lm_head.weight" not in init
     if scheme != "int4":
         emb = next(n for n in g.node if n.name == "/model/embed_tokens/Gather")
-        assert emb.input[0] == "model.embed_tokens.weight" and init[emb.input[0]].data_type == T.INT8
+        table = init["model.embed_tokens.weight"]
+        assert emb.input[0] == table.name and table.data_type == T.INT8 and list(table.dims) == [64, 512]  # [H,V]
+        head = prod["logits"]
+        assert head.op_type == "MatMul" and prod[head.input[1]].input[0] == table.name  # DQ -> MatMul input 1
 
 
 def test_quantized_kv_invariance_and_padding(ckpts, tmp_path):
