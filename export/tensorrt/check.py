@@ -30,12 +30,15 @@ MIN_OPSET = 9
 MAX_OPSET = {10: 24, 11: 25}  # per major version, from the documentation of 10.15 and 11.x
 FORBIDDEN_OPS = ("If", "Loop")
 # Standard-domain operators operators.md (TensorRT 10.15) marks unsupported ("N").
-UNSUPPORTED_OPS = frozenset("""AffineGrid Bernoulli BitShift BitwiseAnd BitwiseNot BitwiseOr BitwiseXor Col2Im
-    CenterCropPad Compress ConcatFromSequence ConvInteger DFT Det DynamicQuantizeLinear ImageDecoder MatMulInteger
-    MaxRoiPool MaxUnpool MelWeightMatrix Multinomial NegativeLogLikelihoodLoss Optional OptionalGetElement
-    OptionalHasElement QLinearConv QLinearMatMul RegexFullMatch SequenceAt SequenceConstruct SequenceEmpty
-    SequenceErase SequenceInsert SequenceLength SequenceMap SoftmaxCrossEntropyLoss SplitToSequence StringConcat
-    StringNormalizer StringSplit TfIdfVectorizer Unique""".split())
+UNSUPPORTED_OPS = frozenset([
+    "AffineGrid", "Bernoulli", "BitShift", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "Col2Im",
+    "CenterCropPad", "Compress", "ConcatFromSequence", "ConvInteger", "DFT", "Det",
+    "DynamicQuantizeLinear", "ImageDecoder", "MatMulInteger", "MaxRoiPool", "MaxUnpool", "MelWeightMatrix",
+    "Multinomial", "NegativeLogLikelihoodLoss", "Optional", "OptionalGetElement", "OptionalHasElement",
+    "QLinearConv", "QLinearMatMul", "RegexFullMatch", "SequenceAt", "SequenceConstruct", "SequenceEmpty",
+    "SequenceErase", "SequenceInsert", "SequenceLength", "SequenceMap", "SoftmaxCrossEntropyLoss",
+    "SplitToSequence", "StringConcat", "StringNormalizer", "StringSplit", "TfIdfVectorizer", "Unique"
+])
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,7 @@ def _low_precision(TensorProto):
 
 
 def _check_qdq(model, consts: _Consts, elem_types: dict, out):
-    onnx, TensorProto = _onnx()
+    _, TensorProto = _onnx()
     allowed = _qdq_types(TensorProto)
     tname = TensorProto.DataType.Name
     for node in model.graph.node:

@@ -76,14 +76,15 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def export_tensorrt(artifact: str | Path, out: str | Path, flags: ProfileFlags = ProfileFlags(),
-                    options: TensorRTExport = TensorRTExport(), *, force: bool = False, trt=None,
+def export_tensorrt(artifact: str | Path, out: str | Path, flags: ProfileFlags | None = None,
+                    options: TensorRTExport | None = None, *, force: bool = False, trt=None,
                     cudart=None, progress=None) -> Manifest:
     """Build a TensorRT engine from the ONNX artifact ``artifact`` into ``out``; returns the engine manifest.
 
     ``trt``/``cudart`` default to the installed ``tensorrt`` and cuda-python modules (tests pass doubles).
     """
     artifact, out = Path(artifact), Path(out)
+    flags, options = flags or ProfileFlags(), options or TensorRTExport()
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     if trt is None:

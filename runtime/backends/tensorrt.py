@@ -159,7 +159,7 @@ class TensorRTBackend(Backend):
 
     def describe(self) -> dict:
         return {"backend": self.name, "tensorrt": self.trt.__version__, "gpu": self.cuda.gpu_name,
-                "compute_capability": "%d.%d" % self.cuda.compute_capability, "profiles": len(self.contexts),
+                "compute_capability": "{}.{}".format(*self.cuda.compute_capability), "profiles": len(self.contexts),
                 "max_batch": self.max_batch, "max_seq": self.max_seq}
 
     def close(self) -> None:

@@ -12,8 +12,14 @@ import json
 import pytest
 
 from export.errors import ExportError
-from export.tensorrt import ProfileFlags, TensorRTExport, derive_profiles, export_tensorrt, graph_inputs, \
-    select_settings
+from export.tensorrt import (
+    ProfileFlags,
+    TensorRTExport,
+    derive_profiles,
+    export_tensorrt,
+    graph_inputs,
+    select_settings,
+)
 from export.tensorrt.build import build_plan, device_info
 from runtime.manifest import read_manifest
 from tests.export.trt_double import DoubleError, RecordingCudart, RecordingTensorRT
@@ -25,8 +31,9 @@ def artifact(tmp_path, tiny_dir):
     return contract_artifact(tmp_path / "onnx-art", tiny_dir)
 
 
-def _profiles(flags=ProfileFlags(4, 256, 64), model=None):
-    return derive_profiles(graph_inputs(model or contract_model()), flags, layers=LAYERS, kv_heads=KV, head_dim=HD)
+def _profiles(flags=None, model=None):
+    return derive_profiles(graph_inputs(model or contract_model()), flags or ProfileFlags(4, 256, 64), layers=LAYERS,
+                           kv_heads=KV, head_dim=HD)
 
 
 @pytest.mark.parametrize("version", ["10.15.1", "11.1.0"])

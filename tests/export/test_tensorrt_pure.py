@@ -4,8 +4,15 @@ from __future__ import annotations
 import pytest
 
 from export.errors import ExportError
-from export.tensorrt import (InputSpec, ProfileFlags, check_device, derive_profiles, graph_inputs,
-                             is_2_4_prune, select_settings)
+from export.tensorrt import (
+    InputSpec,
+    ProfileFlags,
+    check_device,
+    derive_profiles,
+    graph_inputs,
+    is_2_4_prune,
+    select_settings,
+)
 from runtime.backends.tensorrt_compat import compatibility, rebuild_command
 from runtime.errors import EngineError
 from tests.export.trt_fixtures import HD, KV, LAYERS, contract_model

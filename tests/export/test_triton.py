@@ -9,9 +9,9 @@ from google.protobuf import text_format
 from export.errors import ExportError
 from export.tensorrt import ProfileFlags, export_tensorrt
 from export.triton import TritonExport, export_triton
+from tests.export.triton_proto import enum_name, parse_model_config
 from tests.export.trt_double import RecordingCudart, RecordingTensorRT
 from tests.export.trt_fixtures import HD, KV, LAYERS, VOCAB, contract_artifact
-from tests.export.triton_proto import enum_name, parse_model_config
 
 
 @pytest.fixture

@@ -36,8 +36,8 @@ class RecordingTensorRT:
         self.timing_cache_ok = timing_cache_ok
         flags = [f for f in _FLAGS_10 if not (self.major >= 11 and f in _REMOVED_IN_11)]
         self.BuilderFlag = enum.IntEnum("BuilderFlag", [(f, i) for i, f in enumerate(flags)])
-        self.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", [("STRONGLY_TYPED", 1)]
-                                                          if self.major < 11 else [("STRONGLY_TYPED", 1)])
+        # 11.x keeps STRONGLY_TYPED (deprecated, ignored: strong typing is always on)
+        self.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", [("STRONGLY_TYPED", 1)])
         self.MemoryPoolType = enum.IntEnum("MemoryPoolType", [("WORKSPACE", 0), ("DLA_MANAGED_SRAM", 1)])
         self.TensorIOMode = enum.IntEnum("TensorIOMode", [("NONE", 0), ("INPUT", 1), ("OUTPUT", 2)])
         self.DataType = enum.IntEnum("DataType", [("FLOAT", 0), ("HALF", 1), ("INT8", 2), ("INT32", 3),
@@ -137,7 +137,7 @@ class _Profile:
     def __init__(self, rec):
         self.rec, self.shapes = rec, {}
 
-    def set_shape(self, input: str, min, opt, max):  # noqa: A002 - the documented parameter names
+    def set_shape(self, input: str, min, opt, max):
         self.rec._call("IOptimizationProfile.set_shape", input, tuple(min), tuple(opt), tuple(max))
         if not (len(min) == len(opt) == len(max)):
             raise DoubleError(f"set_shape({input}): min/opt/max ranks differ")
@@ -242,12 +242,12 @@ class RecordingCudart:
     corrupting memory.
     """
 
-    class cudaError_t(enum.IntEnum):  # noqa: N801 - the library's names
+    class cudaError_t(enum.IntEnum):
         cudaSuccess = 0
         cudaErrorInvalidValue = 1
         cudaErrorNoDevice = 100
 
-    class cudaMemcpyKind(enum.IntEnum):  # noqa: N801
+    class cudaMemcpyKind(enum.IntEnum):
         cudaMemcpyHostToHost = 0
         cudaMemcpyHostToDevice = 1
         cudaMemcpyDeviceToHost = 2
@@ -269,22 +269,22 @@ class RecordingCudart:
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
 
-    def cudaGetDeviceCount(self):  # noqa: N802
+    def cudaGetDeviceCount(self):
         self._rec("cudaGetDeviceCount")
         if not self.devices:
             return (self.cudaError_t.cudaErrorNoDevice, 0)
         return (self.cudaError_t.cudaSuccess, len(self.devices))
 
-    def cudaSetDevice(self, device):  # noqa: N802
+    def cudaSetDevice(self, device):
         self._rec("cudaSetDevice", device)
         return (self.cudaError_t.cudaSuccess,)
 
-    def cudaGetDeviceProperties(self, device):  # noqa: N802
+    def cudaGetDeviceProperties(self, device):
         self._rec("cudaGetDeviceProperties", device)
         name, major, minor = self.devices[device]
         return (self.cudaError_t.cudaSuccess, self._Props(name + b"\0" * 8, major, minor))
 
-    def cudaStreamCreate(self):  # noqa: N802
+    def cudaStreamCreate(self):
         handle = 0x5EED0000 + len(self.streams) + 1
         self.streams.add(handle)
         self._rec("cudaStreamCreate")
@@ -294,18 +294,18 @@ class RecordingCudart:
         if int(stream) not in self.streams:
             raise DoubleError(f"unknown stream {stream}")
 
-    def cudaStreamSynchronize(self, stream):  # noqa: N802
+    def cudaStreamSynchronize(self, stream):
         self._stream(stream)
         self._rec("cudaStreamSynchronize", stream)
         return (self.cudaError_t.cudaSuccess,)
 
-    def cudaStreamDestroy(self, stream):  # noqa: N802
+    def cudaStreamDestroy(self, stream):
         self._stream(stream)
         self.streams.discard(int(stream))
         self._rec("cudaStreamDestroy", stream)
         return (self.cudaError_t.cudaSuccess,)
 
-    def cudaMalloc(self, size):  # noqa: N802
+    def cudaMalloc(self, size):
         import numpy as np
 
         buf = np.full(int(size), 0xAB, dtype=np.uint8)  # garbage, like real cudaMalloc
@@ -313,7 +313,7 @@ class RecordingCudart:
         self._rec("cudaMalloc", size)
         return (self.cudaError_t.cudaSuccess, buf.ctypes.data)
 
-    def cudaFree(self, ptr):  # noqa: N802
+    def cudaFree(self, ptr):
         self._rec("cudaFree", ptr)
         if self.allocs.pop(int(ptr), None) is None:
             raise DoubleError(f"cudaFree of {ptr:#x}, which is not a live allocation")
@@ -336,7 +336,7 @@ class RecordingCudart:
         if got != want[int(kind)]:
             raise DoubleError(f"{self.cudaMemcpyKind(kind).name} between {got[1]} {src:#x} and {got[0]} {dst:#x}")
 
-    def cudaMemcpyAsync(self, dst, src, count, kind, stream):  # noqa: N802
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
         import ctypes
 
         self._stream(stream)
@@ -345,7 +345,7 @@ class RecordingCudart:
         ctypes.memmove(int(dst), int(src), int(count))
         return (self.cudaError_t.cudaSuccess,)
 
-    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):  # noqa: N802
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
         import ctypes
 
         self._stream(stream)
@@ -357,7 +357,7 @@ class RecordingCudart:
             ctypes.memmove(int(dst) + r * dpitch, int(src) + r * spitch, int(width))
         return (self.cudaError_t.cudaSuccess,)
 
-    def cudaMemset2DAsync(self, ptr, pitch, value, width, height, stream):  # noqa: N802
+    def cudaMemset2DAsync(self, ptr, pitch, value, width, height, stream):
         import ctypes
 
         self._stream(stream)

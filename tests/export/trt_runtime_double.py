@@ -102,9 +102,8 @@ class ContextDouble:
         known = {}
         for name, shape in self.shapes.items():
             for d, v in zip(self.engine.io[name][2], shape):
-                if isinstance(d, str):
-                    if known.setdefault(d, v) != v:
-                        raise DoubleError(f"inconsistent {d}: {known[d]} vs {v} (from {name})")
+                if isinstance(d, str) and known.setdefault(d, v) != v:
+                    raise DoubleError(f"inconsistent {d}: {known[d]} vs {v} (from {name})")
         return known
 
     def get_tensor_shape(self, name):
