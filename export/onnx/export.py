@@ -15,9 +15,10 @@ PLAIN_OPSET = 21  # the same math in plain ops (INT4 blocked DequantizeLinear ne
 DEFAULT_OPSET = FUSED_OPSET
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 ORT_FORM_WHY = (
-    "--form ort is not built: on ONNX Runtime CPU the portable graph already runs the fused opset-23 "
-    "Attention/RotaryEmbedding/RMSNormalization kernels and ORT's own DequantizeLinear->MatMul fusions, and "
-    "the decode benchmark showed no gain worth a second graph; use --form portable"
+    "--form ort is not built: ONNX Runtime CPU already runs the portable graph with its own fused kernels "
+    "(opset-23 Attention/RotaryEmbedding/RMSNormalization; DequantizeLinear->MatMul rewritten to MatMulNBits, "
+    "QDQ pairs to MatMulIntegerToFloat), and a separate com.microsoft graph is only worth having where a decode "
+    "benchmark shows the portable form slower, which none has; use --form portable"
 )
 
 

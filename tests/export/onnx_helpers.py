@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEME_KW = {"int8-wo": {}, "fp8": {}, "int8-sq": {}, "int8-dyn": {}, "int4": {"method": "rtn", "group_size": 32}}
+SCHEME_KW = {"int8-wo": {"method": "rtn"}, "fp8": {}, "int8-sq": {}, "int8-dyn": {}, "int4": {"method": "rtn", "group_size": 32}}
 
 
 def make_quantized(src: Path, out: Path, scheme: str) -> Path:
