@@ -155,7 +155,9 @@ def _qdq_types(TensorProto):
 
 
 def _low_precision(TensorProto):
-    lp = {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,
+    # "INT8, INT4, FP8 and FP4 are treated as Quantized Types ... support is available only through
+    # quantization from a floating-point type" (operators.md): such constants only make sense into a DQ
+    lp = {TensorProto.INT8, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,
           TensorProto.FLOAT8E5M2FNUZ, TensorProto.INT4, TensorProto.UINT4}
     if hasattr(TensorProto, "FLOAT4E2M1"):
         lp.add(TensorProto.FLOAT4E2M1)
@@ -255,9 +257,12 @@ def _check_low_precision_consumers(model, consts: _Consts, out):
         bad = [n for n, i in consumers.get(name, []) if not ((n.op_type == "DequantizeLinear" and i in (0, 2))
                                                              or (n.op_type == "QuantizeLinear" and i == 2))]
         if bad or name in outputs:
-            what = ", ".join(sorted({n.op_type for n in bad})) or "a graph output"
+            ops = sorted({n.op_type for n in bad})
+            what = ", ".join(ops) or "a graph output"
+            hint = (" (a quantized embedding table: keep lm_head/embeddings float with `kiln compress quantize "
+                    "--ignore lm_head` for TensorRT)") if "Gather" in ops else ""
             out.append(Violation("quantized-constant", name, f"{tn} constant feeds {what}; quantized constants "
-                                                             "may only feed DequantizeLinear"))
+                                                             f"may only feed DequantizeLinear{hint}"))
 
 
 def _check_attention(model, elem_types: dict, ranks: dict, out):

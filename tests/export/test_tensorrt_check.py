@@ -153,3 +153,14 @@ def test_check_onnx_error_is_one_line_listing_violations(tmp_path):
     assert "\n" not in msg and "2 TensorRT constraint violation(s)" in msg and "zero-point" in msg
     with pytest.raises(ExportError, match="no model.onnx"):
         check_onnx(tmp_path / "nowhere")
+
+
+def test_int8_codes_gathered_directly_are_refused():
+    """A quantized embedding gathered as INT8 codes (then Cast): TensorRT takes INT8 only through DQ."""
+    m = qdq_matmul("int8")
+    m.graph.input.append(helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"]))
+    m.graph.node.append(helper.make_node("Gather", ["w", "ids"], ["rows"], axis=0, name="emb_gather"))
+    m.graph.node.append(helper.make_node("Cast", ["rows"], ["rows_f"], to=TensorProto.FLOAT, name="emb_cast"))
+    m.graph.output.append(helper.make_tensor_value_info("rows_f", TensorProto.FLOAT, ["n", 32]))
+    found = onnx_violations(m)
+    assert [(v.rule, v.where) for v in found] == [("quantized-constant", "w")] and "Gather" in found[0].message

@@ -15,19 +15,33 @@ import pytest
 from export.errors import ExportError
 from export.onnx import export_onnx
 from export.tensorrt import ProfileFlags, check_onnx, export_tensorrt
-from tests.export.onnx_helpers import make_quantized
+from tests.export.onnx_helpers import SCHEME_KW, make_quantized
 from tests.export.trt_double import RecordingCudart, RecordingTensorRT
 
 SCHEMES = ["float", "int8-wo", "fp8", "int8-sq", "int8-dyn", "int4"]
 
 
+def _quantized(src, out, scheme, ignore=()):
+    from compress.calib import calibration_batches
+    from compress.checkpoint import source_record
+    from compress.loading import load_model
+    from compress.quant import config_for, quantize_, save_quantized
+
+    model, tok, info = load_model(str(src))
+    quantize_(model, config_for(scheme, ignore=ignore, **SCHEME_KW[scheme]),
+              calib=calibration_batches(tok, samples=4, seq_len=64))
+    save_quantized(model, tok, out, source=source_record(info))
+    return out
+
+
 @pytest.fixture(scope="module")
 def exports(tiny_dir, tmp_path_factory):
-    """scheme -> portable ONNX artifact (opset 21) of the tiny model; validation is the exporter's own tests'."""
+    """scheme -> portable ONNX artifact (opset 21) of the tiny model, its tied lm_head/embedding kept float
+    (``--ignore lm_head``); validation is the exporter's own tests' business."""
     d = tmp_path_factory.mktemp("schemes")
     out = {}
     for scheme in SCHEMES:
-        src = tiny_dir if scheme == "float" else make_quantized(tiny_dir, d / f"ckpt-{scheme}", scheme)
+        src = tiny_dir if scheme == "float" else _quantized(tiny_dir, d / f"ckpt-{scheme}", scheme, ("lm_head",))
         export_onnx(str(src), d / f"onnx-{scheme}", opset=21, validate=False)
         out[scheme] = d / f"onnx-{scheme}"
     return out
@@ -46,6 +60,15 @@ def test_portable_export_meets_tensorrt_constraints(exports, scheme):
 def test_dynamic_int8_is_refused_with_what_to_do(exports):
     with pytest.raises(ExportError, match=r"MatMulInteger is not supported.*--scheme int8-sq"):
         check_onnx(exports["int8-dyn"])
+
+
+def test_quantized_tied_embedding_gathered_as_codes_is_refused(tiny_dir, tmp_path):
+    """With lm_head quantized (the default) the tied embedding gathers INT8 codes: TensorRT takes quantized
+    types only through DequantizeLinear, and check_onnx says what to do."""
+    src = make_quantized(tiny_dir, tmp_path / "ckpt", "int8-wo")
+    export_onnx(str(src), tmp_path / "onnx", opset=21, validate=False)
+    with pytest.raises(ExportError, match=r"INT8 constant feeds Gather.*--ignore lm_head"):
+        check_onnx(tmp_path / "onnx")
 
 
 def test_fused_opset23_form_is_refused_before_any_build(tiny_dir, tmp_path):
