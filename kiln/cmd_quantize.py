@@ -1,2 +1,59 @@
-"""Commands of this stage (filled in by its package)."""
-COMMANDS: list = []
+"""`kiln compress quantize`: calibrated INT8 / FP8 / INT4 quantization into a compressed checkpoint dir."""
+from __future__ import annotations
+
+import click
+
+from .common import emit_json
+
+SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4")
+
+
+@click.command()
+@click.argument("source")
+@click.option("--scheme", required=True, help=f"One of: {', '.join(SCHEME_NAMES)}.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output checkpoint dir.")
+@click.option("--calib", default="builtin:pydoc", show_default=True,
+              help="Calibration corpus (builtin:pydoc, a text file, or JSONL with 'text'); windows from its end.")
+@click.option("--calib-samples", type=click.IntRange(1, None), default=32, show_default=True,
+              help="Calibration windows.")
+@click.option("--seq-len", type=click.IntRange(2, 1 << 16), default=512, show_default=True,
+              help="Tokens per calibration / evaluation window.")
+@click.option("--ignore", multiple=True, metavar="PATTERN",
+              help="Keep matching layers float: a module name, a glob (model.layers.0.*), a last component "
+                   "(down_proj, lm_head) or re:REGEX. Repeatable.")
+@click.option("--eval-windows", type=click.IntRange(0, None), default=8, show_default=True,
+              help="Perplexity windows measured before/after (0 skips the measurement).")
+@click.option("--eval-text", default=None, help="Corpus for the perplexity check (default: the calibration one, "
+                                                "from its start).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object last on stdout.")
+def quantize(source, scheme, out, calib, calib_samples, seq_len, ignore, eval_windows, eval_text, force, as_json):
+    """Quantize SOURCE with a calibrated scheme and write a compressed checkpoint to OUT.
+
+    \b
+    int8-wo   INT8 weights per channel, float activations (CPU, memory)
+    fp8       FP8 E4M3 weights + static per-tensor FP8 activations (H100 / TensorRT)
+    int8-sq   SmoothQuant INT8 weights + static per-tensor INT8 activations (TensorRT)
+    int8-dyn  SmoothQuant INT8 weights + per-token dynamic INT8 activations (ONNX Runtime CPU)
+    int4      INT4 GPTQ weights in groups of 128/64/32, float activations
+    """
+    from compress.quant.config import config_for
+    from compress.quant.entry import quantize_checkpoint
+
+    config = config_for(scheme, ignore=tuple(ignore))
+    res = quantize_checkpoint(source, config, out, calib_text=calib, calib_samples=calib_samples, seq_len=seq_len,
+                              eval_windows=eval_windows or None, eval_text=eval_text, force=force,
+                              progress=not as_json)
+    if as_json:
+        emit_json(res)
+        return
+    click.echo(f"wrote {res['output']} ({scheme}, {res['quantized_layers']} layers quantized "
+               f"in {res['quantize_seconds']} s)")
+    click.echo(f"size on disk  {res['bytes_on_disk'] / 1e6:.1f} MB (weights {res['weights_bytes'] / 1e6:.1f} MB)")
+    if "perplexity" in res:
+        p = res["perplexity"]
+        click.echo(f"perplexity    {p['ppl']:.4f} vs float {p['ppl_float']:.4f}: ratio {p['ratio']:.4f} "
+                   f"({p['windows']} x {p['seq_len']}, {p['corpus']})")
+
+
+COMMANDS = [quantize]

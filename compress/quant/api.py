@@ -13,7 +13,7 @@ import torch
 from ..errors import CompressError
 from .calibrate import capture_layer_inputs, collect_stats, layer_groups, run_layer
 from .config import Int4, Int8WeightOnly, QuantConfig, _ActQuant
-from .gptq import HessianAccumulator, gptq_int4
+from .gptq import HessianAccumulator, gptq
 from .modules import QuantLinear, layer_linears, set_module
 from . import primitives as P
 from .smooth import search
@@ -44,6 +44,8 @@ def quantize_(model, config: QuantConfig, calib=None, progress: bool = False) ->
         raise CompressError("this model is already quantized; quantize the float (or pruned) model instead")
     loop = _as_loop(calib)
     needs = isinstance(config, _ActQuant) or (isinstance(config, Int4) and config.method == "gptq")
+    if isinstance(config, Int8WeightOnly) and config.method == "gptq" and loop is None:
+        raise CompressError("int8-wo with method 'gptq' needs calibration data; pass calib= or use method='rtn'")
     if needs and loop is None:
         raise CompressError(f"scheme {config.scheme} needs calibration data (calib=forward_loop or token batches)")
     t0 = time.perf_counter()
@@ -52,7 +54,7 @@ def quantize_(model, config: QuantConfig, calib=None, progress: bool = False) ->
     stats: dict = {}
     with torch.no_grad():
         if isinstance(config, Int8WeightOnly):
-            _int8_wo(model, config, groups, targets, loop, stats)
+            _int8_wo(model, config, groups, targets, loop, stats, progress)
         elif isinstance(config, Int4):
             _int4(model, config, groups, targets, loop, stats, progress)
         else:
@@ -70,7 +72,9 @@ def quantize_(model, config: QuantConfig, calib=None, progress: bool = False) ->
     return record
 
 
-def _int8_wo(model, config, groups, targets, loop, stats) -> None:
+def _int8_wo(model, config, groups, targets, loop, stats, progress) -> None:
+    if config.method == "gptq" and loop is not None:
+        return _gptq(model, config, groups, targets, loop, stats, progress, "int8", lambda n: None)
     h = {}
     if loop is not None and config.weight_clip_search:
         firsts = [g.linears[0] for g in groups]
@@ -129,6 +133,10 @@ def _int4(model, config, groups, targets, loop, stats, progress) -> None:
             s = P.int4_scale(w, g)
             replace_linear(model, n, P.quantize_int4(w, s), s, "int4", group_size=g)
         return
+    _gptq(model, config, groups, targets, loop, stats, progress, "int4", gsize)
+
+
+def _gptq(model, config, groups, targets, loop, stats, progress, fmt, gsize) -> None:
     inputs = capture_layer_inputs(model, loop)
     stats["calibration_tokens"] = sum(h.shape[0] * h.shape[1] for h, _ in inputs)
     layers = model.model.layers
@@ -136,7 +144,7 @@ def _int4(model, config, groups, targets, loop, stats, progress) -> None:
     if progress:
         from runtime.progress import bar as make_bar
 
-        bar = make_bar(len(layers), "gptq")
+        bar = make_bar(len(layers), f"gptq {fmt}")
     for i, layer in enumerate(layers):
         prefix = f"model.layers.{i}"
         mine = [g for g in groups if g.name.startswith(prefix + ".")]
@@ -156,8 +164,8 @@ def _int4(model, config, groups, targets, loop, stats, progress) -> None:
         for n, acc in accs.items():
             w = model.get_submodule(n).weight
             g = gsize(n)
-            codes, s = gptq_int4(w, acc.get(), g, config.damp)
-            replace_linear(model, n, codes, s, "int4", group_size=g)
+            codes, s = gptq(w, acc.get(), fmt, g or 0, config.damp)
+            replace_linear(model, n, codes, s, fmt, group_size=g)
         inputs = run_layer(layer, inputs)
         if bar:
             bar.advance()

@@ -83,13 +83,26 @@ def _check_grid(values, what: str, lo: float, hi: float, lo_open: bool = False) 
 
 @dataclass(frozen=True)
 class Int8WeightOnly(_Base):
-    """INT8 symmetric weights per output channel, float activations (clip per channel chosen by MSE)."""
+    """INT8 symmetric weights per output channel, float activations.
 
+    ``method``: ``gptq`` (error-compensating rounding on calibration data, layer by layer) or ``rtn``
+    (round to nearest; with calibration data the per-channel clip is chosen by activation-weighted MSE).
+    """
+
+    method: str = "gptq"
+    damp: float = 0.01
     weight_clip_search: bool = True
     scheme = "int8-wo"
 
     act = None
     weight = "int8"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.method not in ("gptq", "rtn"):
+            raise CompressError(f"method must be 'gptq' or 'rtn', got {self.method!r}")
+        if not (0.0 < float(self.damp) < 1.0):
+            raise CompressError(f"damp must be in (0, 1), got {self.damp!r}")
 
 
 @dataclass(frozen=True)

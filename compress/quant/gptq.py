@@ -1,5 +1,6 @@
-"""GPTQ for INT4 (symmetric, zero point 0, static groups chosen by weighted MSE, act-order), run layer by
-layer: each decoder layer sees the outputs of the already-quantized layers before it."""
+"""GPTQ (error-compensating rounding, act-order) for INT4 (symmetric, zero point 0, static groups chosen by
+weighted MSE) and INT8 per output channel, run layer by layer: each decoder layer sees the outputs of the
+already-quantized layers before it."""
 from __future__ import annotations
 
 import torch
@@ -28,16 +29,22 @@ def int4_scale_search(w: torch.Tensor, group: int, h: torch.Tensor, clips=GROUP_
 
 
 @torch.no_grad()
-def gptq_int4(w: torch.Tensor, hess: torch.Tensor, group: int, damp: float = 0.01,
-              block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes int8 [out, in] in [-8, 7], scale [out, in/group]) for w [out, in] given H = E[x x^T] [in, in]."""
+def gptq(w: torch.Tensor, hess: torch.Tensor, fmt: str = "int4", group: int = 128, damp: float = 0.01,
+         block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ for w [out, in] given H = E[x x^T] [in, in].
+    int4: (codes int8 [out, in] in [-8, 7], scale [out, in/group]); int8: (codes in [-127, 127], scale [out])."""
     w = w.detach().float().clone()
     h = hess.detach().double().clone()
     n = w.shape[1]
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    scale = int4_scale_search(w, group, torch.diag(h).float())
+    if fmt == "int4":
+        scale = int4_scale_search(w, group, torch.diag(h).float())
+        lo, hi = P.INT4_MIN, P.INT4_MAX
+    else:
+        scale, group = P.int8_weight_scale(w)[:, None], n  # one "group" spanning the row
+        lo, hi = -P.INT8_MAX, P.INT8_MAX
     perm = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(n, dtype=h.dtype)
@@ -51,14 +58,14 @@ def gptq_int4(w: torch.Tensor, hess: torch.Tensor, group: int, damp: float = 0.0
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col, d, s = w1[:, i], hinv1[i, i], col_scale[:, i1 + i]
-            q = torch.clamp(torch.round(col / s), P.INT4_MIN, P.INT4_MAX)
+            q = torch.clamp(torch.round(col / s), lo, hi)
             codes[:, i1 + i] = q.to(torch.int8)
             e = (col - q * s) / d
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     inv = torch.argsort(perm)
-    return codes[:, inv].contiguous(), scale
+    return codes[:, inv].contiguous(), (scale if fmt == "int4" else scale[:, 0].contiguous())
 
 
 class HessianAccumulator:

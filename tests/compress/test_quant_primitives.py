@@ -1,0 +1,114 @@
+"""Quantization primitives bit-exact against naive element-by-element references."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from compress.quant import primitives as P
+
+
+def _rne(v: float) -> float:  # round half to even, written out
+    f = math.floor(v)
+    d = v - f
+    if d > 0.5 or (d == 0.5 and f % 2 == 1):
+        return f + 1.0
+    return float(f)
+
+
+def ref_int8_row(row, clip=1.0):
+    scale = np.float32(max(abs(float(v)) for v in row) * clip / 127.0) if any(row) else np.float32(1.0)
+    codes = [int(min(127, max(-127, _rne(float(np.float32(v) / scale))))) for v in row]
+    return codes, scale
+
+
+def ref_e4m3(v: float) -> float:
+    """Nearest E4M3FN value (ties to even mantissa), saturating at +-448."""
+    v = max(-448.0, min(448.0, v))
+    if v == 0:
+        return 0.0
+    e = max(math.floor(math.log2(abs(v))), -6)  # subnormals below 2^-6
+    step = 2.0 ** (e - 3)  # 3 mantissa bits
+    return _rne(v / step) * step
+
+
+def test_int8_weight_matches_reference():
+    torch.manual_seed(0)
+    w = torch.randn(7, 33) * torch.rand(7, 1) * 3
+    w[3] = 0.0  # an all-zero row gets scale 1
+    s = P.int8_weight_scale(w)
+    q = P.quantize_int8(w, s)
+    for i in range(w.shape[0]):
+        codes, scale = ref_int8_row(w[i].tolist())
+        assert q[i].tolist() == codes
+        assert s[i].item() == float(scale)
+    assert q.dtype == torch.int8
+
+
+def test_round_half_to_even_on_ties():
+    s = torch.tensor([1.0])
+    w = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.5, -200.0]])
+    assert P.quantize_int8(w, s)[0].tolist() == [0, 2, 2, 0, -2, -2, 126, 127, -127]
+    x = torch.tensor([0.5, 1.5, -128.5, 127.5, 300.0, -300.0])
+    assert P.fake_quant_int8_static(x, torch.tensor(1.0)).tolist() == [0, 2, -128, 127, 127, -128]
+
+
+def test_fp8_matches_reference_and_saturates():
+    torch.manual_seed(1)
+    x = torch.cat([torch.randn(500) * 50, torch.tensor([448.0, 449.0, 464.0, 1e6, -1e6, 0.0, 2.0 ** -9, 3 * 2.0 ** -10])])
+    got = P.to_fp8(x).float().tolist()
+    want = [ref_e4m3(float(v)) for v in x]
+    assert got == want
+    assert P.to_fp8(torch.tensor([1e9, -1e9])).float().tolist() == [448.0, -448.0]
+    s = torch.tensor(0.5)
+    assert P.fake_quant_fp8_static(torch.tensor([1000.0]), s).tolist() == [224.0]
+    w = torch.randn(4, 16)
+    sc = P.fp8_weight_scale(w)
+    assert torch.equal(sc, w.abs().amax(1) / 448)
+    assert torch.equal(P.quantize_fp8(w, sc).float(), torch.tensor([[ref_e4m3(float(v) / float(sc[i]))
+                                                                    for v in w[i]] for i in range(4)]))
+
+
+def test_int4_codes_groups_and_packing_order():
+    torch.manual_seed(2)
+    w = torch.randn(3, 128)
+    s = P.int4_scale(w, 32)
+    assert s.shape == (3, 4)
+    q = P.quantize_int4(w, s)
+    for i in range(3):
+        for j in range(128):
+            g = j // 32
+            assert s[i, g].item() == float(np.float32(w[i, g * 32:(g + 1) * 32].abs().max().item() / 7.0))
+            assert q[i, j].item() == int(min(7, max(-8, _rne(float(np.float32(w[i, j].item()) / s[i, g].item())))))
+    codes = torch.tensor([[1, -1, -8, 7, 0, 3]], dtype=torch.int8)
+    packed = P.pack_int4(codes)
+    assert packed.dtype == torch.uint8
+    assert packed.tolist() == [[0x1 | (0xF << 4), 0x8 | (0x7 << 4), 0x0 | (0x3 << 4)]]  # first element: low nibble
+    assert torch.equal(P.unpack_int4(packed), codes)
+    full = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
+    assert torch.equal(P.unpack_int4(P.pack_int4(full)), full)
+
+
+def test_int4_group_size_rule():
+    assert P.int4_group_size(1536) == 128
+    assert P.int4_group_size(576) == 64
+    assert P.int4_group_size(96) == 32
+    assert P.int4_group_size(1536, 64) == 64
+    with pytest.raises(ValueError):
+        P.int4_group_size(100)
+
+
+def test_dynamic_per_token():
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [300.0, 1.0, -0.01]])
+    y = P.fake_quant_int8_dynamic(x)
+    for r in range(3):
+        m = max(abs(v) for v in x[r].tolist())
+        st = np.float32(m / 127.0) if m else np.float32(1.0)
+        want = [float(np.float32(_rne(float(np.float32(v) / st))) * st) for v in x[r].tolist()]
+        assert y[r].tolist() == want
+
+
+def test_dequantize_layouts():
+    codes = torch.tensor([[1, -2, 3, 4]], dtype=torch.int8)
+    assert P.dequantize(codes, torch.tensor([0.5])).tolist() == [[0.5, -1.0, 1.5, 2.0]]
+    assert P.dequantize(codes, torch.tensor([[1.0, 2.0]])).tolist() == [[1.0, -2.0, 6.0, 8.0]]
