@@ -51,6 +51,7 @@ def prune_(model, config, calib=None, recover: Recover | None = None, recover_da
             raise CompressError("recovery needs token windows: pass recover_data=[tensor [1, S], ...]")
     if config.needs_calibration and calib is None:
         raise CompressError(f"{config.method} pruning needs calibration data (token windows or a forward_loop)")
+    check_fits(config, model.config)
     teacher = copy.deepcopy(model).eval() if recover is not None else None
     params_before = count_parameters(model)
     bar = None
@@ -94,6 +95,41 @@ def prune_(model, config, calib=None, recover: Recover | None = None, recover_da
     return report
 
 
+def check_fits(config, hf) -> None:
+    """Refuse a config the model's dimensions cannot take (``hf``: a transformers config or config.json as an
+    object), before any weights are loaded."""
+    from .config import DEFAULT_TARGETS, NM
+    from .structured import check_depth, check_width
+
+    if isinstance(config, StructuredWidth):
+        check_width(config, hf)
+    elif isinstance(config, Depth):
+        check_depth(config, hf)
+    elif isinstance(config.sparsity, NM) and config.targets == DEFAULT_TARGETS:
+        hd = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        for what, dim in (("hidden_size", hf.hidden_size), ("heads x head_dim", hf.num_attention_heads * hd),
+                          ("intermediate_size", hf.intermediate_size)):
+            if dim % config.sparsity.m:
+                raise CompressError(f"pattern {config.sparsity} needs the input dimension to be a multiple of "
+                                    f"{config.sparsity.m}, but {what} is {dim}")
+
+
+def _preflight(source: str, config, allow_pickle: bool) -> None:
+    """Check the config against config.json of a directory source without loading weights."""
+    import json
+    import types
+    from pathlib import Path
+
+    p = Path(str(source))
+    try:
+        cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else None
+    except (OSError, ValueError):
+        return  # load_model reports unreadable configs
+    if isinstance(cfg, dict) and all(k in cfg for k in ("hidden_size", "num_attention_heads", "num_hidden_layers",
+                                                         "intermediate_size")):
+        check_fits(config, types.SimpleNamespace(**cfg))
+
+
 def _windows(tokenizer, text: str, seq_len: int, samples: int, cap: bool = False) -> list:
     """Calibration windows [1, seq_len] from the end of the corpus; ``cap`` lowers samples to what fits."""
     import torch
@@ -127,6 +163,7 @@ def prune_checkpoint(source, out, config, *, text: str = "builtin:pydoc", calib_
     t0 = time.perf_counter()
     if calib_samples < 1 or calib_seq_len < 2:
         raise CompressError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+    _preflight(source, config, allow_pickle)
     model, tok, info = load_model(source, allow_pickle=allow_pickle, quiet=not progress)
     prev = list(info.manifest.passes) if info.manifest is not None else []
     if info.manifest is not None and info.manifest.quant_pass() is not None:

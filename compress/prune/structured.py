@@ -123,10 +123,10 @@ def remove_kv_groups(model, removed: list[list[int]]) -> None:
     cfg.num_attention_heads = heads - k * qpg
 
 
-def prune_width(model, config, calib) -> dict:
-    """Apply StructuredWidth in place; returns {"mlp": [[removed channels] per layer], "kv_groups": [...]}."""
-    cfg = model.config
-    inter, kv = cfg.intermediate_size, cfg.num_key_value_heads
+def check_width(config, hf) -> int:
+    """Validate StructuredWidth against a model config; returns the MLP channels to remove per layer."""
+    inter = hf.intermediate_size
+    kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
     n_mlp = int(config.mlp * inter + 0.5)
     if config.mlp and not 0 < n_mlp < inter:
         raise CompressError(f"--mlp {config.mlp} removes {n_mlp} of {inter} MLP channels; choose a fraction "
@@ -134,8 +134,20 @@ def prune_width(model, config, calib) -> dict:
     if config.kv_groups >= kv:
         raise CompressError(f"--kv-groups {config.kv_groups}: the model has {kv} KV groups per layer; "
                             f"at most {kv - 1} can be removed")
-    if cfg.num_attention_heads % kv:
+    if config.kv_groups and hf.num_attention_heads % kv:
         raise CompressError("query heads are not a multiple of KV heads; cannot remove whole GQA groups")
+    return n_mlp
+
+
+def check_depth(config, hf) -> None:
+    n = hf.num_hidden_layers
+    if config.layers >= n:
+        raise CompressError(f"--layers {config.layers}: the model has {n} decoder layers; at most {n - 1} can be removed")
+
+
+def prune_width(model, config, calib) -> dict:
+    """Apply StructuredWidth in place; returns {"mlp": [[removed channels] per layer], "kv_groups": [...]}."""
+    n_mlp = check_width(config, model.config)
     removed = {}
     if n_mlp:
         removed["mlp"] = [_lowest(s, n_mlp) for s in mlp_channel_scores(model, calib)]
@@ -180,9 +192,7 @@ def remove_layers(model, removed: list[int]) -> None:
 
 
 def prune_depth(model, config, calib) -> dict:
-    n = model.config.num_hidden_layers
-    if config.layers >= n:
-        raise CompressError(f"--layers {config.layers}: the model has {n} decoder layers; at most {n - 1} can be removed")
+    check_depth(config, model.config)
     scores = block_influence(model, calib)
     removed = _lowest(scores, config.layers)
     remove_layers(model, removed)
