@@ -68,6 +68,16 @@ def _scheme(info) -> str:
     return "fp32" if qp is None else qp.get("config", {}).get("scheme", "?")
 
 
+def _check_graph(path: Path) -> None:
+    """The ONNX checker (structure, types, external data refs): a malformed graph is an error here, not in TensorRT later."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:
+        raise ExportError(f"the built graph fails the ONNX checker ({' '.join(str(e).split())[:300]})") from None
+
+
 def _write_side_files(tmp: Path, model, tok) -> None:
     tok.save_pretrained(str(tmp))
     gc = getattr(model, "generation_config", None)
@@ -135,6 +145,7 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
             b.abort()
             if bar:
                 bar.close()
+        _check_graph(onnx_path)
         t_build = time.perf_counter() - t0 - t_load
         _write_side_files(tmp, model, tok)
         validation = None

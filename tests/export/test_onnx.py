@@ -56,6 +56,7 @@ def test_artifact_contract(art, sess):
             assert outs[f"present.{i}.{k}"].type == "tensor(float)"
     assert outs["logits"].shape == ["batch", "seq", a.vocab]
     assert [x["name"] for x in m.io["inputs"]] == [i.name for i in sess.get_inputs()]
+    onnx.checker.check_model(str(art / "model.onnx"), full_check=True)  # incl. shape inference
     g = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
     names = {t.name for t in g.initializer}
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names  # tied: stored once

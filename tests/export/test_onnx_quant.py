@@ -44,6 +44,7 @@ def test_scheme_export_parity(scheme, ckpts, tmp_path):
     assert v["passed"] and v["graph"]["value"] <= 1e-4, v  # the QDQ graph computes the fake-quant numerics
     assert v["ort_cpu"]["value"] <= v["tolerance"]
     assert m.io["scheme"] == scheme and m.passes[-1]["kind"] == "quantize"
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     g = _graph(out)
     init = {t.name: t for t in g.initializer}
     prod = {o: n for n in g.node for o in n.output}
