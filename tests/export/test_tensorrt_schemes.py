@@ -136,3 +136,18 @@ def test_real_engine_scores_like_onnxruntime(exports, tmp_path, scheme):
         assert np.abs(a - b).max() < 0.05 * max(1.0, np.abs(a).max())
         out = eng.generate("The quick brown fox", max_new_tokens=8, temperature=0)
         assert len(out.token_ids) > 0
+
+
+def test_real_2_4_pruned_checkpoint_builds_with_sparse_weights(tiny_dir, tmp_path):
+    """kiln.json of a real Wanda 2:4 prune -> ONNX -> the builder gets SPARSE_WEIGHTS (and nothing else)."""
+    from compress.prune import NM, Wanda, prune_checkpoint
+
+    ckpt = prune_checkpoint(str(tiny_dir), tmp_path / "pruned", Wanda(sparsity=NM(2, 4)), calib_samples=2,
+                            calib_seq_len=32, progress=False)
+    assert ckpt
+    export_onnx(str(tmp_path / "pruned"), tmp_path / "onnx", opset=21, validate=False)
+    trt = RecordingTensorRT("11.1.0")
+    m = export_tensorrt(tmp_path / "onnx", tmp_path / "engine", ProfileFlags(2, 64, 16), trt=trt,
+                        cudart=RecordingCudart())
+    assert [a[0].name for a in trt.args("IBuilderConfig.set_flag")] == ["SPARSE_WEIGHTS"]
+    assert m.engine["settings"]["sparse_2_4"] and m.passes[0]["kind"] == "prune"
