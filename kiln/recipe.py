@@ -140,13 +140,55 @@ def _passes(node, where: str) -> list[dict]:
     return out
 
 
+CALIB_KEYS = {"text": str, "samples": int, "seq_len": int}
+
+
+def split_calibration(cfg: dict) -> tuple[dict, dict]:
+    """(config without ``calibration``, calibration settings) — the pipeline's extra per-pass key."""
+    cfg = dict(cfg)
+    calib = cfg.pop("calibration", None) or {}
+    if not isinstance(calib, dict):
+        raise CompressError("calibration must be a mapping of text, samples, seq_len")
+    for k, v in calib.items():
+        want = CALIB_KEYS.get(k)
+        if want is None:
+            raise CompressError(f"unknown calibration field {k!r} (known: {', '.join(CALIB_KEYS)})")
+        if not isinstance(v, want) or isinstance(v, bool):
+            raise CompressError(f"calibration.{k} must be {want.__name__}, got {v!r}")
+    return cfg, calib
+
+
+def prune_config_from_dict(cfg: dict):
+    """(prune config, Recover or None) from the form kiln.json stores (``method`` + fields, ``recover``)."""
+    from compress.prune.config import METHODS, NM, Recover
+
+    d = dict(cfg)
+    method = d.pop("method", None)
+    cls = METHODS.get(method)
+    if cls is None:
+        raise CompressError(f"unknown prune method {method!r}; methods: {', '.join(METHODS)}")
+    recover = d.pop("recover", None)
+    if "pattern" in d:
+        if "sparsity" in d:
+            raise CompressError("give sparsity or pattern, not both")
+        d["sparsity"] = NM.parse(d.pop("pattern"))
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    rec = None
+    if recover is not None:
+        if not isinstance(recover, dict):
+            raise CompressError("recover must be a mapping (steps, lr, seq_len, seed, ...)")
+        rec = Recover(**recover)
+    return cls(**d), rec
+
+
 def build_config(kind: str, cfg: dict):
     """The library config object for a serialized pass config (the same form kiln.json stores)."""
+    cfg, _ = split_calibration(cfg)
     if kind == "quantize":
-        from compress.quant import config_from_dict
-    else:
-        from compress.prune import config_from_dict
-    return config_from_dict(cfg)
+        from compress.quant.config import config_from_dict
+
+        return config_from_dict(cfg)
+    return prune_config_from_dict(cfg)
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -1,0 +1,241 @@
+"""`kiln pipeline`: load -> (prune) -> quantize -> export -> validate -> evaluate -> benchmark -> report.
+
+Each stage writes its own artifact dir under OUT (``pruned/``, ``quantized/``, ``onnx/``, and ``reference-onnx/``
+for the float baseline the gains are measured against). A stage whose dir holds a valid kiln.json made from the
+same source and passes is reused unless ``force``. Everything is measured with the same code the single-stage
+commands use (``kiln eval ppl``, ``kiln bench``), so the report and those commands agree.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.fsutil import atomic_write_text
+
+from .recipe import Recipe, build_config, split_calibration
+
+DEFAULT_SCHEME = {"cpu": "int8-wo", "h100": "fp8"}
+
+
+def default_recipe(target: str) -> Recipe:
+    return Recipe(passes=[{"kind": "quantize", "config": {"scheme": DEFAULT_SCHEME[target]}}], target=target,
+                  name=f"default-{target}")
+
+
+@dataclass
+class Stage:
+    name: str
+    path: str | None
+    kind: str  # model | checkpoint | onnx | engine
+    passes: list = field(default_factory=list)
+    reused: bool = False
+    seconds: float = 0.0
+    ppl: float | None = None
+    ppl_ratio: float | None = None
+    bytes_on_disk: int | None = None
+    parameters: int | None = None
+    bench: dict | None = None
+    validation: dict | None = None
+    note: str | None = None
+
+    def row(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "bench"}
+        if self.bench:
+            d |= {k: self.bench[k] for k in ("decode_tokens_per_s", "ttft_ms", "prefill_ms", "peak_rss_mb")
+                  if k in self.bench}
+        return d
+
+
+def _same_passes(stored: list[dict], wanted: list[dict]) -> bool:
+    if [p["kind"] for p in stored] != [p["kind"] for p in wanted]:
+        return False
+    try:
+        for s, w in zip(stored, wanted):
+            cfg = {k: v for k, v in s["config"].items() if k not in ("calibration",)}
+            if build_config(s["kind"], cfg) != build_config(w["kind"], w["config"]):
+                return False
+    except Exception:
+        return False
+    return True
+
+
+def _reusable(path: Path, kind: str, source_sha: str | None, passes: list[dict]) -> bool:
+    from runtime.manifest import ManifestError, read_manifest, verify_files
+
+    if not (path / "kiln.json").is_file():
+        return False
+    try:
+        m = read_manifest(path)
+        verify_files(path, m)
+    except ManifestError:
+        return False
+    if m.kind != kind or (source_sha and m.source.get("sha256") != source_sha):
+        return False
+    if kind == "onnx" and m.validation is not None and not m.validation.get("passed", True):
+        return False
+    return _same_passes(m.passes, passes)
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != "kiln.json")
+
+
+class Pipeline:
+    def __init__(self, source: str, out: str | Path, recipe: Recipe | None = None, target: str = "cpu",
+                 force: bool = False, log=None, bench: bool = True):
+        self.source, self.out, self.force, self.bench_enabled = source, Path(out), force, bench
+        self.target = (recipe.target if recipe and recipe.target else target)
+        self.recipe = recipe or default_recipe(self.target)
+        if not any(p["kind"] == "quantize" for p in self.recipe.passes) and recipe is None:
+            self.recipe = default_recipe(self.target)
+        self.log = log or (lambda msg: None)
+        ev = self.recipe.eval
+        self.eval = {"text": ev.get("text", "builtin:pydoc"), "windows": ev.get("windows", 8),
+                     "seq_len": ev.get("seq_len", 512)}
+        b = self.recipe.bench
+        self.bench_cfg = {"prompt_len": b.get("prompt_len", 32), "new_tokens": b.get("new_tokens", 128),
+                          "runs": b.get("runs", 3)}
+        self.threads = b.get("threads")
+        self.stages: list[Stage] = []
+        self.next_steps: list[str] = []
+
+    # ---- stages ------------------------------------------------------------------
+    def _checkpoint_stage(self, name: str, src: str, p: dict, passes_after: list[dict], sha: str | None) -> Stage:
+        path = self.out / name
+        t0 = time.perf_counter()
+        if not self.force and _reusable(path, "checkpoint", sha, passes_after):
+            self.log(f"[{name}] reusing {path}")
+            return Stage(name, str(path), "checkpoint", passes_after, reused=True)
+        cfg, calib = split_calibration(p["config"])
+        self.log(f"[{name}] {p['kind']} {cfg}")
+        text, samples, seq = calib.get("text", "builtin:pydoc"), calib.get("samples"), calib.get("seq_len", 512)
+        if p["kind"] == "prune":
+            from compress.prune import prune_checkpoint
+
+            from .recipe import prune_config_from_dict
+
+            config, recover = prune_config_from_dict(cfg)
+            prune_checkpoint(src, path, config, text=text, calib_samples=samples or 64, calib_seq_len=seq,
+                             recover=recover, force=True, progress=True)
+        else:
+            from compress.quant.config import config_from_dict
+            from compress.quant.entry import quantize_checkpoint
+
+            kw = {"calib_samples": samples} if samples else {}
+            quantize_checkpoint(src, config_from_dict(cfg), path, calib_text=text, seq_len=seq, eval_windows=None,
+                                force=True, progress=True, **kw)
+        return Stage(name, str(path), "checkpoint", passes_after, seconds=round(time.perf_counter() - t0, 1))
+
+    def _export_stage(self, name: str, src: str, passes: list[dict], sha: str | None) -> Stage:
+        from export.onnx import export_onnx
+        from runtime.manifest import read_manifest
+
+        path = self.out / name
+        t0 = time.perf_counter()
+        reused = not self.force and _reusable(path, "onnx", sha, passes)
+        if reused:
+            self.log(f"[{name}] reusing {path}")
+        else:
+            self.log(f"[{name}] export ONNX (portable) + validation on ONNX Runtime CPU")
+            form = self.recipe.export.get("form", "portable")
+            export_onnx(src, path, form=form, opset=self.recipe.export.get("opset"), validate=True, force=True,
+                        progress=True)
+        m = read_manifest(path)
+        return Stage(name, str(path), "onnx", passes, reused=reused, validation=m.validation,
+                     seconds=round(time.perf_counter() - t0, 1))
+
+    def _tensorrt_stage(self, onnx_dir: Path) -> Stage | None:
+        cmd = f"kiln export tensorrt {onnx_dir} -o {self.out / 'engine'}"
+        try:
+            from export.tensorrt.build import device_info, load_tensorrt
+
+            trt, cudart = load_tensorrt()
+            device_info(cudart)
+        except Exception as e:
+            self.next_steps.append(f"TensorRT stage skipped ({' '.join(str(e).split())}). On the H100 machine run: {cmd}")
+            return None
+        from export.tensorrt import export_tensorrt
+
+        t0 = time.perf_counter()
+        path = self.out / "engine"
+        export_tensorrt(onnx_dir, path, force=True, progress=self.log)
+        return Stage("engine", str(path), "engine", seconds=round(time.perf_counter() - t0, 1))
+
+    # ---- measurement ---------------------------------------------------------------
+    def _measure(self, st: Stage, bench: bool) -> None:
+        ev = self.eval
+        if st.kind in ("model", "checkpoint"):
+            from compress.evaluate import perplexity
+            from compress.loading import load_model
+
+            model, tok, _ = load_model(st.path or self.source, quiet=True)
+            st.ppl = perplexity(model, tok, text=ev["text"], seq_len=ev["seq_len"], windows=ev["windows"]).ppl
+            st.parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+            if st.path:
+                st.bytes_on_disk = _dir_size(Path(st.path))
+            del model
+            return
+        from runtime import Engine
+        from runtime.bench import BenchConfig, benchmark
+        from runtime.evaluate import perplexity as rt_perplexity
+
+        backend = "tensorrt" if st.kind == "engine" else "onnxruntime"
+        with Engine.load(st.path, backend=backend, threads=self.threads) as eng:
+            st.ppl = rt_perplexity(eng, text=ev["text"], seq_len=ev["seq_len"], windows=ev["windows"]).ppl
+            if bench:
+                self.log(f"[{st.name}] benchmark: {self.bench_cfg}")
+                st.bench = benchmark(eng, BenchConfig(**self.bench_cfg))
+        st.bytes_on_disk = _dir_size(Path(st.path))
+
+    # ---- the whole run --------------------------------------------------------------
+    def run(self) -> dict:
+        from compress.checkpoint import source_record
+        from compress.sources import resolve
+
+        t0 = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        info = resolve(self.source)
+        sha = source_record(info).get("sha256")
+        size = sum(f.stat().st_size for f in info.weight_files())
+        base = Stage("source", None, "model", note=f"{info.kind} weights at {info.path} ({size / 1e6:.1f} MB)")
+        self.stages.append(base)
+        src, passes = self.source, []
+        for i, p in enumerate(self.recipe.passes):
+            passes = passes + [p]
+            name = "pruned" if p["kind"] == "prune" else "quantized"
+            st = self._checkpoint_stage(name, src, p, passes, sha)
+            self.stages.append(st)
+            src = st.path
+        ref = self._export_stage("reference-onnx", self.source, [], sha)
+        self.stages.append(ref)
+        final = self._export_stage("onnx", src, passes, sha) if passes else ref
+        if final is not ref:
+            self.stages.append(final)
+        engine = self._tensorrt_stage(Path(final.path)) if self.target == "h100" else None
+        if engine:
+            self.stages.append(engine)
+        for st in self.stages:
+            self.log(f"[{st.name}] evaluate" + (" + benchmark" if st.kind in ("onnx", "engine") else ""))
+            bench = self.bench_enabled and st.kind in ("onnx", "engine") and (self.target == "cpu" or st.kind == "engine")
+            self._measure(st, bench)
+        for st in self.stages:
+            st.ppl_ratio = st.ppl / base.ppl if st.ppl and base.ppl else None
+        if self.target == "h100" and not engine:
+            self.next_steps.append("CPU speed of FP8/INT8-static QDQ graphs is not representative; "
+                                   "benchmark the engine on the H100 with kiln bench ENGINE_DIR")
+        return self._report(time.perf_counter() - t0)
+
+    def _report(self, seconds: float) -> dict:
+        from .report import write_report
+
+        report = {"source": self.source, "target": self.target, "recipe": self.recipe.name,
+                  "passes": self.recipe.passes, "eval": self.eval, "bench": self.bench_cfg,
+                  "stages": [s.row() for s in self.stages], "next_steps": self.next_steps,
+                  "seconds": round(seconds, 1), "output": str(self.out)}
+        final = [s for s in self.stages if s.kind in ("onnx", "engine")][-1]
+        report["artifact"] = final.path
+        write_report(self.out, report)
+        atomic_write_text(self.out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+        return report
