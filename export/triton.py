@@ -69,6 +69,22 @@ def contract_io(manifest: Manifest) -> tuple[list[Tensor], list[Tensor]]:
     return ins, outs
 
 
+DTYPE_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
+                   "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
+
+
+def manifest_io(manifest: Manifest) -> tuple[list[Tensor], list[Tensor]]:
+    """IO from kiln.json's ``io`` block (names, dtypes, shapes as the exporter recorded them), else the contract."""
+    io = manifest.io or {}
+    try:
+        conv = [[Tensor(t["name"], DTYPE_TO_TRITON[t["dtype"]],
+                        tuple(d if isinstance(d, int) else -1 for d in t["shape"])) for t in io[key]]
+                for key in ("inputs", "outputs")]
+    except (KeyError, TypeError):
+        return contract_io(manifest)
+    return conv[0], conv[1]
+
+
 def onnx_io(path: Path) -> tuple[list[Tensor], list[Tensor]]:
     """Inputs and outputs as the ONNX graph declares them (read without its external data)."""
     import onnx
@@ -125,7 +141,7 @@ def export_triton(source: str | Path, repo: str | Path, opts: TritonExport = Tri
         raise ExportError(f"{source}: {name!r} is not a valid Triton model name; pass --name")
     if m.kind == "engine":
         platform = "tensorrt_plan"
-        inputs, outputs = contract_io(m)
+        inputs, outputs = manifest_io(m)
         kind = "KIND_GPU" if opts.kind in ("auto", "gpu") else None
         if kind is None:
             raise ExportError("a TensorRT engine runs on a GPU only; drop --kind cpu")

@@ -8,6 +8,7 @@ does not parse either.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,17 @@ def test_engine_pipeline_on_a_real_fp8_export(exports, tmp_path):
     layers = m.architecture.layers
     assert len(trt.args("IOptimizationProfile.set_shape")) == 2 * (3 + 2 * layers)
     assert m.engine["settings"]["scheme"] == "fp8" and m.engine["settings"]["min_compute_capability"] == "8.9"
+    # and the engine publishes on Triton with the IO the exporter recorded in kiln.json
+    from export.triton import export_triton
+    from tests.export.triton_proto import enum_name, parse_model_config
+
+    res = export_triton(tmp_path / "engine", tmp_path / "repo")
+    cfg = parse_model_config((Path(res["model_dir"]) / "config.pbtxt").read_text())
+    a = m.architecture
+    ins = {i.name: (enum_name(i, "data_type"), list(i.dims)) for i in cfg.input}
+    assert ins["past_key_values.0.key"] == ("TYPE_FP32", [-1, a.kv_heads, -1, a.head_dim])
+    assert ins["position_ids"] == ("TYPE_INT64", [-1, -1]) and len(ins) == 3 + 2 * layers
+    assert [(o.name, list(o.dims)) for o in cfg.output][0] == ("logits", [-1, -1, a.vocab])
 
 
 def test_generation_through_the_engine_matches_onnxruntime(exports, tmp_path, monkeypatch):

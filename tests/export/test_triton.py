@@ -60,6 +60,7 @@ def test_engine_dir_becomes_a_tensorrt_plan_model(artifact, tmp_path):
     assert enum_name(group, "kind") == "KIND_GPU" and list(group.profile) == ["0", "1"]
     assert dict(cfg.cc_model_filenames) == {"9.0": "model.plan"}
     assert [i.name for i in cfg.input][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert [list(i.dims) for i in cfg.input][3] == [-1, KV, -1, HD]
     assert {o.name for o in cfg.output} == {"logits"} | {f"present.{i}.{k}" for i in range(LAYERS)
                                                          for k in ("key", "value")}
     with pytest.raises(ExportError, match="GPU only"):
