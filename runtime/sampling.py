@@ -1,8 +1,9 @@
 """Next-token choice from one row of logits, in numpy, in the order transformers applies them:
 repetition penalty -> temperature -> top-k -> top-p -> draw. Temperature 0 is greedy.
 
-The row passed in is the backend's logits buffer for this step; the penalty edits it in place, and top-k /
-top-p work on a small candidate set picked with ``argpartition`` instead of sorting the whole vocabulary.
+The row passed in is the backend's logits buffer for this step and is used as scratch: the penalty edits it
+in place and, without top-k, it is turned into probabilities in place (no vocab-sized copies). Top-k / top-p
+work on a small candidate set picked with ``argpartition`` instead of sorting the whole vocabulary.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
 
 def sample(row: np.ndarray, params: SamplingParams, rng: np.random.Generator,
            seen: np.ndarray | None = None) -> int:
-    """One token id from logits row [V] (modified in place by the repetition penalty)."""
+    """One token id from logits row [V] float32 (overwritten: pass a copy if you need it afterwards)."""
     if seen is not None:
         apply_repetition_penalty_(row, seen, params.repetition_penalty)
     if params.greedy:
@@ -91,22 +92,22 @@ def sample(row: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         p /= p.sum()
         order = np.argsort(-p, kind="stable")
         idx, p = idx[order], p[order]
-    elif params.top_p < 1.0:
-        z = row.astype(np.float64) / params.temperature  # [V]
-        z -= z.max()
-        e = np.exp(z)
-        total = e.sum()
+    else:
+        # the row becomes unnormalized probabilities in place: no vocab-sized copy
+        np.subtract(row, row.max(), out=row)
+        if params.temperature != 1.0:
+            np.multiply(row, 1.0 / params.temperature, out=row)
+        np.exp(row, out=row)
+        total = float(row.sum(dtype=np.float64))
+        if params.top_p >= 1.0:
+            return _draw(row, rng)
         c = min(_NUCLEUS_CANDIDATES, vocab)
-        idx = top_k_candidates(z, c)
-        p = e[idx] / total
+        idx = top_k_candidates(row, c)
+        p = row[idx].astype(np.float64) / total
         if p.sum() < params.top_p and c < vocab:  # the nucleus is wider than the candidates: sort all
             idx = np.arange(vocab)
-            p = e / total
+            p = row.astype(np.float64) / total
         order = np.argsort(-p, kind="stable")
         idx, p = idx[order], p[order]
-    else:
-        z = row.astype(np.float64) / params.temperature
-        p = np.exp(z - z.max())
-        return _draw(p, rng)
     n = nucleus(p, params.top_p)
     return int(idx[_draw(p[:n], rng)])
