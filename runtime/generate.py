@@ -176,7 +176,8 @@ class Batch:
         if not seqs:
             return
         ids, mask, pos = _left_pad([s.prompt for s in seqs])
-        longest = max(len(s.prompt) + s.config.max_new_tokens for s in seqs)
+        # room for the prompt and the first tokens; the cache grows geometrically if a row runs longer
+        longest = max(len(s.prompt) + min(s.config.max_new_tokens, 512) for s in seqs)
         cache = self.backend.allocate(len(seqs), longest)
         logits = self.backend.forward(cache, ids, mask, pos, last_only=True)  # [n, 1, V]
         for s, tok in zip(seqs, self._choose(logits, seqs)):

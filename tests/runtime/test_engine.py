@@ -204,3 +204,14 @@ def test_tensorrt_backend_missing_says_what_to_install(tiny_onnx):
         Engine.load(tiny_onnx, backend="tensorrt")
     with pytest.raises(EngineError, match="unknown backend"):
         Engine.load(tiny_onnx, backend="cuda")
+
+
+def test_cache_grows_during_a_long_generation(tiny_engine):
+    ids = tiny_engine.tokenizer.encode(PROMPTS[0])
+    r = tiny_engine.generate(ids, max_new_tokens=560, temperature=1.0, seed=3, ignore_eos=True)
+    assert len(r.token_ids) == 560  # past the first allocation (prompt + 512)
+    logits = tiny_engine.score(ids + r.token_ids[:-1])
+    cfg = tiny_engine.config(560, temperature=1.0, seed=3, ignore_eos=True)
+    seq = Sequence(ids, cfg, tiny_engine.tokenizer, tiny_engine.eos_ids)
+    replay = [sample(logits[len(ids) - 1 + k].copy(), cfg.sampling, seq.rng) for k in range(560)]
+    assert replay == r.token_ids
