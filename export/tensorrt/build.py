@@ -68,18 +68,17 @@ def _network_inputs(network) -> dict[str, tuple]:
     return {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
 
 
-def _check_coverage(network, profiles) -> None:
-    """Every dynamic input of the parsed network must be in every profile (and nothing else may be)."""
-    dyn = {n for n, s in _network_inputs(network).items() if any(d < 0 for d in s)}
+def _check_coverage(network, profiles) -> set[str]:
+    """Every dynamic input of the parsed network must be in every profile; returns the network's input names
+    (the parser may drop a graph input nothing uses; its profile entry is then skipped)."""
+    inputs = _network_inputs(network)
+    dyn = {n for n, s in inputs.items() if any(d < 0 for d in s)}
     for p in profiles:
         missing = sorted(dyn - set(p.shapes))
-        unknown = sorted(set(p.shapes) - set(_network_inputs(network)))
-        if missing or unknown:
-            raise ExportError(
-                f"optimization profile {p.name!r} does not match the parsed network: "
-                + (f"dynamic input(s) without shapes: {', '.join(missing)}" if missing else "")
-                + ("; " if missing and unknown else "")
-                + (f"shapes for unknown input(s): {', '.join(unknown)}" if unknown else ""))
+        if missing:
+            raise ExportError(f"optimization profile {p.name!r} does not match the parsed network: dynamic "
+                              f"input(s) without shapes: {', '.join(missing)}")
+    return set(inputs)
 
 
 def build_plan(trt, onnx_path: str, settings, profiles, *, timing_cache: bytes | None = None,
@@ -96,7 +95,7 @@ def build_plan(trt, onnx_path: str, settings, profiles, *, timing_cache: bytes |
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ExportError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors[:5])
                           + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""))
-    _check_coverage(network, profiles)
+    present = _check_coverage(network, profiles)
     config = builder.create_builder_config()
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
@@ -109,7 +108,8 @@ def build_plan(trt, onnx_path: str, settings, profiles, *, timing_cache: bytes |
     for p in profiles:
         prof = builder.create_optimization_profile()
         for name, (mn, opt, mx) in p.shapes.items():
-            prof.set_shape(name, mn, opt, mx)
+            if name in present:
+                prof.set_shape(name, mn, opt, mx)
         if config.add_optimization_profile(prof) < 0:
             raise ExportError(f"TensorRT rejected optimization profile {p.name!r} ({p.to_dict()['shapes']})")
     plan = builder.build_serialized_network(network, config)

@@ -27,11 +27,22 @@ def arch(vocab=VOCAB) -> Architecture:
                         tied_embeddings=False)
 
 
-def contract_model(seed: int = 0, drop_input: str | None = None) -> onnx.ModelProto:
+def contract_model(seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     inits.append(numpy_helper.from_array(rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32), "emb"))
-    nodes.append(helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="/model/embed_tokens/Gather"))
+    nodes.append(helper.make_node("Gather", ["emb", "input_ids"], ["h0"], name="/model/embed_tokens/Gather"))
+    # every graph input is used (a real parser may drop unused inputs): h = h0 + 0 * (pos + sum(mask))
+    inits += [numpy_helper.from_array(np.array([-1], np.int64), "last_axis"),
+              numpy_helper.from_array(np.array([1], np.int64), "mask_axis"),
+              numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    nodes += [helper.make_node("Cast", ["position_ids"], ["pos_f"], to=TensorProto.FLOAT, name="/use/pos/Cast"),
+              helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT, name="/use/mask/Cast"),
+              helper.make_node("ReduceSum", ["mask_f", "mask_axis"], ["mask_sum"], keepdims=1, name="/use/mask/Sum"),
+              helper.make_node("Add", ["pos_f", "mask_sum"], ["aux"], name="/use/Add"),
+              helper.make_node("Unsqueeze", ["aux", "last_axis"], ["aux3"], name="/use/Unsqueeze"),
+              helper.make_node("Mul", ["aux3", "zero"], ["aux0"], name="/use/Mul"),
+              helper.make_node("Add", ["h0", "aux0"], ["h"], name="/use/AddHidden")]
     # lm_head: INT8 weight [HIDDEN, VOCAB], per-channel scale, DQ -> MatMul input 1; activation Q/DQ pair
     w = rng.integers(-127, 128, (HIDDEN, VOCAB)).astype(np.int8)
     inits += [numpy_helper.from_array(w, "lm_head.w"),
@@ -62,10 +73,6 @@ def contract_model(seed: int = 0, drop_input: str | None = None) -> onnx.ModelPr
                                                          ["batch", KV, "total", HD]))
             nodes.append(helper.make_node("Concat", [f"past_key_values.{i}.{kv}", "kvnew"], [f"present.{i}.{kv}"],
                                           axis=2, name=f"/model/layers.{i}/attn/{kv}/Concat"))
-    if drop_input:
-        inputs = [v for v in inputs if v.name != drop_input]
-        nodes = [n for n in nodes if drop_input not in n.input]
-        outputs = [o for o in outputs if any(o.name in n.output for n in nodes)]
     graph = helper.make_graph(nodes, "contract", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="llmkiln-test")
     model.ir_version = 10
