@@ -87,8 +87,9 @@ def build_plan(trt, onnx_path: str, settings, profiles, *, timing_cache: bytes |
     logger = trt.Logger(getattr(trt.Logger, log_level))
     builder = trt.Builder(logger)
     flags = 0
-    if settings.strongly_typed:  # 10.x: required for QDQ-typed precision; 11.x: accepted and ignored
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    strong = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if settings.strongly_typed and strong is not None:  # 10.x: required; 11.x: deprecated, always on
+        flags |= 1 << int(strong)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
