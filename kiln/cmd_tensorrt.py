@@ -25,6 +25,8 @@ def tensorrt_cmd(artifact, out, max_batch, max_seq, opt_seq, timing_cache, works
                  as_json):
     """Build a TensorRT engine from the portable ONNX artifact ARTIFACT (needs TensorRT and an NVIDIA GPU).
 
+    Export ARTIFACT with plain ops for TensorRT: kiln export onnx MODEL -o ARTIFACT --opset 21.
+
     The network is strongly typed (precision comes from the graph's Q/DQ), with min/opt/max profiles for every
     dynamic input (prefill and decode), SPARSE_WEIGHTS when the model was pruned 2:4, and the graph checked
     against TensorRT's ONNX constraints first.
