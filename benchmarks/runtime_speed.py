@@ -222,6 +222,9 @@ def prepare(a) -> dict:
     out["fp32"] = str(fp32)
     for scheme in ("int8-wo", "int4"):
         art = work / f"onnx-{scheme}"
+        if scheme not in a.schemes:
+            out[scheme] = "unavailable: not requested (--schemes)"
+            continue
         if not art.exists():
             ck = work / f"ckpt-{scheme}"
             ok, msg = (True, "")
@@ -346,6 +349,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--only", default="", help="Comma-separated subset: ours,torch,optimum,llamacpp,server")
+    ap.add_argument("--schemes", default="fp32,int8-wo,int4", help="llmkiln artifacts to build and measure.")
     ap.add_argument("--out", default="benchmarks/runtime_speed.json")
     a = ap.parse_args()
     if a.worker:
@@ -359,7 +363,7 @@ def main() -> None:
     peers_py = str(Path(a.peers_venv) / "bin" / "python")
     res: dict = {"config": vars(a) | {"load_average_at_start": load}, "inputs": paths}
     for scheme in ("fp32", "int8-wo", "int4"):
-        if "ours" in only:
+        if "ours" in only and scheme in a.schemes:
             r = measure(a, "ours", paths[scheme], sys.executable)
             data = Path(paths[scheme]) / "model.onnx.data"
             if "error" not in r and data.exists():

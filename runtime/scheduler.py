@@ -100,7 +100,10 @@ class Scheduler:
                 m.ttft_count += 1
         cb = getattr(s, "on_done", None)
         if cb is not None:
-            cb(s)
+            try:
+                cb(s)
+            except Exception:  # a listener that went away must not stop the worker
+                pass
 
     def _run(self) -> None:
         while True:

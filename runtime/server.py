@@ -147,12 +147,18 @@ class App:
 
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        put = q.put_nowait
-        on_text = (lambda d: loop.call_soon_threadsafe(put, ("text", d))) if p.stream else None
+
+        def put(item):  # called from the scheduler thread
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                pass
+
+        on_text = (lambda d: put(("text", d))) if p.stream else None
         seq = Sequence(p.prompt_ids, p.config, self.engine.tokenizer, self.engine.eos_ids, on_text=on_text,
                        context=self.engine.context_length)
         try:
-            self.scheduler.submit(seq, lambda s: loop.call_soon_threadsafe(put, ("done", s)))
+            self.scheduler.submit(seq, lambda s: put(("done", s)))
         except QueueFull as e:
             self.count(endpoint, 429)
             return _err(429, str(e), "rate_limit_error", code="queue_full")
