@@ -173,12 +173,13 @@ def prune_checkpoint(source, out, config, *, text: str = "builtin:pydoc", calib_
     calibration = None
     if config.needs_calibration:
         calib = _windows(tok, text, calib_seq_len, calib_samples)
-        calibration = {"text": corpus_name(text), "samples": calib_samples, "seq_len": calib_seq_len}
+        calibration = {"text": str(text), "samples": calib_samples, "seq_len": calib_seq_len}
     recover_data = None
     if recover is not None:
         recover_data = _windows(tok, text, recover.seq_len, recover.steps, cap=True)
-        calibration = (calibration or {}) | {"recover_text": corpus_name(text), "recover_windows": len(recover_data)}
     report = prune_(model, config, calib=calib, recover=recover, recover_data=recover_data, progress=progress)
+    if recover is not None:
+        report.stats["recover"] |= {"text": corpus_name(text), "windows": len(recover_data)}
     entry = report.to_pass(calibration)
     manifest = save_checkpoint(model, tok, out, source=source_record(info), passes=prev + [entry], force=force)
     size = sum(f["size"] for f in manifest.files.values())

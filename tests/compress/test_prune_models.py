@@ -229,3 +229,18 @@ def test_cli_bad_values_are_one_line(tiny_dir, tmp_path, args, msg):
     assert r.exit_code == 2, r.output
     assert msg in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.output
     assert not out.exists()
+
+
+def test_stored_pass_rebuilds_the_config(tiny_dir, tmp_path):
+    from kiln.recipe import prune_config_from_dict, split_calibration
+
+    out = tmp_path / "o"
+    cfg, rec = StructuredWidth(mlp=0.25, kv_groups=1), Recover(steps=2, seq_len=64, seed=5)
+    prune_checkpoint(str(tiny_dir), out, cfg, calib_samples=2, calib_seq_len=64, recover=rec, progress=False)
+    p = json.loads((out / "kiln.json").read_text())["passes"][0]
+    body, calib = split_calibration(p["config"])
+    assert prune_config_from_dict(body) == (cfg, rec)
+    assert calib == {"text": "builtin:pydoc", "samples": 2, "seq_len": 64}
+    assert p["stats"]["recover"]["steps"] == 2
+    for c in (SparseGPT(NM(2, 4)), Magnitude(0.3), Depth(layers=3)):
+        assert prune_config_from_dict(c.to_dict()) == (c, None)
