@@ -244,3 +244,16 @@ def test_stored_pass_rebuilds_the_config(tiny_dir, tmp_path):
     assert p["stats"]["recover"]["steps"] == 2
     for c in (SparseGPT(NM(2, 4)), Magnitude(0.3), Depth(layers=3)):
         assert prune_config_from_dict(c.to_dict()) == (c, None)
+
+
+def test_layer_replay_matches_full_forward(tiny, calib):
+    from compress.prune.capture import capture_layer_inputs, run_layer
+
+    model = tiny[0]
+    inputs = capture_layer_inputs(model, calib[:2])
+    with torch.no_grad():
+        ref = [model(input_ids=b, output_hidden_states=True).hidden_states for b in calib[:2]]
+    for i, layer in enumerate(model.model.layers[:-1]):  # the last entry of hidden_states is after the final norm
+        inputs = [(o, kw) for o, (_, kw) in zip(run_layer(layer, inputs), inputs)]
+        for (h, _), r in zip(inputs, ref):
+            torch.testing.assert_close(h, r[i + 1])
