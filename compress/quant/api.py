@@ -58,7 +58,7 @@ def quantize_(model, config: QuantConfig, calib=None, progress: bool = False) ->
         elif isinstance(config, Int4):
             _int4(model, config, groups, targets, loop, stats, progress)
         else:
-            _act_scheme(model, config, groups, targets, loop, stats)
+            _act_scheme(model, config, groups, targets, loop, stats, progress)
         head = None
         if not config.keeps_float("lm_head") and model.get_output_embeddings() is not None:
             fmt = config.lm_head if isinstance(config, Int4) else "int8"
@@ -87,7 +87,7 @@ def _int8_wo(model, config, groups, targets, loop, stats, progress) -> None:
         quantize_int8_linear(model, n, h.get(n))
 
 
-def _act_scheme(model, config, groups, targets, loop, stats) -> None:
+def _act_scheme(model, config, groups, targets, loop, stats, progress) -> None:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     firsts = [g.linears[0] for g in groups]
@@ -109,14 +109,19 @@ def _act_scheme(model, config, groups, targets, loop, stats) -> None:
         c = chosen.get(g.name)
         if c is not None and c.smooth is not None:
             fold_smoothing(model, g, c.smooth, head_dim)
-    for g in groups:
-        c = chosen.get(g.name)
-        if c is None:
-            continue
-        for n in g.linears:
-            if n in targets:
-                quantize_static_linear(model, n, config.weight, config.act, c.input_scale, c.smooth)
     stats["groups"] = errs
+    by_linear = {n: chosen[g.name] for g in groups if g.name in chosen for n in g.linears if n in targets}
+    if not config.gptq:
+        for n, c in by_linear.items():
+            quantize_static_linear(model, n, config.weight, config.act, c.input_scale, c.smooth)
+        return
+
+    def finish(n, hess):
+        c = by_linear[n]
+        codes, sc = gptq(model.get_submodule(n).weight, hess, config.weight, 0, 0.01)
+        replace_linear(model, n, codes, sc, config.weight, config.act, c.input_scale, c.smooth)
+
+    layerwise(model, groups, list(by_linear), loop, {}, progress, finish, f"gptq {config.weight}")
 
 
 def _int4(model, config, groups, targets, loop, stats, progress) -> None:
@@ -137,6 +142,17 @@ def _int4(model, config, groups, targets, loop, stats, progress) -> None:
 
 
 def _gptq(model, config, groups, targets, loop, stats, progress, fmt, gsize) -> None:
+    def finish(n, hess):
+        g = gsize(n)
+        codes, s = gptq(model.get_submodule(n).weight, hess, fmt, g or 0, config.damp)
+        replace_linear(model, n, codes, s, fmt, group_size=g)
+
+    layerwise(model, groups, targets, loop, stats, progress, finish, f"gptq {fmt}")
+
+
+def layerwise(model, groups, targets, loop, stats, progress, finish, label) -> None:
+    """Decoder layer by layer: accumulate each target's input Hessian on the outputs of the already-quantized
+    layers before it, call ``finish(name, H)`` for each target, then feed the quantized layer forward."""
     inputs = capture_layer_inputs(model, loop)
     stats["calibration_tokens"] = sum(h.shape[0] * h.shape[1] for h, _ in inputs)
     layers = model.model.layers
@@ -144,16 +160,16 @@ def _gptq(model, config, groups, targets, loop, stats, progress, fmt, gsize) -> 
     if progress:
         from runtime.progress import bar as make_bar
 
-        bar = make_bar(len(layers), f"gptq {fmt}")
+        bar = make_bar(len(layers), label)
     for i, layer in enumerate(layers):
-        prefix = f"model.layers.{i}"
-        mine = [g for g in groups if g.name.startswith(prefix + ".")]
+        prefix = f"model.layers.{i}."
         accs, handles = {}, []
-        for g in mine:
-            live = [n for n in g.linears if n in targets]
+        for g in groups:
+            live = [n for n in g.linears if n in targets] if g.name.startswith(prefix) else []
             if live:
-                acc = HessianAccumulator(model.get_submodule(g.linears[0]).in_features)
-                handles.append(model.get_submodule(g.linears[0]).register_forward_pre_hook(acc))
+                first = model.get_submodule(g.linears[0])
+                acc = HessianAccumulator(first.in_features)
+                handles.append(first.register_forward_pre_hook(acc))
                 for n in live:
                     accs[n] = acc
         try:
@@ -162,10 +178,7 @@ def _gptq(model, config, groups, targets, loop, stats, progress, fmt, gsize) -> 
             for hd in handles:
                 hd.remove()
         for n, acc in accs.items():
-            w = model.get_submodule(n).weight
-            g = gsize(n)
-            codes, s = gptq(w, acc.get(), fmt, g or 0, config.damp)
-            replace_linear(model, n, codes, s, fmt, group_size=g)
+            finish(n, acc.get())
         inputs = run_layer(layer, inputs)
         if bar:
             bar.advance()

@@ -91,7 +91,7 @@ class Int8WeightOnly(_Base):
 
     method: str = "gptq"
     damp: float = 0.01
-    weight_clip_search: bool = True
+    weight_clip_search: bool = False
     scheme = "int8-wo"
 
     act = None
@@ -114,6 +114,7 @@ class _ActQuant(_Base):
     clips: tuple = DEFAULT_CLIPS
     smooth: bool = True
     rows_per_batch: int = 16  # calibration tokens per batch kept for the searches (the first 4 always)
+    gptq: bool = False  # weights by GPTQ (layer by layer, after smoothing) instead of round to nearest
 
     def __post_init__(self):
         super().__post_init__()

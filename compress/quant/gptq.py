@@ -32,7 +32,8 @@ def int4_scale_search(w: torch.Tensor, group: int, h: torch.Tensor, clips=GROUP_
 def gptq(w: torch.Tensor, hess: torch.Tensor, fmt: str = "int4", group: int = 128, damp: float = 0.01,
          block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ for w [out, in] given H = E[x x^T] [in, in].
-    int4: (codes int8 [out, in] in [-8, 7], scale [out, in/group]); int8: (codes in [-127, 127], scale [out])."""
+    int4: (codes int8 [out, in] in [-8, 7], scale [out, in/group]); int8: (codes in [-127, 127], scale [out]);
+    fp8: (codes float8_e4m3fn, scale [out]).  Codes are exactly the primitives' rounding of the updated weights."""
     w = w.detach().float().clone()
     h = hess.detach().double().clone()
     n = w.shape[1]
@@ -42,15 +43,18 @@ def gptq(w: torch.Tensor, hess: torch.Tensor, fmt: str = "int4", group: int = 12
     if fmt == "int4":
         scale = int4_scale_search(w, group, torch.diag(h).float())
         lo, hi = P.INT4_MIN, P.INT4_MAX
-    else:
+    elif fmt == "int8":
         scale, group = P.int8_weight_scale(w)[:, None], n  # one "group" spanning the row
         lo, hi = -P.INT8_MAX, P.INT8_MAX
+    else:
+        scale, group = P.fp8_weight_scale(w)[:, None], n
+        lo = hi = None
     perm = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(n, dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     col_scale = scale[:, perm // group]  # [out, in] scale of each (permuted) column
-    codes = torch.zeros_like(w, dtype=torch.int8)
+    codes = torch.zeros_like(w)  # code values, float
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         w1 = w[:, i1:i2].clone()
@@ -58,14 +62,15 @@ def gptq(w: torch.Tensor, hess: torch.Tensor, fmt: str = "int4", group: int = 12
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col, d, s = w1[:, i], hinv1[i, i], col_scale[:, i1 + i]
-            q = torch.clamp(torch.round(col / s), lo, hi)
-            codes[:, i1 + i] = q.to(torch.int8)
+            q = P.to_fp8(col / s).float() if lo is None else torch.clamp(torch.round(col / s), lo, hi)
+            codes[:, i1 + i] = q
             e = (col - q * s) / d
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     inv = torch.argsort(perm)
-    return codes[:, inv].contiguous(), (scale if fmt == "int4" else scale[:, 0].contiguous())
+    codes = codes[:, inv].to(P.FP8 if fmt == "fp8" else torch.int8).contiguous()
+    return codes, (scale if fmt == "int4" else scale[:, 0].contiguous())
 
 
 class HessianAccumulator:

@@ -1,0 +1,43 @@
+"""`kiln compress quantize` end to end on the tiny model: artifact, --json, and one-line errors."""
+import json
+
+from click.testing import CliRunner
+
+from kiln.cli import cli
+from runtime.fsutil import sha256_file
+
+
+def _run(args):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def test_quantize_writes_checkpoint_and_reports(tiny_copy, tmp_path):
+    before = {p.name: sha256_file(p) for p in tiny_copy.iterdir() if p.is_file()}
+    out = tmp_path / "q"
+    r = _run(["compress", "quantize", str(tiny_copy), "--scheme", "int8-dyn", "-o", str(out), "--calib-samples", "2",
+              "--seq-len", "64", "--eval-windows", "2", "--ignore", "lm_head", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["scheme"] == "int8-dyn" and res["quantized_layers"] == 14
+    assert res["bytes_on_disk"] > 0 and 0.9 < res["perplexity"]["ratio"] < 1.5
+    man = json.loads((out / "kiln.json").read_text())
+    q = man["passes"][-1]
+    assert q["kind"] == "quantize" and q["config"]["scheme"] == "int8-dyn" and "lm_head" not in q["layers"]
+    assert {p.name: sha256_file(p) for p in tiny_copy.iterdir() if p.is_file()} == before
+    r = _run(["eval", "ppl", str(out), "--seq-len", "64", "--windows", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert abs(json.loads(r.stdout.strip().splitlines()[-1])["ppl"] - res["perplexity"]["ppl"]) < 1e-3
+    # quantizing a quantized checkpoint is refused, in one line
+    r = _run(["compress", "quantize", str(out), "--scheme", "int4", "-o", str(tmp_path / "qq")])
+    assert r.exit_code == 2 and "already quantized" in r.output and not (tmp_path / "qq").exists()
+
+
+def test_unknown_scheme_and_short_calibration(tiny_dir, tmp_path):
+    r = _run(["compress", "quantize", str(tiny_dir), "--scheme", "int2", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "valid schemes: int8-wo, fp8, int8-sq, int8-dyn, int4" in r.output
+    short = tmp_path / "short.txt"
+    short.write_text("tiny text " * 50)
+    r = _run(["compress", "quantize", str(tiny_dir), "--scheme", "fp8", "-o", str(tmp_path / "y"),
+              "--calib", str(short)])
+    assert r.exit_code == 2 and "calibration text too short" in r.output and "tokens" in r.output
+    assert not (tmp_path / "y").exists()
