@@ -312,7 +312,7 @@ def table(res: dict, a) -> str:
             ("llama.cpp Q4_1", "llamacpp_q4_1")]
     out = [f"SmolLM2-135M, {a.threads} threads, batch 1, prompt {a.prompt_len}, {a.new_tokens} new tokens, greedy; "
            f"TTFT for a {a.prefill_len}-token prompt; medians of {a.runs} runs.", "",
-           "| system | decode tok/s | TTFT 512 (ms) | ceiling tok/s |", "|---|---:|---:|---:|"]
+           f"| system | decode tok/s | TTFT {a.prefill_len} (ms) | ceiling tok/s |", "|---|---:|---:|---:|"]
     for name, key in rows:
         r = res.get(key, {})
         if "error" in r:
@@ -329,7 +329,7 @@ def table(res: dict, a) -> str:
     gates = [("fp32 vs optimum fp32 (>= 2.0)", ratio("ours_fp32", "optimum_fp32")),
              ("int8-wo vs llama.cpp Q8_0 (>= 1.25)", ratio("ours_int8-wo", "llamacpp_q8_0")),
              ("int4 vs llama.cpp Q4_1 (>= 1.25)", ratio("ours_int4", "llamacpp_q4_1")),
-             ("TTFT int8-wo / llama.cpp Q8_0 (<= 0.8)", ratio("ours_int8-wo", "llamacpp_q8_0", "prefill_ms")),
+             ("TTFT (prefill-len prompt) int8-wo / llama.cpp Q8_0 (<= 0.8)", ratio("ours_int8-wo", "llamacpp_q8_0", "prefill_ms")),
              ("server 8 clients / 1 client (>= 2.5)", res.get("server", {}).get("ratio"))]
     out += ["", "| gate | ratio |", "|---|---:|"]
     out += [f"| {g} | {'n/a' if v is None else f'{v:.2f}'} |" for g, v in gates]
