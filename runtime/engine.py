@@ -50,7 +50,9 @@ class Engine:
         a_eos = arch.eos_token_id
         eos.update([a_eos] if isinstance(a_eos, int) else (a_eos or []))
         self.eos_ids = frozenset(eos)
-        self._lock = threading.Lock()  # one generate/score at a time through this object
+        # one generate/stream/score at a time through this object (re-entrant: a stream consumer may call
+        # generate); separate caches make concurrent use safe, serializing just avoids oversubscribing the CPU
+        self._lock = threading.RLock()
 
     @property
     def model_name(self) -> str:
