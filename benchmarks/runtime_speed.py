@@ -69,6 +69,16 @@ def worker_ours(a) -> dict:
             "runs": a.runs, "decode_all": r["decode_tokens_per_s_all"], "peak_rss_mb": r["peak_rss_mb"]}
 
 
+def _hf_tokenizer(path):
+    """AutoTokenizer, or the plain fast tokenizer when this transformers does not know the saved class."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:
+        return PreTrainedTokenizerFast(tokenizer_file=str(Path(path) / "tokenizer.json"))
+
+
 def _hf_times(model, tok, threads):
     import torch
     from transformers.generation.streamers import BaseStreamer
@@ -94,7 +104,7 @@ def _hf_times(model, tok, threads):
         t0 = time.perf_counter()
         with torch.inference_mode():
             model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, streamer=clock, pad_token_id=tok.eos_token_id)
+                           do_sample=False, streamer=clock, pad_token_id=model.config.eos_token_id)
         return t0, clock.times
 
     return gen
@@ -106,9 +116,9 @@ def _hf_prompts(tok, a):
 
 
 def worker_torch(a) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(a.target)
+    tok = _hf_tokenizer(a.target)
     model = AutoModelForCausalLM.from_pretrained(a.target, dtype="float32").eval()
     p, lp = _hf_prompts(tok, a)
     return _measure(_hf_times(model, tok, a.threads), p, lp, a.new_tokens, a.runs)
@@ -117,12 +127,11 @@ def worker_torch(a) -> dict:
 def worker_optimum(a) -> dict:
     import onnxruntime as ort
     from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoTokenizer
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = a.threads
     so.inter_op_num_threads = 1
-    tok = AutoTokenizer.from_pretrained(a.target)
+    tok = _hf_tokenizer(a.target)
     model = ORTModelForCausalLM.from_pretrained(a.target, export=True, use_cache=True, session_options=so,
                                                 provider="CPUExecutionProvider")
     p, lp = _hf_prompts(tok, a)
