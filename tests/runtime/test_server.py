@@ -175,3 +175,24 @@ def test_concurrent_clients_are_batched_and_correct(live, tiny_engine):
     steps = live.metric("kiln_decode_steps_total") - steps0
     rows = live.metric("kiln_decode_rows_total") - rows0
     assert rows / steps > 1.5  # requests shared decode steps
+
+
+def test_disconnect_stops_non_streaming_request(live):
+    import socket
+
+    cancelled = live.metric("kiln_requests_cancelled_total")
+    body = json.dumps({"prompt": "The module", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}).encode()
+    s = socket.create_connection(("127.0.0.1", live.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    for _ in range(100):  # wait until it is decoding
+        if live.metric("kiln_active_requests") == 1:
+            break
+        time.sleep(0.01)
+    s.close()
+    for _ in range(250):
+        if live.metric("kiln_requests_cancelled_total") == cancelled + 1:
+            break
+        time.sleep(0.02)
+    assert live.metric("kiln_requests_cancelled_total") == cancelled + 1
+    assert live.metric("kiln_active_requests") == 0
