@@ -251,7 +251,11 @@ class App:
                   Route("/v1/chat/completions", self.chat, methods=["POST"]),
                   Route("/health", self.health, methods=["GET"]),
                   Route("/metrics", self.metrics, methods=["GET"])]
-        return Starlette(routes=routes)
+        async def not_found(request, exc):
+            return _err(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                        code="not_found" if exc.status_code == 404 else "method_not_allowed")
+
+        return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
 
     def close(self) -> None:
         self.scheduler.close()

@@ -196,3 +196,10 @@ def test_disconnect_stops_non_streaming_request(live):
         time.sleep(0.02)
     assert live.metric("kiln_requests_cancelled_total") == cancelled + 1
     assert live.metric("kiln_active_requests") == 0
+
+
+def test_unknown_route_and_method_are_json(live):
+    status, data = live.raw("GET", "/v1/nothing")
+    assert status == 404 and json.loads(data)["error"]["code"] == "not_found"
+    status, data = live.raw("GET", "/v1/completions")
+    assert status == 405 and "error" in json.loads(data)
