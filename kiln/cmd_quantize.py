@@ -14,7 +14,7 @@ SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output checkpoint dir.")
 @click.option("--calib", default="builtin:pydoc", show_default=True,
               help="Calibration corpus (builtin:pydoc, a text file, or JSONL with 'text'); windows from its end.")
-@click.option("--calib-samples", type=click.IntRange(1, None), default=32, show_default=True,
+@click.option("--calib-samples", type=click.IntRange(1, None), default=16, show_default=True,
               help="Calibration windows.")
 @click.option("--seq-len", type=click.IntRange(2, 1 << 16), default=512, show_default=True,
               help="Tokens per calibration / evaluation window.")

@@ -101,7 +101,7 @@ def _act_scheme(model, config, groups, targets, loop, stats, progress) -> None:
         s0 = st[g.linears[0]]
         w = torch.cat([model.get_submodule(n).weight.detach().float() for n in live])
         c = search(s0.sample(), s0.amax, w, config.weight, config.act, config.alphas, config.clips,
-                   config.smooth, g.repeat, head_dim)
+                   config.smooth, g.repeat, head_dim, config.headroom)
         chosen[g.name] = c
         errs.append({"group": g.name, "alpha": c.alpha, "clip": c.clip, "rel_err": round(c.err, 6),
                      "rel_err_plain": round(c.base_err, 6)})

@@ -115,11 +115,14 @@ class _ActQuant(_Base):
     smooth: bool = True
     rows_per_batch: int = 16  # calibration tokens per batch kept for the searches (the first 4 always)
     gptq: bool = False  # weights by GPTQ (layer by layer, after smoothing) instead of round to nearest
+    headroom: float = 1.0  # static scale = amax * clip * headroom / top code (>1 leaves room for unseen peaks)
 
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "alphas", _check_grid(self.alphas, "alphas", 0.0, 1.0))
         object.__setattr__(self, "clips", _check_grid(self.clips, "clips", 0.0, 1.0, lo_open=True))
+        if not (1.0 <= float(self.headroom) <= 64.0):
+            raise CompressError(f"headroom must be in [1, 64], got {self.headroom!r}")
         if not isinstance(self.rows_per_batch, int) or self.rows_per_batch < 4:
             raise CompressError(f"rows_per_batch must be an integer >= 4, got {self.rows_per_batch!r}")
 

@@ -9,7 +9,7 @@ from runtime.corpus import BUILTIN
 from ..errors import CompressError
 
 
-def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, calib_samples: int = 64,
+def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, calib_samples: int = 16,
                         seq_len: int = 512, eval_windows: int | None = 8, eval_text: str | None = None,
                         force: bool = False, progress: bool = False) -> dict:
     """Quantize ``source`` (model, alias or float/pruned llmkiln checkpoint) into checkpoint dir ``out``.

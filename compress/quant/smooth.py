@@ -83,7 +83,7 @@ def _clip_scale(x_amax: float, xs: torch.Tensor, wq: torch.Tensor, act: str, cli
 
 
 def search(x: torch.Tensor, amax_x: torch.Tensor, w: torch.Tensor, weight_fmt: str, act: str, alphas, clips,
-           smooth: bool = True, repeat: int = 1, head_dim: int = 0) -> Choice:
+           smooth: bool = True, repeat: int = 1, head_dim: int = 0, headroom: float = 1.0) -> Choice:
     """Choose smoothing alpha and activation clip for one group.  x: [R, in] sample, amax_x: [in] over all
     calibration tokens, w: [out, in] the group's concatenated float weights."""
     y_ref = x @ w.T  # [R, out]
@@ -99,14 +99,14 @@ def search(x: torch.Tensor, amax_x: torch.Tensor, w: torch.Tensor, weight_fmt: s
         if act == "int8-dyn":
             clip, sc = 1.0, None
         else:
-            clip, sc = _clip_scale(float(ax.max()), xs, wq, act, clips)
+            clip, sc = _clip_scale(float(ax.max()) * headroom, xs, wq, act, clips)
         y = fake_act(xs, act, sc) @ wq.T
         err = float(((y - y_ref) ** 2).mean()) / denom
         if a is None:
             if act == "int8-dyn":
                 base = err
             else:
-                yb = fake_act(xs, act, P.static_scale(float(ax.max()), act)) @ wq.T
+                yb = fake_act(xs, act, P.static_scale(float(ax.max()) * headroom, act)) @ wq.T
                 base = float(((yb - y_ref) ** 2).mean()) / denom
         if best is None or err < best.err:
             best = Choice(a, clip, s, sc, err, 0.0)
