@@ -75,6 +75,18 @@ class GraphBuilder:
         self._names.add(name)
         return name
 
+    def alias(self, name: str, of: str) -> str:
+        """A second initializer over the same stored bytes (same offset in model.onnx.data): the data is written
+        once, but each consumer gets its own initializer, so ORT may repack one (DequantizeLinear -> MatMul into
+        MatMulNBits) while another node still reads the original codes."""
+        src = next(t for t in self.inits if t.name == of)
+        t = TensorProto()
+        t.CopyFrom(src)
+        t.name = name
+        self.inits.append(t)
+        self._names.add(name)
+        return name
+
     def const(self, value, dtype="int64") -> str:
         """A small shared constant (shapes, axes, scalars)."""
         arr = np.asarray(value, dtype=dtype)

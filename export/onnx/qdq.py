@@ -160,7 +160,9 @@ def lm_head(b: GraphBuilder, w, h: str, arch) -> str:
     """h [B,S,H] -> logits [B,S,V].
     float: Gemm(transB=1) on the [V,H] table (stored once with a tied embedding), prepacked once by ORT, so
            nothing is transposed per step.
-    int8/fp8 tied: DequantizeLinear on the [H,V] codes (shared with the embedding) -> MatMul input 1.
+    int8/fp8 tied: DequantizeLinear on the [H,V] codes -> MatMul input 1. The codes are the embedding's bytes
+    (stored once) under a second initializer name, so ORT can fuse the head into MatMulNBits; with one shared
+    initializer it dequantizes the whole [H,V] table every step.
     untied quantized: an ordinary quantized linear ([H,V] codes).
     int4 tied: blocked DequantizeLinear on the [V,H] table shared with the embedding -> Gemm(transB=1)."""
     V, H = arch.vocab, arch.hidden
@@ -173,8 +175,10 @@ def lm_head(b: GraphBuilder, w, h: str, arch) -> str:
     if spec is not None and spec.get("act") is not None:
         raise ExportError(f"lm_head: the tied lm_head can only be weight-only, kiln.json says act {spec['act']!r}")
     if spec is not None and spec["weight"] != "int4":
-        dq = b.op("DequantizeLinear", [f"{EMBED}.weight", f"{EMBED}.weight_scale"],
-                  f"{ns}/weight_quant/DequantizeLinear", axis=1)  # [H,V]
+        # the embedding's [H,V] codes and scales, aliased (same bytes in model.onnx.data, stored once)
+        codes = b.alias("lm_head.weight", of=f"{EMBED}.weight")
+        scale = b.alias("lm_head.weight_scale", of=f"{EMBED}.weight_scale")
+        dq = b.op("DequantizeLinear", [codes, scale], f"{ns}/weight_quant/DequantizeLinear", axis=1)  # [H,V]
         return b.op("MatMul", [h, dq], f"{ns}/MatMul", outputs=["logits"])[0]
     h2 = b.op("Reshape", [h, b.const([-1, H])], f"{ns}/Reshape_in")  # [B*S,H]
     if spec is None:

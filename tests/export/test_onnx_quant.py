@@ -66,14 +66,17 @@ def test_scheme_export_parity(scheme, ckpts, tmp_path):
         if scheme in ("fp8", "int8-sq"):
             assert act.op_type == "DequantizeLinear" and prod[act.input[0]].op_type == "QuantizeLinear"
             assert "model.layers.0.mlp.down_proj.input_scale" in act.input
-    # tied lm_head quantized: codes stored once and gathered as codes, never dequantized whole for the embedding
-    assert "lm_head.weight" not in init
+    # tied lm_head quantized: codes stored once (the head's initializer aliases the embedding's bytes) and
+    # gathered as codes, never dequantized whole for the embedding
     if scheme != "int4":
+        ext = {n: {e.key: e.value for e in init[n].external_data} for n in ("lm_head.weight",
+                                                                            "model.embed_tokens.weight")}
+        assert ext["lm_head.weight"] == ext["model.embed_tokens.weight"]
         emb = next(n for n in g.node if n.name == "/model/embed_tokens/Gather")
         table = init["model.embed_tokens.weight"]
         assert emb.input[0] == table.name and table.data_type == T.INT8 and list(table.dims) == [64, 512]  # [H,V]
         head = prod["logits"]
-        assert head.op_type == "MatMul" and prod[head.input[1]].input[0] == table.name  # DQ -> MatMul input 1
+        assert head.op_type == "MatMul" and prod[head.input[1]].input[0] == "lm_head.weight"  # DQ -> MatMul input 1
 
 
 def test_quantized_kv_invariance_and_padding(ckpts, tmp_path):
