@@ -147,14 +147,18 @@ def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.n
         k = linear(b, w, h, f"{p}.self_attn.k_proj", H, kvh * hd, f"{ns}/attn/k_proj")
         v = linear(b, w, h, f"{p}.self_attn.v_proj", H, kvh * hd, f"{ns}/attn/v_proj")
         pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        if fused:
-            q = b.op("RotaryEmbedding", [q, cos, sin, "position_ids"], f"{ns}/attn/q_rotary/RotaryEmbedding",
-                     num_heads=nh, interleaved=0)
-            k = b.op("RotaryEmbedding", [k, cos, sin, "position_ids"], f"{ns}/attn/k_rotary/RotaryEmbedding",
-                     num_heads=kvh, interleaved=0)
-            o = b.op("Attention", [q, k, v, mask, pk, pv], f"{ns}/attn/Attention",
-                     outputs=[f"{ns}/attn/Attention/output_0", f"present.{i}.key", f"present.{i}.value"],
-                     q_num_heads=nh, kv_num_heads=kvh, scale=float(1.0 / np.sqrt(hd)))[0]
+        if fused:  # 4-D Attention without past inputs: the form TensorRT's parser accepts
+            q4 = b.op("RotaryEmbedding", [_heads(b, q, nh, hd, f"{ns}/attn/q_heads"), cos, sin, "position_ids"],
+                      f"{ns}/attn/q_rotary/RotaryEmbedding", interleaved=0)  # [B,nh,S,hd]
+            k4 = b.op("RotaryEmbedding", [_heads(b, k, kvh, hd, f"{ns}/attn/k_heads"), cos, sin, "position_ids"],
+                      f"{ns}/attn/k_rotary/RotaryEmbedding", interleaved=0)  # [B,kvh,S,hd]
+            v4 = _heads(b, v, kvh, hd, f"{ns}/attn/v_heads")
+            pk = b.op("Concat", [pk, k4], f"{ns}/attn/Concat_k", axis=2, outputs=[f"present.{i}.key"])[0]
+            pv = b.op("Concat", [pv, v4], f"{ns}/attn/Concat_v", axis=2, outputs=[f"present.{i}.value"])[0]
+            o = b.op("Attention", [q4, pk, pv, mask], f"{ns}/attn/Attention",
+                     scale=float(1.0 / np.sqrt(hd)))  # [B,nh,S,hd], GQA from the head counts
+            o = b.op("Transpose", [o], f"{ns}/attn/Transpose_o", perm=[0, 2, 1, 3])
+            o = b.op("Reshape", [o, b.const([0, 0, nh * hd])], f"{ns}/attn/Reshape_out")  # [B,S,nh*hd]
         else:
             q4 = _rope_plain(b, _heads(b, q, nh, hd, f"{ns}/attn/q_heads"), cos_b, sin_b, hd // 2,
                              f"{ns}/attn/q_rotary")
