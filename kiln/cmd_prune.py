@@ -43,7 +43,7 @@ def _config(method, sparsity, pattern, mlp, kv_groups, layers):
 @click.option("--layers", type=int, default=None, help="depth: decoder layers to remove.")
 @click.option("--recover-steps", type=click.IntRange(0, None), default=0, show_default=True,
               help="Distillation steps against the unpruned model after pruning (0: none).")
-@click.option("--recover-lr", type=float, default=None, help="Distillation learning rate [default: 1e-4].")
+@click.option("--recover-lr", type=float, default=None, help="Distillation learning rate [default: 2e-4].")
 @click.option("--recover-seq-len", type=int, default=None, help="Tokens per distillation window [default: 256].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the distillation data order.")
 @click.option("--text", default="builtin:pydoc", show_default=True,

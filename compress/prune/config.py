@@ -192,7 +192,7 @@ class Recover:
     """
 
     steps: int = 64
-    lr: float = 1e-4
+    lr: float = 2e-4
     seq_len: int = 256
     seed: int = 0
     temperature: float = 1.0
