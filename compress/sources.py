@@ -115,6 +115,7 @@ def fetch_alias(name: str, quiet: bool = False) -> Path:
 
 def resolve(source: str, allow_pickle: bool = False, quiet: bool = False) -> SourceInfo:
     """Turn a SOURCE argument into a SourceInfo, or raise CompressError saying what is wrong."""
+    source = str(source)
     if source in ALIASES:
         return SourceInfo(kind="gguf", path=fetch_alias(source, quiet=quiet), id=source, alias=source)
     p = Path(source)
