@@ -16,11 +16,11 @@ from runtime.fsutil import atomic_write_text
 
 from .recipe import Recipe, build_config, split_calibration
 
-DEFAULT_SCHEME = {"cpu": "int8-wo", "h100": "fp8"}
+DEFAULT_CONFIG = {"cpu": {"scheme": "int8-wo"}, "h100": {"scheme": "fp8", "ignore": ["lm_head"]}}
 
 
 def default_recipe(target: str) -> Recipe:
-    return Recipe(passes=[{"kind": "quantize", "config": {"scheme": DEFAULT_SCHEME[target]}}], target=target,
+    return Recipe(passes=[{"kind": "quantize", "config": dict(DEFAULT_CONFIG[target])}], target=target,
                   name=f"default-{target}")
 
 
