@@ -37,6 +37,7 @@ def gptq(w: torch.Tensor, hess: torch.Tensor, fmt: str = "int4", group: int = 12
     w = w.detach().float().clone()
     h = hess.detach().double().clone()
     n = w.shape[1]
+    zero = w == 0  # exact zeros (an earlier prune pass) stay zero: their error is compensated like any other
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -50,7 +51,7 @@ def gptq(w: torch.Tensor, hess: torch.Tensor, fmt: str = "int4", group: int = 12
         scale, group = P.fp8_weight_scale(w)[:, None], n
         lo = hi = None
     perm = torch.argsort(torch.diag(h), descending=True)
-    w, h = w[:, perm], h[perm][:, perm]
+    w, h, zero = w[:, perm], h[perm][:, perm], zero[:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(n, dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     col_scale = scale[:, perm // group]  # [out, in] scale of each (permuted) column
@@ -63,6 +64,7 @@ def gptq(w: torch.Tensor, hess: torch.Tensor, fmt: str = "int4", group: int = 12
         for i in range(i2 - i1):
             col, d, s = w1[:, i], hinv1[i, i], col_scale[:, i1 + i]
             q = P.to_fp8(col / s).float() if lo is None else torch.clamp(torch.round(col / s), lo, hi)
+            q = q.masked_fill(zero[:, i1 + i], 0.0)
             codes[:, i1 + i] = q
             e = (col - q * s) / d
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]

@@ -47,8 +47,6 @@ def test_symmetric_quantization_keeps_2of4_zeros(pruned, make):
     assert _nonzero_codes_where_pruned(q, zeros) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="GPTQ pushes rounding error onto pruned positions; it needs to keep "
-                                       "zeros of an earlier prune pass fixed (compress/quant/gptq.py)")
 @pytest.mark.parametrize("make", [lambda q: q.Int8WeightOnly(method="gptq"),
                                   lambda q: q.Int4(group_size=32, method="gptq")], ids=["int8-wo-gptq", "int4-gptq"])
 def test_gptq_keeps_2of4_zeros(pruned, make):
