@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .common import emit_json, stderr
+from .common import emit_json
 
 
 def _is_runtime_artifact(source: str) -> bool:

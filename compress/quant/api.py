@@ -14,7 +14,7 @@ from ..errors import CompressError
 from .calibrate import capture_layer_inputs, collect_stats, layer_groups, run_layer
 from .config import Int4, Int8WeightOnly, QuantConfig, _ActQuant
 from .gptq import HessianAccumulator, gptq
-from .modules import QuantLinear, layer_linears, set_module
+from .modules import QuantLinear, layer_linears
 from . import primitives as P
 from .smooth import search
 from .transforms import fold_smoothing, quantize_int8_linear, quantize_lm_head, quantize_static_linear, replace_linear

@@ -15,17 +15,12 @@ def int4_scale_search(w: torch.Tensor, group: int, h: torch.Tensor, clips=GROUP_
     out, inn = w.shape
     base = P.int4_scale(w, group)
     hw = h.reshape(1, inn // group, group)
-    best_s, best_e = base, None
-    for c in clips:
-        s = base * c
+
+    def err(s):
         d = (P.dequantize(P.quantize_int4(w, s), s) - w).reshape(out, -1, group)
-        e = (d * d * hw).sum(dim=2)  # [out, G]
-        if best_e is None:
-            best_s, best_e = s, e
-        else:
-            better = e < best_e
-            best_s, best_e = torch.where(better, s, best_s), torch.where(better, e, best_e)
-    return best_s
+        return (d * d * hw).sum(dim=2)  # [out, G]
+
+    return P.pick_lowest_error((base * c, err(base * c)) for c in clips)
 
 
 @torch.no_grad()

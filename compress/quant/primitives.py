@@ -121,3 +121,16 @@ def static_scale(amax: torch.Tensor | float, act: str) -> torch.Tensor:
     top = INT8_MAX if act == "int8" else FP8_MAX
     a = torch.as_tensor(amax, dtype=torch.float32)
     return _safe(a / top)
+
+
+def pick_lowest_error(candidates):
+    """Element-wise choice among (scale, error) pairs of equal shapes: the scale whose error is lowest
+    (the first candidate wins ties)."""
+    best_s = best_e = None
+    for s, e in candidates:
+        if best_e is None:
+            best_s, best_e = s, e
+        else:
+            better = e < best_e
+            best_s, best_e = torch.where(better, s, best_s), torch.where(better, e, best_e)
+    return best_s

@@ -18,17 +18,11 @@ def int8_scale_search(w: torch.Tensor, h: torch.Tensor | None, clips=WEIGHT_CLIP
     base = P.int8_weight_scale(w)
     if h is None:
         return base
-    best_s, best_e = base, None
-    for c in clips:
-        s = base * c
+    def err(s):
         d = P.dequantize(P.quantize_int8(w, s), s) - w
-        e = (d * d * h[None, :]).sum(dim=1)  # [out]
-        if best_e is None:
-            best_s, best_e = s, e
-        else:
-            better = e < best_e
-            best_s, best_e = torch.where(better, s, best_s), torch.where(better, e, best_e)
-    return best_s
+        return (d * d * h[None, :]).sum(dim=1)  # [out]
+
+    return P.pick_lowest_error((base * c, err(base * c)) for c in clips)
 
 
 def replace_linear(model, name: str, codes, scale, weight: str, act=None, input_scale=None, smooth=None,

@@ -93,3 +93,24 @@ class Backend(ABC):
     def describe(self) -> dict:
         """What runs the model, for ``kiln bench`` and the server's /health."""
         return {"backend": self.name}
+
+
+def step_inputs(cache: KVCache, input_ids, attention_mask, position_ids):
+    """Contiguous int64 copies of one step's inputs, checked against the cache: (ids, mask, pos, t).
+
+    ids / pos: [B, S]; mask: [B, T] with T = cache.length + S. A cache holding rows only takes the same batch.
+    """
+    from ..errors import EngineError
+
+    ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+    mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+    pos = np.ascontiguousarray(position_ids, dtype=np.int64)
+    b, s = ids.shape
+    p = cache.length
+    t = p + s
+    if b != cache.batch and p > 0:
+        raise EngineError(f"batch {b} does not match the cache's {cache.batch} rows")
+    if mask.shape != (b, t) or pos.shape != (b, s):
+        raise EngineError(f"attention_mask must be [{b}, {t}] and position_ids [{b}, {s}], "
+                          f"got {list(mask.shape)} and {list(pos.shape)}")
+    return ids, mask, pos, t

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EngineError
-from .base import Backend, KVCache
+from .base import Backend, KVCache, step_inputs
 from .hostcache import HostKVCache
 from .ort_graph import POSITIONS, with_logits_positions
 
@@ -113,17 +113,9 @@ class OnnxRuntimeBackend(Backend):
         return _OrtCache(self.sess, self.layers, self.kv_heads, self.head_dim, self.kv_dtype, batch, max_len)
 
     def forward(self, cache, input_ids, attention_mask, position_ids, last_only=True):
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        pos = np.ascontiguousarray(position_ids, dtype=np.int64)
+        ids, mask, pos, t = step_inputs(cache, input_ids, attention_mask, position_ids)
         b, s = ids.shape
-        p = cache.length
-        t = p + s
-        if b != cache.batch and p > 0:
-            raise EngineError(f"batch {b} does not match the cache's {cache.batch} rows")
-        if mask.shape != (b, t) or pos.shape != (b, s):
-            raise EngineError(f"attention_mask must be [{b}, {t}] and position_ids [{b}, {s}], "
-                              f"got {list(mask.shape)} and {list(pos.shape)}")
+        p = t - s
         cache.batch = b
         cache.reserve(b, t)
         fast = self._cdev is not None and cache.cbinding is not None

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EngineError
-from .base import Backend, KVCache
+from .base import Backend, KVCache, step_inputs
 from .cuda_mem import INSTALL_HINT, Cuda, DeviceBuffer, load_cudart
 from .devicecache import DeviceKVCache
 from .tensorrt_compat import check_engine_block, compatibility
@@ -106,17 +106,9 @@ class TensorRTBackend(Backend):
         return ptr
 
     def forward(self, cache, input_ids, attention_mask, position_ids, last_only=True):
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        pos = np.ascontiguousarray(position_ids, dtype=np.int64)
+        ids, mask, pos, t = step_inputs(cache, input_ids, attention_mask, position_ids)
         b, s = ids.shape
-        p = cache.length
-        t = p + s
-        if b != cache.batch and p > 0:
-            raise EngineError(f"batch {b} does not match the cache's {cache.batch} rows")
-        if mask.shape != (b, t) or pos.shape != (b, s):
-            raise EngineError(f"attention_mask must be [{b}, {t}] and position_ids [{b}, {s}], "
-                              f"got {list(mask.shape)} and {list(pos.shape)}")
+        p = t - s
         if b > self.max_batch or t > self.max_seq:
             raise EngineError(f"batch {b} x length {t} is outside the engine's profiles (max batch "
                               f"{self.max_batch}, max length {self.max_seq}); rebuild with larger --max-batch/--max-seq")
