@@ -7,19 +7,27 @@ from __future__ import annotations
 
 from typing import Callable
 
-from runtime.corpus import BUILTIN, CorpusError, calibration_windows, load_text
+from runtime.corpus import BUILTIN, EVAL_RESERVE_WINDOWS, CorpusError, calibration_windows, load_text
 
 from .errors import CompressError
 
 ForwardLoop = Callable[[object], None]
 
 
-def calibration_batches(tokenizer, text: str = BUILTIN, samples: int = 64, seq_len: int = 512):
-    """``samples`` tensors of shape [1, seq_len] (int64) from the end of the corpus."""
+def calibration_batches(tokenizer, text: str = BUILTIN, samples: int = 64, seq_len: int = 512,
+                        ids: list[int] | None = None, cap: bool = False):
+    """``samples`` tensors of shape [1, seq_len] (int64) from the end of the corpus.
+
+    ``ids``: the corpus already tokenized (without special tokens), to tokenize it once per process.
+    ``cap``: lower ``samples`` to what fits after the evaluation windows instead of refusing.
+    """
     import torch
 
     try:
-        ids = list(tokenizer(load_text(text), add_special_tokens=False)["input_ids"])
+        if ids is None:
+            ids = list(tokenizer(load_text(text), add_special_tokens=False)["input_ids"])
+        if cap:
+            samples = max(1, min(samples, len(ids) // seq_len - EVAL_RESERVE_WINDOWS))
         wins = calibration_windows(ids, seq_len, samples)
     except CorpusError as e:
         raise CompressError(str(e)) from None

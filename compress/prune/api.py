@@ -130,24 +130,6 @@ def _preflight(source: str, config, allow_pickle: bool) -> None:
         check_fits(config, types.SimpleNamespace(**cfg))
 
 
-def _windows(tokenizer, text: str, seq_len: int, samples: int, cap: bool = False) -> list:
-    """Calibration windows [1, seq_len] from the end of the corpus; ``cap`` lowers samples to what fits."""
-    import torch
-
-    from runtime.corpus import EVAL_RESERVE_WINDOWS, CorpusError, calibration_windows
-
-    from ..evaluate import corpus_ids
-
-    try:
-        ids = corpus_ids(tokenizer, text)
-        if cap:
-            samples = max(1, min(samples, len(ids) // seq_len - EVAL_RESERVE_WINDOWS))
-        wins = calibration_windows(ids, seq_len, samples)
-    except CorpusError as e:
-        raise CompressError(str(e)) from None
-    return [torch.tensor([w], dtype=torch.long) for w in wins]
-
-
 def prune_checkpoint(source, out, config, *, text: str = "builtin:pydoc", calib_samples: int = 64,
                      calib_seq_len: int = 512, recover: Recover | None = None, force: bool = False,
                      allow_pickle: bool = False, progress: bool = True) -> dict:
@@ -155,9 +137,11 @@ def prune_checkpoint(source, out, config, *, text: str = "builtin:pydoc", calib_
 
     Earlier passes of an llmkiln checkpoint are kept first in kiln.json. Returns a summary dict.
     """
-    from runtime.corpus import corpus_name
+    from runtime.corpus import CorpusError, corpus_name
 
+    from ..calib import calibration_batches
     from ..checkpoint import save_checkpoint, source_record
+    from ..evaluate import corpus_ids
     from ..loading import load_model
 
     t0 = time.perf_counter()
@@ -171,12 +155,21 @@ def prune_checkpoint(source, out, config, *, text: str = "builtin:pydoc", calib_
                             "(kiln compress prune ... then kiln compress quantize ...)")
     calib = None
     calibration = None
+    tokens: list = []
+
+    def ids() -> list[int]:  # the corpus tokenized once, for calibration and recovery alike
+        if not tokens:
+            try:
+                tokens.extend(corpus_ids(tok, text))
+            except CorpusError as e:
+                raise CompressError(str(e)) from None
+        return tokens
     if config.needs_calibration:
-        calib = _windows(tok, text, calib_seq_len, calib_samples)
+        calib = calibration_batches(tok, text, calib_samples, calib_seq_len, ids=ids())
         calibration = {"text": str(text), "samples": calib_samples, "seq_len": calib_seq_len}
     recover_data = None
     if recover is not None:
-        recover_data = _windows(tok, text, recover.seq_len, recover.steps, cap=True)
+        recover_data = calibration_batches(tok, text, recover.steps, recover.seq_len, ids=ids(), cap=True)
     report = prune_(model, config, calib=calib, recover=recover, recover_data=recover_data, progress=progress)
     if recover is not None:
         report.stats["recover"] |= {"text": corpus_name(text), "windows": len(recover_data)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from runtime.corpus import BUILTIN
+from runtime.corpus import BUILTIN, CorpusError
 
 from ..errors import CompressError
 
@@ -36,11 +36,15 @@ def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, 
                             "quantize the float or pruned checkpoint it came from")
     if Path(source).resolve() == out.resolve():
         raise CompressError("the output dir must differ from the input")
-    batches = calibration_batches(tok, calib_text, calib_samples, seq_len)
+    try:
+        calib_ids = corpus_ids(tok, calib_text)
+    except CorpusError as e:
+        raise CompressError(str(e)) from None
+    batches = calibration_batches(tok, calib_text, calib_samples, seq_len, ids=calib_ids)
     base = None
     ids = None
     if eval_windows:
-        ids = corpus_ids(tok, eval_text or calib_text)
+        ids = calib_ids if eval_text in (None, calib_text) else corpus_ids(tok, eval_text)
         base = perplexity(model, tok, text=eval_text or calib_text, seq_len=seq_len, windows=eval_windows,
                           ids=ids, progress=progress)
     t1 = time.perf_counter()

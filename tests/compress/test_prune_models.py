@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from compress.errors import CompressError
 from compress.loading import load_model
 from compress.prune import NM, Depth, Magnitude, Recover, SparseGPT, StructuredWidth, Wanda, prune_, prune_checkpoint
-from compress.prune.api import _windows
+from compress.calib import calibration_batches
 from compress.prune.masks import nm_mask, row_mask, wanda_scores
 from kiln.cli import cli
 from runtime.fsutil import sha256_file
@@ -26,7 +26,7 @@ def tiny(tiny_dir):
 
 @pytest.fixture(scope="module")
 def calib(tiny):
-    return _windows(tiny[1], "builtin:pydoc", 64, 4)
+    return calibration_batches(tiny[1], "builtin:pydoc", 4, 64)
 
 
 def _weights(model):
@@ -179,7 +179,7 @@ def test_recovery_lowers_distillation_loss(tiny, calib):
     from compress.prune import kd_loss
 
     dense = tiny[0]
-    wins = _windows(tiny[1], "builtin:pydoc", 64, 8)
+    wins = calibration_batches(tiny[1], "builtin:pydoc", 8, 64)
 
     def kl(student):
         with torch.no_grad():

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from compress.loading import load_model
 from compress.prune import NM, Wanda, prune_, prune_checkpoint
-from compress.prune.api import _windows
+from compress.calib import calibration_batches
 
 quant = pytest.importorskip("compress.quant", reason="compress.quant is not in this tree")
 
@@ -16,7 +16,7 @@ quant = pytest.importorskip("compress.quant", reason="compress.quant is not in t
 @pytest.fixture(scope="module")
 def pruned(tiny_dir):
     model, tok, _ = load_model(str(tiny_dir))
-    calib = _windows(tok, "builtin:pydoc", 64, 4)
+    calib = calibration_batches(tok, "builtin:pydoc", 4, 64)
     prune_(model, Wanda(NM(2, 4)), calib=calib)
     zeros = {n: (m.weight == 0).clone() for n, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
