@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     from compress.evaluate import corpus_ids, perplexity
     from compress.loading import load_model
     from compress.prune import Recover, count_parameters, prune_
-    from compress.prune.api import _windows
+    from compress.calib import calibration_batches
 
     table = _rows()
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         return {k: perplexity(m, tok, text="builtin:pydoc" if k == "pydoc" else str(held), windows=args.windows,
                               ids=v).ppl for k, v in ids.items()}
 
-    calib = _windows(tok, "builtin:pydoc", args.calib_seq_len, args.calib_samples)
+    calib = calibration_batches(tok, "builtin:pydoc", args.calib_samples, args.calib_seq_len)
     kd_wins = None
     work = Path(tempfile.mkdtemp(prefix="prune-gates-"))
     rows = []
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
             m = copy.deepcopy(dense)
             t0 = time.perf_counter()
             if use_kd and kd_wins is None:
-                kd_wins = _windows(tok, "builtin:pydoc", recover.seq_len, recover.steps, cap=True)
+                kd_wins = calibration_batches(tok, "builtin:pydoc", recover.steps, recover.seq_len, cap=True)
             rep = prune_(m, make(), calib=calib, recover=recover if use_kd else None,
                          recover_data=kd_wins if use_kd else None, progress=True)
             secs = round(time.perf_counter() - t0, 1)

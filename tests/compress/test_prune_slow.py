@@ -12,11 +12,11 @@ def test_smollm2_width_checkpoint_loads_in_transformers(smollm2, tmp_path):
 
     from compress.checkpoint import save_checkpoint, source_record
     from compress.prune import StructuredWidth, prune_
-    from compress.prune.api import _windows
+    from compress.calib import calibration_batches
 
     model, tok, info = smollm2
     small = copy.deepcopy(model)
-    calib = _windows(tok, "builtin:pydoc", 128, 2)
+    calib = calibration_batches(tok, "builtin:pydoc", 2, 128)
     rep = prune_(small, StructuredWidth(mlp=0.25, kv_groups=1), calib=calib)
     out = tmp_path / "narrow"
     save_checkpoint(small, tok, out, source=source_record(info), passes=[rep.to_pass()])
