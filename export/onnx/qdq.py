@@ -6,8 +6,8 @@ input 1 directly (symmetric, zero point 0):
   fp8   : FLOAT8E4M3FN codes [in,out], float scale [out], DequantizeLinear(axis=1)
   int4  : INT4 codes [in,out] (ONNX packing), float scale [in/group,out], DequantizeLinear(axis=0, block_size)
 Activations: static fp8/int8 -> QuantizeLinear -> DequantizeLinear with the calibrated per-tensor scale;
-``int8-dyn`` (per token, ORT CPU scheme) -> s_t = max|x_t|/127, Round(x/s_t) -> MatMulInteger with the INT8
-weight codes -> int32 -> float * s_t * w_scale, which is the torch per-token numerics with an exact int32 sum.
+``int8-dyn`` (per token, ORT CPU scheme) -> s_t = max|x_t|/127, Round(x/s_t) * s_t, then the int8 weight
+DequantizeLinear -> MatMul as for weight-only (see _dynamic_int8 for why not MatMulInteger).
 """
 from __future__ import annotations
 
@@ -82,25 +82,21 @@ def _weight_dq(b: GraphBuilder, w, module: str, spec: dict, d_in: int, d_out: in
     return b.op("DequantizeLinear", [codes_t, s], f"{ns}/weight_quant/DequantizeLinear", axis=1)
 
 
-def _dynamic_int8(b: GraphBuilder, w, x: str, module: str, spec: dict, d_in: int, d_out: int, ns: str) -> str:
-    """Per-token symmetric int8 activations x INT8 weights via MatMulInteger (exact int32 accumulation)."""
-    if spec["weight"] != "int8":
-        raise ExportError(f"{module}: act 'int8-dyn' needs int8 weights, found {spec['weight']}")
-    codes = w.get(f"{module}.weight", (d_out, d_in), raw=True)
-    scale = w.get(f"{module}.weight_scale", (d_out,))
-    codes_t = b.initializer(f"{module}.weight", np.ascontiguousarray(codes.T))
-    ws = b.initializer(f"{module}.weight_scale", scale)
+def _dynamic_int8(b: GraphBuilder, x: str, ns: str) -> str:
+    """Per-token symmetric int8 fake quantization of x [B,S,in]: s_t = max|x_t|/127, round(x/s_t) * s_t.
+
+    The product then runs as DequantizeLinear(INT8 weight) -> MatMul, which ONNX Runtime fuses into
+    MatMulNBits: its CPU kernel quantizes the (already int8-valued) input again per block of 32 and sums in
+    int32. An explicit MatMulInteger would be exact but runs s8 x s8 on a slow generic path on CPUs without
+    VNNI (SmolLM2-135M decode: 8 tokens/s), and its u8 x s8 / u8 x u8 forms saturate on AVX2 (VPMADDUBSW).
+    """
     dq = f"{ns}/input_quant"
     amax = b.op("ReduceMax", [b.op("Abs", [x], f"{dq}/Abs"), b.const([-1])], f"{dq}/ReduceMax", keepdims=1)
     st = b.op("Div", [amax, b.const(127.0, "float32")], f"{dq}/Div_scale")  # [B,S,1]
     pos = b.op("Greater", [st, b.const(0.0, "float32")], f"{dq}/Greater")  # an all-zero token gets s_t = 1
     st = b.op("Where", [pos, st, b.const(1.0, "float32")], f"{dq}/Where")
-    xq = b.op("Round", [b.op("Div", [x, st], f"{dq}/Div")], f"{dq}/Round")
-    xq = b.op("Cast", [xq], f"{dq}/Cast", to=TensorProto.INT8)
-    acc = b.op("MatMulInteger", [xq, codes_t], f"{ns}/MatMulInteger")  # int32 [B,S,out]
-    y = b.op("Cast", [acc], f"{ns}/Cast", to=TensorProto.FLOAT)
-    y = b.op("Mul", [y, st], f"{ns}/Mul_act_scale")
-    return b.op("Mul", [y, ws], f"{ns}/Mul_weight_scale")
+    xq = b.op("Round", [b.op("Div", [x, st], f"{dq}/Div")], f"{dq}/Round")  # [-127, 127]
+    return b.op("Mul", [xq, st], f"{dq}/Mul")
 
 
 def linear(b: GraphBuilder, w, x: str, module: str, d_in: int, d_out: int, ns: str) -> str:
@@ -109,11 +105,13 @@ def linear(b: GraphBuilder, w, x: str, module: str, d_in: int, d_out: int, ns: s
     if spec is None:
         wt = b.initializer(f"{module}.weight", np.ascontiguousarray(w.get(f"{module}.weight", (d_out, d_in)).T))
         y = b.op("MatMul", [x, wt], f"{ns}/MatMul")
-    elif spec.get("act") == "int8-dyn":
-        y = _dynamic_int8(b, w, x, module, spec, d_in, d_out, ns)
     else:
         if spec.get("act") in ("fp8", "int8"):
             x = _act_qdq(b, w, x, module, spec["act"], ns)
+        elif spec.get("act") == "int8-dyn":
+            if spec["weight"] != "int8":
+                raise ExportError(f"{module}: act 'int8-dyn' needs int8 weights, found {spec['weight']}")
+            x = _dynamic_int8(b, x, ns)
         y = b.op("MatMul", [x, _weight_dq(b, w, module, spec, d_in, d_out, ns)], f"{ns}/MatMul")
     if w.has(f"{module}.bias"):
         bias = b.initializer(f"{module}.bias", w.get(f"{module}.bias", (d_out,)))

@@ -41,23 +41,23 @@ def test_scheme_export_parity(scheme, ckpts, tmp_path):
     out = tmp_path / "art"
     m = export_onnx(str(ckpts[scheme]), out)
     v = m.validation
-    assert v["passed"] and v["graph"]["value"] <= 1e-4, v  # the QDQ graph computes the fake-quant numerics
+    # the QDQ graph computes the fake-quant numerics; per-token rounding can flip a code on float noise
+    assert v["passed"] and v["graph"]["value"] <= (2e-3 if scheme == "int8-dyn" else 1e-4), v
     assert v["ort_cpu"]["value"] <= v["tolerance"]
     assert m.io["scheme"] == scheme and m.passes[-1]["kind"] == "quantize"
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     g = _graph(out)
     init = {t.name: t for t in g.initializer}
     prod = {o: n for n in g.node for o in n.output}
-    mm = next(n for n in g.node if n.name == "/model/layers.0/mlp/down_proj/" + (
-        "MatMulInteger" if scheme == "int8-dyn" else "MatMul"))
+    mm = next(n for n in g.node if n.name == "/model/layers.0/mlp/down_proj/MatMul")
     w = init["model.layers.0.mlp.down_proj.weight"]
     want = {"int8-wo": T.INT8, "fp8": T.FLOAT8E4M3FN, "int8-sq": T.INT8, "int8-dyn": T.INT8, "int4": T.INT4}
     assert w.data_type == want[scheme] and list(w.dims) == [128, 64]  # [in, out]: feeds MatMul input 1
-    if scheme == "int8-dyn":
-        assert mm.input[1] == w.name
-    else:
-        dq = prod[mm.input[1]]
-        assert dq.op_type == "DequantizeLinear" and dq.input[0] == w.name and len(dq.input) == 2  # zero point 0
+    dq = prod[mm.input[1]]
+    assert dq.op_type == "DequantizeLinear" and dq.input[0] == w.name and len(dq.input) == 2  # zero point 0
+    if scheme == "int8-dyn":  # per-token fake quant in front: Round(x / s_t) * s_t
+        fq = prod[mm.input[0]]
+        assert fq.op_type == "Mul" and prod[fq.input[0]].op_type == "Round"
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
         assert attrs.get("axis") == (0 if scheme == "int4" else 1)
         if scheme == "int4":

@@ -2,8 +2,8 @@
 
 The plain-ops form (``--opset 21``) is what TensorRT's parser takes; the fused opset-23 form feeds the KV
 cache into ``Attention`` (past_key/past_value), which the parser documents as unsupported, and check_onnx
-says so before any build. ``int8-dyn`` quantizes activations at run time (``MatMulInteger``), which TensorRT
-does not parse either.
+says so before any build. ``int8-dyn`` quantizes activations at run time with per-token scales computed in
+the graph, which TensorRT's Q/DQ cannot take; the engine build refuses it.
 """
 from __future__ import annotations
 
@@ -58,9 +58,14 @@ def test_portable_export_meets_tensorrt_constraints(exports, scheme):
         assert summary["quantize_linear"] > 0  # static activation Q/DQ pairs
 
 
-def test_dynamic_int8_is_refused_with_what_to_do(exports):
-    with pytest.raises(ExportError, match=r"MatMulInteger is not supported.*--scheme int8-sq"):
-        check_onnx(exports["int8-dyn"])
+def test_dynamic_int8_is_refused_with_what_to_do(exports, tmp_path):
+    """int8-dyn computes its activation scales in the graph (ReduceMax per token): no build-time constant
+    scale for TensorRT, so the engine build refuses it from kiln.json before touching TensorRT."""
+    trt = RecordingTensorRT("10.15.1")
+    with pytest.raises(ExportError, match=r"int8-dyn.*--scheme int8-sq"):
+        export_tensorrt(exports["int8-dyn"], tmp_path / "engine", ProfileFlags(1, 64, 16), trt=trt,
+                        cudart=RecordingCudart())
+    assert not (tmp_path / "engine").exists()
 
 
 def test_quantized_tied_embedding_gathered_as_codes_is_refused(tiny_dir, tmp_path):
