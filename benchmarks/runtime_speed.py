@@ -314,6 +314,12 @@ def measure(a, worker: str, target: str, python: str) -> dict:
     return json.loads(lines[-1])
 
 
+def _best_ttft_ratio(res: dict) -> float | None:
+    ours = [r["prefill_ms"] for k, r in res.items() if k.startswith("ours_") and "prefill_ms" in r]
+    peer = [r["prefill_ms"] for k, r in res.items() if k.startswith("llamacpp_") and "prefill_ms" in r]
+    return min(ours) / min(peer) if ours and peer else None
+
+
 def table(res: dict, a) -> str:
     rows = [("llmkiln fp32 (ONNX Runtime)", "ours_fp32"), ("llmkiln int8-wo", "ours_int8-wo"),
             ("llmkiln int4", "ours_int4"), ("PyTorch eager fp32", "torch_fp32"),
@@ -339,6 +345,8 @@ def table(res: dict, a) -> str:
              ("int8-wo vs llama.cpp Q8_0 (>= 1.25)", ratio("ours_int8-wo", "llamacpp_q8_0")),
              ("int4 vs llama.cpp Q4_1 (>= 1.25)", ratio("ours_int4", "llamacpp_q4_1")),
              ("TTFT (prefill-len prompt) int8-wo / llama.cpp Q8_0 (<= 0.8)", ratio("ours_int8-wo", "llamacpp_q8_0", "prefill_ms")),
+             ("TTFT (prefill-len prompt) fastest llmkiln artifact / fastest llama.cpp GGUF (<= 0.8)",
+              _best_ttft_ratio(res)),
              ("server 8 clients / 1 client (>= 2.5)", res.get("server", {}).get("ratio"))]
     out += ["", "| gate | ratio |", "|---|---:|"]
     out += [f"| {g} | {'n/a' if v is None else f'{v:.2f}'} |" for g, v in gates]
