@@ -14,14 +14,29 @@ from .common import emit_json, stderr
               help="portable: standard ONNX ops + QDQ (TensorRT and ONNX Runtime). ort: not built (see error).")
 @click.option("--opset", type=int, default=None,
               help="23 (default): fused Attention/RotaryEmbedding/RMSNormalization; 21: the same with plain ops.")
+@click.option("--exporter", type=click.Choice(["kiln", "optimum"]), default="kiln", show_default=True,
+              help="kiln: our graph builder (every scheme). optimum: optimum-onnx's traced export, fp32 only, "
+                   "for a model the builder refuses; same kiln.json, IO names and validation.")
+@click.option("--optimum-python", type=click.Path(dir_okay=False), default=None, envvar="KILN_OPTIMUM_PYTHON",
+              help="With --exporter optimum: the Python of a venv that has optimum-onnx "
+                   "[env: KILN_OPTIMUM_PYTHON].")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs torch self-validation.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only after the new artifact is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object last on stdout.")
-def onnx_cmd(source, out, form, opset, no_validate, force, as_json):
+def onnx_cmd(source, out, form, opset, exporter, optimum_python, no_validate, force, as_json):
     """Export SOURCE (model, GGUF, alias or compressed checkpoint) to an ONNX artifact dir with KV cache.
 
     The graph is written from the weights (no tracing), weights in model.onnx.data, and checked against
     the torch model on ONNX Runtime CPU unless --no-validate.
+
+    --exporter optimum runs optimum-onnx's exporter instead, in the Python given by --optimum-python or
+    KILN_OPTIMUM_PYTHON (optimum-onnx needs transformers 4.x, so it cannot share llmkiln's environment).
+    fp32 sources only: a quantized checkpoint is refused, a pruned one is fine. Create that Python with:
+
+    \b
+      python3 -m venv .venv-optimum
+      .venv-optimum/bin/pip install torch==2.13.0 optimum==2.1.0 \\
+          optimum-onnx==0.1.0 transformers==4.57.6 onnxruntime
     """
     import time
 
@@ -29,12 +44,12 @@ def onnx_cmd(source, out, form, opset, no_validate, force, as_json):
 
     t0 = time.perf_counter()
     m = export_onnx(source, out, form=form, opset=opset, validate=not no_validate, force=force,
-                    progress=not as_json)
+                    progress=not as_json, exporter=exporter, optimum_python=optimum_python)
     secs = round(time.perf_counter() - t0, 2)
     size = sum(f["size"] for f in m.files.values())
     v = m.validation or {}
     if as_json:
-        emit_json({"out": out, "kind": m.kind, "scheme": m.io["scheme"], "form": m.io["form"],
+        emit_json({"out": out, "kind": m.kind, "exporter": exporter, "scheme": m.io["scheme"], "form": m.io["form"],
                    "opset": m.io["opset"], "bytes": size, "seconds": secs, "timings": getattr(m, "timings", {}),
                    "validation": v})
         return
@@ -43,7 +58,9 @@ def onnx_cmd(source, out, form, opset, no_validate, force, as_json):
                f"(tolerance {v['tolerance']:g}), greedy {v['greedy_identical_prefix']}/{v['greedy_tokens']} identical")
     else:
         stderr("validation skipped (--no-validate)")
-    click.echo(f"wrote {out} ({m.io['scheme']}, {m.io['form']}, opset {m.io['opset']}, {size / 1e6:.1f} MB) in {secs} s")
+    via = " via optimum" if exporter == "optimum" else ""
+    click.echo(f"wrote {out} ({m.io['scheme']}, {m.io['form']}, opset {m.io['opset']}{via}, {size / 1e6:.1f} MB) "
+               f"in {secs} s")
 
 
 COMMANDS = [onnx_cmd]

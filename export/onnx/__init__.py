@@ -1,6 +1,7 @@
 """ONNX export built from the weights: one portable QDQ graph for TensorRT and ONNX Runtime, with KV cache.
 
-Public API: ``export_onnx(source, out, *, form="portable", opset=None, validate=True, force=False) -> Manifest``.
+Public API: ``export_onnx(source, out, *, form="portable", opset=None, validate=True, force=False,
+exporter="kiln", optimum_python=None) -> Manifest`` (``exporter="optimum"``: optimum-onnx's exporter, fp32).
 """
 from ..errors import ExportError
 

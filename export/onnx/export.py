@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import ExportError
 
 FORMS = ("portable", "ort")
+EXPORTERS = ("kiln", "optimum")
 FUSED_OPSET = 23  # RMSNormalization / RotaryEmbedding / Attention
 PLAIN_OPSET = 21  # the same math in plain ops (INT4 blocked DequantizeLinear needs 21)
 DEFAULT_OPSET = FUSED_OPSET
@@ -54,7 +55,8 @@ def rope_tables(model, arch) -> tuple[np.ndarray, np.ndarray]:
     rtype = (arch.rope_scaling or {}).get("rope_type", (arch.rope_scaling or {}).get("type", "default"))
     if rtype not in STATIC_ROPE:
         raise ExportError(f"rope_scaling type {rtype!r} depends on the sequence length at run time and is not "
-                          f"supported by the ONNX exporter; supported: {', '.join(STATIC_ROPE)}")
+                          f"supported by the ONNX exporter; supported: {', '.join(STATIC_ROPE)} "
+                          f"(an fp32 source can go through --exporter optimum)")
     rot = model.model.rotary_emb
     pos = torch.arange(arch.max_position, dtype=torch.int64)[None]
     with torch.no_grad():
@@ -89,13 +91,25 @@ def _write_side_files(tmp: Path, model, tok) -> None:
 
 
 def export_onnx(source, out, *, form: str = "portable", opset: int | None = None, validate: bool = True,
-                force: bool = False, progress: bool = False, before_rename=None):
+                force: bool = False, progress: bool = False, before_rename=None, exporter: str = "kiln",
+                optimum_python: str | None = None):
     """Build ``out`` (model.onnx + model.onnx.data + tokenizer + kiln.json) from ``source``.
 
     ``source`` is anything ``compress.load_model`` accepts (alias, .gguf, HF dir, llmkiln checkpoint, SourceInfo).
-    Returns the written Manifest. Raises ExportError (or CompressError for an unloadable source).
+    ``exporter="optimum"`` runs optimum-onnx's exporter in the interpreter ``optimum_python`` instead of the
+    builder (fp32 only; see optimum_fallback). Returns the written Manifest. Raises ExportError (or
+    CompressError for an unloadable source).
     """
     cfg = OnnxExportConfig(form=form, opset=opset, validate=validate, force=force)
+    if exporter not in EXPORTERS:
+        raise ExportError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    if exporter == "optimum":
+        if opset is not None:
+            raise ExportError("--opset applies to --exporter kiln; optimum chooses its own opset")
+        from .optimum_fallback import export_with_optimum
+
+        return export_with_optimum(source, out, validate=validate, force=force, progress=progress,
+                                   optimum_python=optimum_python, before_rename=before_rename)
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
@@ -120,7 +134,8 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
         raise ExportError(f"{out}: output would overwrite the source; choose another -o")
     arch = architecture_from_config(model.config)
     if arch.hidden_act != "silu":
-        raise ExportError(f"hidden_act {arch.hidden_act!r} is not supported by the ONNX exporter (silu only)")
+        raise ExportError(f"hidden_act {arch.hidden_act!r} is not supported by the ONNX exporter (silu only; "
+                          "an fp32 source can go through --exporter optimum)")
     if arch.heads % arch.kv_heads:
         raise ExportError(f"heads {arch.heads} not divisible by kv_heads {arch.kv_heads}")
     scheme = _scheme(info)

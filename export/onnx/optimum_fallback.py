@@ -1,0 +1,199 @@
+"""``--exporter optimum``: an fp32 ONNX artifact made by optimum-onnx's exporter instead of our graph builder.
+
+optimum-onnx pins transformers 4.x, so it runs in its own interpreter (``--optimum-python`` or
+$KILN_OPTIMUM_PYTHON) as ``PY -m optimum.commands.optimum_cli export onnx --task text-generation-with-past``.
+Its traced graph is checked against the IO contract (DESIGN.md "ONNX graph"), its symbolic dims renamed to the
+contract's, re-saved with the weights in model.onnx.data, then validated against the torch model of the same
+source exactly like the builder's graph and written atomically with the same kiln.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import ExportError
+
+ENV = "KILN_OPTIMUM_PYTHON"
+REQUIREMENTS = "torch==2.13.0 optimum==2.1.0 optimum-onnx==0.1.0 transformers==4.57.6 onnxruntime"
+HOW = (f"create one with `python3 -m venv .venv-optimum && .venv-optimum/bin/pip install {REQUIREMENTS}` "
+       f"and pass --optimum-python .venv-optimum/bin/python (or set {ENV})")
+TASK = "text-generation-with-past"
+# optimum's symbolic dim names -> the contract's (the names kiln.json `io` uses)
+DIMS = {"batch_size": "batch", "sequence_length": "seq", "past_sequence_length": "past_seq",
+        "past_sequence_length + sequence_length": "total_seq"}
+DTYPES = {"int64": 7, "float32": 1}  # onnx.TensorProto codes
+
+
+def optimum_interpreter(path: str | None = None) -> str:
+    """The Python that has optimum-onnx: ``path``, else $KILN_OPTIMUM_PYTHON (not resolved: a venv's python
+    is a symlink that must stay one)."""
+    path = path or os.environ.get(ENV)
+    if not path:
+        raise ExportError(f"--exporter optimum runs optimum-onnx in a separate Python (it needs transformers 4.x) "
+                          f"and none is configured: {HOW}")
+    exe = shutil.which(str(Path(path).expanduser()))
+    if exe is None:
+        raise ExportError(f"{path}: not an executable Python; {HOW}")
+    return exe
+
+
+def refuse_quantized(info) -> None:
+    qp = info.manifest.quant_pass() if info.manifest is not None else None
+    if qp is not None:
+        scheme = qp.get("config", {}).get("scheme", "?")
+        raise ExportError(f"{info.path} is a quantized checkpoint ({scheme}); --exporter optimum exports fp32 "
+                          "only: use --exporter kiln for it, or export the unquantized source")
+
+
+def hf_input(hf: Path, work: Path) -> Path:
+    """The HF dir optimum reads. Transformers 5 keeps rope_theta (and a non-default rope type) only in
+    rope_parameters, which transformers 4.x ignores (it would fall back to theta 10000): then a copy of
+    the dir, weights symlinked, with rope_theta / rope_scaling written back. The input is never modified."""
+    cfg = json.loads((hf / "config.json").read_text())
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" not in rope:
+        return hf
+    scaled = rope.get("rope_type", "default") != "default"
+    if "rope_theta" in cfg and (cfg.get("rope_scaling") or not scaled):
+        return hf
+    cfg["rope_theta"] = rope["rope_theta"]
+    if scaled and not cfg.get("rope_scaling"):
+        cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    src = work / "model"
+    src.mkdir()
+    for f in hf.iterdir():
+        if f.name != "config.json":
+            (src / f.name).symlink_to(f.resolve())
+    (src / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return src
+
+
+def run_optimum(python: str, model_dir: Path, out_dir: Path) -> Path:
+    """Run optimum's exporter into ``out_dir``; returns its model.onnx."""
+    cmd = [python, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model", str(model_dir),
+           "--task", TASK, str(out_dir)]
+    # its own packages only, and no hub look-ups for a model on disk
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    try:
+        p = subprocess.run(cmd, cwd=str(out_dir.parent), env=env, capture_output=True, text=True, check=False,
+                           stdin=subprocess.DEVNULL)
+    except OSError as e:
+        raise ExportError(f"cannot run {python} ({e}); {HOW}") from None
+    onnx_path = out_dir / "model.onnx"
+    if p.returncode == 0 and onnx_path.is_file():
+        return onnx_path
+    err = p.stderr or p.stdout or ""
+    if "No module named 'optimum" in err:
+        raise ExportError(f"{python} has no optimum-onnx; {HOW}")
+    tail = " ".join(err.split())[-400:]
+    raise ExportError(f"optimum's exporter failed (exit {p.returncode}, {python}): ...{tail}")
+
+
+def _shape(v) -> list:
+    return [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None)
+            for d in v.type.tensor_type.shape.dim]
+
+
+def conform_io(model, spec: dict) -> None:
+    """Check optimum's graph against the contract (names, output order, dtypes, fixed dims, dynamic axes) and
+    rename its symbolic dims to the contract's; one-line ExportError when it differs."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    want_in = [x["name"] for x in spec["inputs"]]
+    want_out = [x["name"] for x in spec["outputs"]]
+    have_in = [i.name for i in g.input if i.name not in inits]
+    have_out = [o.name for o in g.output]
+    where = "optimum's graph does not follow the llmkiln IO contract (DESIGN.md 'ONNX graph')"
+    if set(have_in) != set(want_in) or set(have_out) != set(want_out):
+        missing = [n for n in want_in + want_out if n not in have_in + have_out]
+        extra = [n for n in have_in + have_out if n not in want_in + want_out]
+        raise ExportError(f"{where}: missing {', '.join(missing[:4]) or 'nothing'}, "
+                          f"unexpected {', '.join(extra[:4]) or 'nothing'}")
+    if have_out != want_out:
+        raise ExportError(f"{where}: outputs in the order {', '.join(have_out[:3])} ..., expected "
+                          f"{', '.join(want_out[:3])} ...")
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in DIMS:
+                d.dim_param = DIMS[d.dim_param]
+    vis = {v.name: v for v in list(g.input) + list(g.output)}
+    for x in spec["inputs"] + spec["outputs"]:
+        v = vis[x["name"]]
+        have = _shape(v)
+        if v.type.tensor_type.elem_type != DTYPES[x["dtype"]] or have != x["shape"]:
+            raise ExportError(f"{where}: {x['name']} is {v.type.tensor_type.elem_type}{have}, expected "
+                              f"{x['dtype']}{x['shape']}")
+
+
+def export_with_optimum(source, out, *, validate: bool = True, force: bool = False, progress: bool = False,
+                        optimum_python: str | None = None, before_rename=None):
+    """``export_onnx(..., exporter="optimum")``: see the module doc. Returns the written Manifest."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    from compress.checkpoint import source_record
+    from compress.loading import architecture_from_config, load_model
+    from compress.sources import SourceInfo, resolve
+    from runtime.fsutil import atomic_dir
+    from runtime.manifest import Manifest
+
+    from .decoder import io_spec
+    from .export import _check_graph, _write_side_files
+
+    t0 = time.perf_counter()
+    info = source if isinstance(source, SourceInfo) else resolve(str(source), quiet=not progress)
+    refuse_quantized(info)
+    python = optimum_interpreter(optimum_python)
+    model, tok, info = load_model(info, quiet=not progress)
+    if info.path is not None and Path(info.path).resolve() == out.resolve():
+        raise ExportError(f"{out}: output would overwrite the source; choose another -o")
+    arch = architecture_from_config(model.config)
+    hf = Path(info.extra.get("converted") or info.path)
+    spec = io_spec(arch)
+    t_load = time.perf_counter() - t0
+
+    import onnx
+
+    with atomic_dir(out, force=force, error=ExportError) as tmp:
+        work = tmp / ".optimum"  # optimum's own output and the patched config; removed before kiln.json
+        work.mkdir()
+        if progress:
+            print(f"llmkiln: exporting {hf} with optimum-onnx ({python})", file=sys.stderr, flush=True)
+        traced = run_optimum(python, hf_input(hf, work), work / "onnx")
+        g = onnx.load(str(traced))
+        conform_io(g, spec)
+        opset = next((o.version for o in g.opset_import if o.domain in ("", "ai.onnx")), None)
+        for k, v in {"exporter": "optimum", "scheme": "fp32", "form": "portable"}.items():
+            e = g.metadata_props.add()
+            e.key, e.value = k, v
+        onnx_path = tmp / "model.onnx"
+        onnx.save_model(g, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data")
+        del g
+        shutil.rmtree(work)
+        _check_graph(onnx_path)
+        t_export = time.perf_counter() - t0 - t_load
+        _write_side_files(tmp, model, tok)
+        validation = None
+        if validate:
+            from .validate import validate as run_validation
+
+            validation = run_validation(model, tok, onnx_path, arch, "fp32")
+        t_val = time.perf_counter() - t0 - t_load - t_export
+        io = spec | {"form": "portable", "opset": opset, "scheme": "fp32", "external_data": "model.onnx.data",
+                     "exporter": "optimum"}
+        passes = list(info.manifest.passes) if info.manifest is not None else []
+        manifest = Manifest(kind="onnx", architecture=arch, source=source_record(info), passes=passes, io=io,
+                            validation=validation or {"skipped": True, "passed": None})
+        manifest.record_files(tmp)
+        manifest.save(tmp)
+        if before_rename is not None:
+            before_rename(tmp, manifest)
+    manifest.timings = {"load_s": round(t_load, 3), "export_s": round(t_export, 3), "validate_s": round(t_val, 3)}
+    return manifest
