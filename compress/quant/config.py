@@ -138,8 +138,16 @@ class Fp8(_ActQuant):
 
 @dataclass(frozen=True)
 class SmoothQuantInt8(_ActQuant):
-    """INT8 weights per channel after SmoothQuant, INT8 static per-tensor activations (TensorRT)."""
+    """INT8 weights per channel after SmoothQuant, INT8 static per-tensor activations (TensorRT).
 
+    Defaults measured on SmolLM2-135M (pydoc ratio, 16 calibration windows): alpha 0.8 (or none, per layer
+    group), static scale at the calibration max, GPTQ weights: 1.0248; the same without GPTQ 1.0333; the
+    full alpha grid with clipping chosen by sampled output MSE 1.0524 (it fits the sample, not the text).
+    """
+
+    alphas: tuple = (0.8,)
+    clips: tuple = (1.0,)
+    gptq: bool = True
     scheme = "int8-sq"
     act = "int8"
     weight = "int8"
