@@ -90,6 +90,22 @@ def _write_side_files(tmp: Path, model, tok) -> None:
             pass
 
 
+def load_source(source, out: Path, force: bool, progress: bool, check):
+    """Refuse an existing ``out`` without ``force``, resolve ``source``, run ``check(info)`` before the weights
+    load, load it and refuse an ``out`` that is the source itself. Returns (model, tokenizer, info, arch)."""
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    from compress.loading import architecture_from_config, load_model
+    from compress.sources import SourceInfo, resolve
+
+    info = source if isinstance(source, SourceInfo) else resolve(str(source), quiet=not progress)
+    check(info)
+    model, tok, info = load_model(info, quiet=not progress)
+    if info.path is not None and Path(info.path).resolve() == out.resolve():
+        raise ExportError(f"{out}: output would overwrite the source; choose another -o")
+    return model, tok, info, architecture_from_config(model.config)
+
+
 def export_onnx(source, out, *, form: str = "portable", opset: int | None = None, validate: bool = True,
                 force: bool = False, progress: bool = False, before_rename=None, exporter: str = "kiln",
                 optimum_python: str | None = None):
@@ -111,28 +127,16 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
         return export_with_optimum(source, out, validate=validate, force=force, progress=progress,
                                    optimum_python=optimum_python, before_rename=before_rename)
     out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
     from compress.checkpoint import source_record
-    from compress.loading import architecture_from_config, load_model
     from runtime.fsutil import atomic_dir
     from runtime.manifest import Manifest
 
     from .decoder import build_decoder, io_spec
     from .graph import GraphBuilder
-    from .weights import weights_for
-
-    from compress.sources import SourceInfo, resolve
-
-    from .weights import precheck
+    from .weights import precheck, weights_for
 
     t0 = time.perf_counter()
-    info = source if isinstance(source, SourceInfo) else resolve(str(source), quiet=not progress)
-    precheck(info)
-    model, tok, info = load_model(info, quiet=not progress)
-    if info.path is not None and Path(info.path).resolve() == out.resolve():
-        raise ExportError(f"{out}: output would overwrite the source; choose another -o")
-    arch = architecture_from_config(model.config)
+    model, tok, info, arch = load_source(source, out, force, progress, precheck)
     if arch.hidden_act != "silu":
         raise ExportError(f"hidden_act {arch.hidden_act!r} is not supported by the ONNX exporter (silu only; "
                           "an fp32 source can go through --exporter optimum)")

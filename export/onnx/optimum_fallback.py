@@ -135,25 +135,21 @@ def export_with_optimum(source, out, *, validate: bool = True, force: bool = Fal
                         optimum_python: str | None = None, before_rename=None):
     """``export_onnx(..., exporter="optimum")``: see the module doc. Returns the written Manifest."""
     out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
     from compress.checkpoint import source_record
-    from compress.loading import architecture_from_config, load_model
-    from compress.sources import SourceInfo, resolve
     from runtime.fsutil import atomic_dir
     from runtime.manifest import Manifest
 
     from .decoder import io_spec
-    from .export import _check_graph, _write_side_files
+    from .export import _check_graph, _write_side_files, load_source
 
     t0 = time.perf_counter()
-    info = source if isinstance(source, SourceInfo) else resolve(str(source), quiet=not progress)
-    refuse_quantized(info)
+
+    def check(info):  # both before the weights load
+        refuse_quantized(info)
+        optimum_interpreter(optimum_python)
+
+    model, tok, info, arch = load_source(source, out, force, progress, check)
     python = optimum_interpreter(optimum_python)
-    model, tok, info = load_model(info, quiet=not progress)
-    if info.path is not None and Path(info.path).resolve() == out.resolve():
-        raise ExportError(f"{out}: output would overwrite the source; choose another -o")
-    arch = architecture_from_config(model.config)
     hf = Path(info.extra.get("converted") or info.path)
     spec = io_spec(arch)
     t_load = time.perf_counter() - t0
