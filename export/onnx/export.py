@@ -90,6 +90,29 @@ def _write_side_files(tmp: Path, model, tok) -> None:
             pass
 
 
+def write_artifact(tmp: Path, model, tok, info, arch, onnx_path: Path, scheme: str, io: dict, validate: bool,
+                   before_rename=None):
+    """Everything after the graph: tokenizer and generation config, self-validation (unless ``validate`` is
+    False), kiln.json with the files' checksums, then ``before_rename(tmp, manifest)``. Returns the Manifest."""
+    from compress.checkpoint import source_record
+    from runtime.manifest import Manifest
+
+    _write_side_files(tmp, model, tok)
+    validation = None
+    if validate:
+        from .validate import validate as run_validation
+
+        validation = run_validation(model, tok, onnx_path, arch, scheme)
+    passes = list(info.manifest.passes) if info.manifest is not None else []
+    manifest = Manifest(kind="onnx", architecture=arch, source=source_record(info), passes=passes, io=io,
+                        validation=validation or {"skipped": True, "passed": None})
+    manifest.record_files(tmp)
+    manifest.save(tmp)
+    if before_rename is not None:
+        before_rename(tmp, manifest)
+    return manifest
+
+
 def load_source(source, out: Path, force: bool, progress: bool, check):
     """Refuse an existing ``out`` without ``force``, resolve ``source``, run ``check(info)`` before the weights
     load, load it and refuse an ``out`` that is the source itself. Returns (model, tokenizer, info, arch)."""
@@ -127,9 +150,7 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
         return export_with_optimum(source, out, validate=validate, force=force, progress=progress,
                                    optimum_python=optimum_python, before_rename=before_rename)
     out = Path(out)
-    from compress.checkpoint import source_record
     from runtime.fsutil import atomic_dir
-    from runtime.manifest import Manifest
 
     from .decoder import build_decoder, io_spec
     from .graph import GraphBuilder
@@ -166,21 +187,9 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
                 bar.close()
         _check_graph(onnx_path)
         t_build = time.perf_counter() - t0 - t_load
-        _write_side_files(tmp, model, tok)
-        validation = None
-        if cfg.validate:
-            from .validate import validate as run_validation
-
-            validation = run_validation(model, tok, onnx_path, arch, scheme)
-        t_val = time.perf_counter() - t0 - t_load - t_build
         io = io_spec(arch) | {"form": cfg.form, "opset": cfg.resolved_opset, "scheme": scheme,
                               "external_data": "model.onnx.data"}
-        passes = list(info.manifest.passes) if info.manifest is not None else []
-        manifest = Manifest(kind="onnx", architecture=arch, source=source_record(info), passes=passes, io=io,
-                            validation=validation or {"skipped": True, "passed": None})
-        manifest.record_files(tmp)
-        manifest.save(tmp)
-        if before_rename is not None:
-            before_rename(tmp, manifest)
+        manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, scheme, io, cfg.validate, before_rename)
+        t_val = time.perf_counter() - t0 - t_load - t_build
     manifest.timings = {"load_s": round(t_load, 3), "build_s": round(t_build, 3), "validate_s": round(t_val, 3)}
     return manifest

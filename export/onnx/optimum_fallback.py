@@ -135,12 +135,10 @@ def export_with_optimum(source, out, *, validate: bool = True, force: bool = Fal
                         optimum_python: str | None = None, before_rename=None):
     """``export_onnx(..., exporter="optimum")``: see the module doc. Returns the written Manifest."""
     out = Path(out)
-    from compress.checkpoint import source_record
     from runtime.fsutil import atomic_dir
-    from runtime.manifest import Manifest
 
     from .decoder import io_spec
-    from .export import _check_graph, _write_side_files, load_source
+    from .export import _check_graph, load_source, write_artifact
 
     t0 = time.perf_counter()
 
@@ -175,21 +173,9 @@ def export_with_optimum(source, out, *, validate: bool = True, force: bool = Fal
         shutil.rmtree(work)
         _check_graph(onnx_path)
         t_export = time.perf_counter() - t0 - t_load
-        _write_side_files(tmp, model, tok)
-        validation = None
-        if validate:
-            from .validate import validate as run_validation
-
-            validation = run_validation(model, tok, onnx_path, arch, "fp32")
-        t_val = time.perf_counter() - t0 - t_load - t_export
         io = spec | {"form": "portable", "opset": opset, "scheme": "fp32", "external_data": "model.onnx.data",
                      "exporter": "optimum"}
-        passes = list(info.manifest.passes) if info.manifest is not None else []
-        manifest = Manifest(kind="onnx", architecture=arch, source=source_record(info), passes=passes, io=io,
-                            validation=validation or {"skipped": True, "passed": None})
-        manifest.record_files(tmp)
-        manifest.save(tmp)
-        if before_rename is not None:
-            before_rename(tmp, manifest)
+        manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, "fp32", io, validate, before_rename)
+        t_val = time.perf_counter() - t0 - t_load - t_export
     manifest.timings = {"load_s": round(t_load, 3), "export_s": round(t_export, 3), "validate_s": round(t_val, 3)}
     return manifest
