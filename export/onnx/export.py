@@ -91,13 +91,17 @@ def _write_side_files(tmp: Path, model, tok) -> None:
 
 
 def write_artifact(tmp: Path, model, tok, info, arch, onnx_path: Path, scheme: str, io: dict, validate: bool,
-                   before_rename=None):
-    """Everything after the graph: tokenizer and generation config, self-validation (unless ``validate`` is
-    False), kiln.json with the files' checksums, then ``before_rename(tmp, manifest)``. Returns the Manifest."""
+                   before_rename=None, direct=None):
+    """Everything after the graph: tokenizer and generation config (copied from ``direct``'s dir when the
+    graph was read from the files), self-validation (unless ``validate`` is False), kiln.json with the files'
+    checksums, then ``before_rename(tmp, manifest)``. Returns the Manifest."""
     from compress.checkpoint import source_record
     from runtime.manifest import Manifest
 
-    _write_side_files(tmp, model, tok)
+    if direct is not None:
+        direct.copy_side_files(tmp)
+    else:
+        _write_side_files(tmp, model, tok)
     validation = None
     if validate:
         from .validate import validate as run_validation
@@ -113,20 +117,37 @@ def write_artifact(tmp: Path, model, tok, info, arch, onnx_path: Path, scheme: s
     return manifest
 
 
-def load_source(source, out: Path, force: bool, progress: bool, check):
-    """Refuse an existing ``out`` without ``force``, resolve ``source``, run ``check(info)`` before the weights
-    load, load it and refuse an ``out`` that is the source itself. Returns (model, tokenizer, info, arch)."""
+def _refuse_overwrite(out: Path, *paths) -> None:
+    for p in paths:
+        if p is not None and Path(p).resolve() == out.resolve():
+            raise ExportError(f"{out}: output would overwrite the source; choose another -o")
+
+
+def resolve_source(source, out: Path, force: bool, progress: bool, check):
+    """Refuse an existing ``out`` without ``force``, resolve ``source``, run ``check(info)`` (before any weights
+    load) and refuse an ``out`` that is the source itself. Returns the SourceInfo."""
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
-    from compress.loading import architecture_from_config, load_model
     from compress.sources import SourceInfo, resolve
 
     info = source if isinstance(source, SourceInfo) else resolve(str(source), quiet=not progress)
     check(info)
+    _refuse_overwrite(out, info.path)
+    return info
+
+
+def load_torch(info, out: Path, progress: bool):
+    """Load the torch model of a resolved source. Returns (model, tokenizer, info, arch)."""
+    from compress.loading import architecture_from_config, load_model
+
     model, tok, info = load_model(info, quiet=not progress)
-    if info.path is not None and Path(info.path).resolve() == out.resolve():
-        raise ExportError(f"{out}: output would overwrite the source; choose another -o")
+    _refuse_overwrite(out, info.path, info.extra.get("converted"))
     return model, tok, info, architecture_from_config(model.config)
+
+
+def load_source(source, out: Path, force: bool, progress: bool, check):
+    """resolve_source + load_torch. Returns (model, tokenizer, info, arch)."""
+    return load_torch(resolve_source(source, out, force, progress, check), out, progress)
 
 
 def export_onnx(source, out, *, form: str = "portable", opset: int | None = None, validate: bool = True,
@@ -154,20 +175,36 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
 
     from .decoder import build_decoder, io_spec
     from .graph import GraphBuilder
-    from .weights import precheck, weights_for
+    from .direct import DIRECT_ROPE, direct_source, rope_tables_numpy, rope_type
+    from .weights import Weights, precheck, weights_for
 
     t0 = time.perf_counter()
-    model, tok, info, arch = load_source(source, out, force, progress, precheck)
+    info = resolve_source(source, out, force, progress, precheck)
+    # float weights are read straight from the safetensors files (no torch import without validation);
+    # the torch model is loaded only to validate against it, or for sources the direct reader declines
+    direct = direct_source(info)
+    model = tok = None
+    if direct is None or cfg.validate:
+        model, tok, info, arch = load_torch(info, out, progress)
+        if direct is not None and direct.arch != arch:
+            direct = None  # config.json read differently than transformers reads it: take its tensors instead
+    if direct is not None:
+        arch = direct.arch
+        _refuse_overwrite(out, direct.root)
     if arch.hidden_act != "silu":
         raise ExportError(f"hidden_act {arch.hidden_act!r} is not supported by the ONNX exporter (silu only; "
                           "an fp32 source can go through --exporter optimum)")
     if arch.heads % arch.kv_heads:
         raise ExportError(f"heads {arch.heads} not divisible by kv_heads {arch.kv_heads}")
     scheme = _scheme(info)
-    w = weights_for(model, info)
     if scheme == "int4" and cfg.resolved_opset < 21:
         raise ExportError("int4 needs opset >= 21 (INT4 blocked DequantizeLinear)")
-    cos, sin = rope_tables(model, arch)
+    if direct is not None:
+        w = Weights(str(info.path), direct.tensors)
+        cos, sin = rope_tables_numpy(arch)
+    else:
+        w = weights_for(model, info)
+        cos, sin = rope_tables_numpy(arch) if rope_type(arch) in DIRECT_ROPE else rope_tables(model, arch)
     t_load = time.perf_counter() - t0
 
     bar = None
@@ -189,7 +226,9 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
         t_build = time.perf_counter() - t0 - t_load
         io = io_spec(arch) | {"form": cfg.form, "opset": cfg.resolved_opset, "scheme": scheme,
                               "external_data": "model.onnx.data"}
-        manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, scheme, io, cfg.validate, before_rename)
+        manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, scheme, io, cfg.validate, before_rename,
+                                  direct=direct)
         t_val = time.perf_counter() - t0 - t_load - t_build
-    manifest.timings = {"load_s": round(t_load, 3), "build_s": round(t_build, 3), "validate_s": round(t_val, 3)}
+    manifest.timings = {"load_s": round(t_load, 3), "build_s": round(t_build, 3), "validate_s": round(t_val, 3),
+                        "weights_from": "safetensors files" if direct is not None else "torch model"}
     return manifest

@@ -136,6 +136,22 @@ def expected_shapes(arch, layers: dict | None) -> dict:
     return shapes
 
 
+def _arch_of(path: Path):
+    """The architecture from config.json alone when it spells every field out, else through transformers."""
+    import json
+
+    from compress.loading import architecture_from_config
+
+    from .direct import config_namespace
+
+    ns = config_namespace(json.loads((path / "config.json").read_text()))
+    if ns is None:
+        from transformers import AutoConfig
+
+        ns = AutoConfig.from_pretrained(str(path))
+    return architecture_from_config(ns)
+
+
 def precheck(info) -> None:
     """Before any model is loaded: every tensor the graph needs is in the safetensors files with its shape.
     (Transformers would silently re-initialize a missing tensor and reports a wrong shape without its name.)"""
@@ -147,11 +163,7 @@ def precheck(info) -> None:
     if not files:
         return
     try:
-        from transformers import AutoConfig
-
-        from compress.loading import architecture_from_config
-
-        arch = architecture_from_config(AutoConfig.from_pretrained(str(info.path)))
+        arch = _arch_of(Path(info.path))
     except ExportError:
         raise
     except Exception:
@@ -162,7 +174,7 @@ def precheck(info) -> None:
     have = {}
     for f in files:
         try:
-            with safe_open(str(f), framework="pt") as h:
+            with safe_open(str(f), framework="np") as h:
                 for k in h.keys():
                     have[k] = tuple(h.get_slice(k).get_shape())
         except Exception:
