@@ -1,13 +1,14 @@
 """What one SmolLM2-135M decode step costs in ONNX Runtime's weight-only matmul kernels alone.
 
-    .venv/bin/python -m benchmarks.matmul_floor [--threads 2] [--bits 8,4] [--block 32]
+    .venv/bin/python -m benchmarks.matmul_floor [--threads 2] [--bits 8,4,32] [--block 32]
 
 Builds a graph of nothing but the step's MatMulNBits nodes (the kernel ORT runs for DequantizeLinear ->
 MatMul of int8/int4 weights, accuracy level 4), with SmolLM2's shapes and random codes, and times one
 batch-1 pass over all of them (median of 5 x 20 passes), per layer as the checkpoint has them (q, k, v, o,
 gate, up, down: 7 per layer) and with q/k/v and gate/up stacked (4 per layer), lm_head included.
 Compare with `kiln bench`'s decode time per token: the rest of the step is attention, norms, RoPE and
-residuals.
+residuals. ``--bits 32`` times plain float32 MatMul nodes of the same shapes (the fp32 artifact's floor,
+which streams about 540 MB of weights per step).
 """
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def time_step(bits: int, block: int, stacked: bool, threads: int) -> float:
     rng = np.random.default_rng(0)
     nodes, inits, outs = [], [], []
     for i, (k, n) in enumerate(step_shapes(stacked)):
+        if bits == 32:  # plain float32 MatMul: what the fp32 artifact runs
+            inits.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) * 0.02, f"w{i}"))
+            nodes.append(helper.make_node("MatMul", ["x" if k == H else "x_inter", f"w{i}"], [f"y{i}"]))
+            outs.append(f"y{i}")
+            continue
         nb = (k + block - 1) // block
         inits.append(numpy_helper.from_array(rng.integers(0, 255, (n, nb, block * bits // 8), dtype=np.uint8), f"w{i}"))
         inits.append(numpy_helper.from_array((rng.random(n * nb, dtype=np.float32) * 0.01), f"s{i}"))
@@ -63,7 +69,7 @@ def time_step(bits: int, block: int, stacked: bool, threads: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bits", default="8,4")
+    ap.add_argument("--bits", default="8,4,32")
     ap.add_argument("--block", type=int, default=32)
     args = ap.parse_args(argv)
     for bits in (int(b) for b in args.bits.split(",")):
