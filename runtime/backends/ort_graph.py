@@ -1,4 +1,5 @@
-"""Load-time graph edit: let the caller choose which positions the lm_head computes logits for.
+"""Load-time graph edits: let the caller choose which positions the lm_head computes logits for, and give
+ONNX Runtime's int4 kernel blocks of 32 (reblock_weights).
 
 The ONNX contract returns logits for every position ([B, S, vocab]). Prefill only needs the last one, and for
 a 512-token prompt the lm_head over all positions is ~10% of the work and a 100 MB buffer. This inserts
@@ -11,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 POSITIONS = "logits_positions"
+MATMULNBITS_BLOCK = 32
 _MATMULS = {"MatMul", "Gemm", "MatMulNBits", "MatMulInteger"}
 _AFTER = {"Reshape", "Cast", "Identity", "Mul", "Add", "Div"}  # between the lm_head product and `logits`
 _BEFORE = {"Reshape", "Cast", "Identity", "QuantizeLinear", "DequantizeLinear"}  # between hidden and product
@@ -62,8 +64,49 @@ def _inline_small(graph, base: Path, limit: int = 1 << 16) -> None:
             del t.external_data[:]
 
 
+def reblock_weights(graph, base: Path, block: int = MATMULNBITS_BLOCK) -> int:
+    """Rewrite blocked ``DequantizeLinear`` weights (INT4 groups of 64/128) to blocks of ``block`` by repeating
+    each scale (and zero point), brought inline: the same dequantized weights, so the same graph math.
+    ONNX Runtime's CPU ``MatMulNBits`` kernel (accuracy level 4) quantizes activations to int8 in blocks of the
+    weight's block size; at 128 that cost SmolLM2's GPTQ int4 artifact +0.82% perplexity against its checkpoint,
+    at 32 +0.03% (decode speed within run-to-run noise). The artifact on disk keeps its groups for TensorRT.
+    Returns how many nodes were changed."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    inits = {t.name: t for t in graph.initializer}
+    shared = [n for node in graph.node for n in node.input[1:3]]
+    done = {n for n in set(shared) if shared.count(n) > 1}  # never repeat a tensor two nodes read
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 2:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        size = attrs["block_size"].i if "block_size" in attrs else 0
+        w = inits.get(node.input[0])
+        if size <= block or size % block or w is None or w.data_type not in (TensorProto.INT4, TensorProto.UINT4):
+            continue
+        axis = attrs["axis"].i if "axis" in attrs else 1
+        params = [inits.get(n) for n in node.input[1:3] if n]
+        if any(t is None or t.name in done for t in params):
+            continue  # a computed or shared scale: leave the node as it is
+        for t in params:
+            if t.data_location == TensorProto.EXTERNAL:
+                load_external_data_for_tensor(t, str(base))
+                t.data_location = TensorProto.DEFAULT
+                del t.external_data[:]
+            arr = np.repeat(numpy_helper.to_array(t), size // block, axis=axis % len(t.dims))
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+            done.add(t.name)
+        attrs["block_size"].i = block
+        changed += 1
+    return changed
+
+
 def with_logits_positions(model_path: str | Path) -> bytes | None:
-    """The serialized graph with a ``logits_positions`` input, or None when it cannot be added."""
+    """The serialized graph with a ``logits_positions`` input (and int4 weights re-blocked, reblock_weights),
+    or None when neither edit applies."""
     try:
         import onnx
         from onnx import TensorProto, helper
@@ -72,11 +115,13 @@ def with_logits_positions(model_path: str | Path) -> bytes | None:
     model = onnx.load(str(model_path), load_external_data=False)
     g = model.graph
     _inline_small(g, Path(model_path).parent)
+    reblocked = reblock_weights(g, Path(model_path).parent)
+    unchanged = model.SerializeToString() if reblocked else None
     if any(i.name == POSITIONS for i in g.input) or not any(o.name == "logits" for o in g.output):
-        return None
+        return unchanged
     hidden = find_final_hidden(g)
     if hidden is None:
-        return None
+        return unchanged
     picked = hidden + "/kiln_logits_positions"
     gather = helper.make_node("Gather", [hidden, POSITIONS], [picked], axis=1,
                               name="/kiln/logits_positions/Gather")

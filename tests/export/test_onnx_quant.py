@@ -58,14 +58,14 @@ def test_scheme_export_parity(scheme, ckpts, tmp_path):
     if scheme == "int8-dyn":  # per-token fake quant in front: Round(x / s_t) * s_t
         fq = prod[mm.input[0]]
         assert fq.op_type == "Mul" and prod[fq.input[0]].op_type == "Round"
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
-        assert attrs.get("axis") == (0 if scheme == "int4" else 1)
-        if scheme == "int4":
-            assert attrs["block_size"] == m.passes[-1]["layers"]["model.layers.0.mlp.down_proj"]["group_size"]
-        act = prod[mm.input[0]]
-        if scheme in ("fp8", "int8-sq"):
-            assert act.op_type == "DequantizeLinear" and prod[act.input[0]].op_type == "QuantizeLinear"
-            assert "model.layers.0.mlp.down_proj.input_scale" in act.input
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+    assert attrs.get("axis") == (0 if scheme == "int4" else 1)
+    if scheme == "int4":
+        assert attrs["block_size"] == m.passes[-1]["layers"]["model.layers.0.mlp.down_proj"]["group_size"]
+    act = prod[mm.input[0]]
+    if scheme in ("fp8", "int8-sq"):
+        assert act.op_type == "DequantizeLinear" and prod[act.input[0]].op_type == "QuantizeLinear"
+        assert "model.layers.0.mlp.down_proj.input_scale" in act.input
     # tied lm_head quantized: codes stored once (the head's initializer aliases the embedding's bytes) and
     # gathered as codes, never dequantized whole for the embedding
     if scheme != "int4":
