@@ -8,6 +8,7 @@ The metric is max |Δlogits| divided by the torch logit range (max - min) on the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -19,9 +20,10 @@ GREEDY_TOKENS = 32
 # Two checks, both max |Δlogits| / logit range against the torch model of the same checkpoint:
 #  "graph":   ONNX Runtime with basic optimizations only, i.e. the graph's own math (what TensorRT is given);
 #             it must match the (fake-quant) torch model closely for every scheme.
-#  "ort_cpu": ONNX Runtime with all optimizations (what the runtime runs). ORT rewrites DequantizeLinear->MatMul
-#             into MatMulNBits, whose fast CPU kernel (accuracy level 4, ORT's default) quantizes activations to
-#             int8 per block of 32, and QDQ pairs into MatMulIntegerToFloat (u8s8, which can saturate on CPUs
+#  "ort_cpu": ONNX Runtime with all optimizations on the graph as runtime.Engine loads it (what the runtime
+#             runs). ORT rewrites DequantizeLinear->MatMul into MatMulNBits, whose fast CPU kernel (accuracy
+#             level 4, ORT's default) quantizes activations to int8 per block of 32 (int4 weights are re-blocked
+#             to 32 at load for that reason: runtime.backends.ort_graph.reblock_weights), and QDQ pairs into MatMulIntegerToFloat (u8s8, which can saturate on CPUs
 #             without VNNI). So quantized schemes get a looser, per-scheme tolerance, measured on SmolLM2-135M
 #             (int8-wo 0.025, int4 0.043 of the logit range) with margin.
 # Activation quantization (static fp8/int8, per-token int8-dyn) turns last-bit float differences between torch
@@ -60,6 +62,8 @@ def _feeds(ids: np.ndarray, past: list[np.ndarray] | None, arch) -> dict:
 
 
 def ort_session(path, threads: int | None = None, basic: bool = False):
+    """``basic``: the graph as written. Otherwise the graph as runtime.Engine loads it (its load-time edits,
+    all optimizations)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -68,11 +72,25 @@ def ort_session(path, threads: int | None = None, basic: bool = False):
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    model = str(path)
+    if not basic:
+        from runtime.backends.ort_graph import with_logits_positions
+
+        edited = with_logits_positions(path)
+        if edited is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                        str(Path(path).parent))
+            model = edited
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
 def run_ort(sess, ids, past, arch):
-    outs = sess.run(None, _feeds(ids, past, arch))
+    from runtime.backends.ort_graph import POSITIONS
+
+    feeds = _feeds(ids, past, arch)
+    if any(i.name == POSITIONS for i in sess.get_inputs()):
+        feeds[POSITIONS] = np.arange(ids.shape[1], dtype=np.int64)  # logits for every position
+    outs = sess.run(None, feeds)
     return outs[0], outs[1:]
 
 
