@@ -71,13 +71,15 @@ def reblock_weights(graph, base: Path, block: int = MATMULNBITS_BLOCK) -> int:
     weight's block size; at 128 that cost SmolLM2's GPTQ int4 artifact +0.82% perplexity against its checkpoint,
     at 32 +0.03% (decode speed within run-to-run noise). The artifact on disk keeps its groups for TensorRT.
     Returns how many nodes were changed."""
+    from collections import Counter
+
     import numpy as np
     from onnx import TensorProto, numpy_helper
     from onnx.external_data_helper import load_external_data_for_tensor
 
     inits = {t.name: t for t in graph.initializer}
-    shared = [n for node in graph.node for n in node.input[1:3]]
-    done = {n for n in set(shared) if shared.count(n) > 1}  # never repeat a tensor two nodes read
+    uses = Counter(n for node in graph.node for n in node.input[1:3])
+    done = {n for n, k in uses.items() if k > 1}  # never repeat a tensor two nodes read
     changed = 0
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or len(node.input) < 2:
