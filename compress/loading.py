@@ -112,6 +112,23 @@ def _gguf_cache(gguf: Path, sha: str) -> Path:
     return cache_dir() / "converted" / sha[:16]
 
 
+def gguf_sha256(info: SourceInfo) -> str:
+    """The GGUF's sha256 (the alias's published one, else hashed once and kept in ``info.extra``)."""
+    sha = info.extra.get("sha256") or (ALIASES[info.alias].file_sha256 if info.alias else sha256_file(info.path))
+    info.extra["sha256"] = sha
+    return sha
+
+
+def cached_conversion(info: SourceInfo) -> Path | None:
+    """The de-quantized safetensors dir of a GGUF source when it is already cached (recorded in
+    ``info.extra["converted"]`` as load_model does), else None."""
+    out = _gguf_cache(info.path, gguf_sha256(info))
+    if not (out / "config.json").is_file():
+        return None
+    info.extra["converted"] = str(out)
+    return out
+
+
 def _convert_gguf(gguf: Path, sha: str, quiet: bool) -> Path:
     """De-quantize a GGUF with transformers and cache it as a safetensors HF dir."""
     import torch
@@ -166,11 +183,9 @@ def load_model(source: str | SourceInfo, allow_pickle: bool = False, quiet: bool
     """
     info = source if isinstance(source, SourceInfo) else resolve(source, allow_pickle=allow_pickle, quiet=quiet)
     if info.kind == "gguf":
-        sha = ALIASES[info.alias].file_sha256 if info.alias else sha256_file(info.path)
-        conv = _convert_gguf(info.path, sha, quiet)
+        conv = _convert_gguf(info.path, gguf_sha256(info), quiet)
         model, tok = _load_hf_dir(conv)
         info.extra["converted"] = str(conv)
-        info.extra["sha256"] = sha
         return model, tok, info
     if info.kind == "checkpoint":
         from .checkpoint import load_checkpoint

@@ -122,16 +122,9 @@ def _float_root(info) -> Path | None:
     if info.kind == "checkpoint":
         return None if info.manifest is None or info.manifest.quant_pass() is not None else Path(info.path)
     if info.kind == "gguf":
-        from compress.loading import _gguf_cache
-        from compress.sources import ALIASES, sha256_file
+        from compress.loading import cached_conversion
 
-        sha = ALIASES[info.alias].file_sha256 if info.alias else sha256_file(info.path)
-        root = _gguf_cache(info.path, sha)
-        if not (root / "config.json").is_file():
-            return None
-        info.extra["converted"] = str(root)  # what load_model records for a GGUF
-        info.extra["sha256"] = sha
-        return root
+        return cached_conversion(info)
     return None
 
 
