@@ -74,9 +74,9 @@ def ort_session(path, threads: int | None = None, basic: bool = False):
     so.log_severity_level = 3
     model = str(path)
     if not basic:
-        from runtime.backends.ort_graph import with_logits_positions
+        from runtime.backends.ort_graph import edited_graph
 
-        edited = with_logits_positions(path)
+        edited = edited_graph(path)
         if edited is not None:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(Path(path).parent))

@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import EngineError
 from .base import Backend, KVCache, step_inputs
 from .hostcache import HostKVCache
-from .ort_graph import POSITIONS, with_logits_positions
+from .ort_graph import POSITIONS, edited_graph
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 _ONNX_CODE = {np.float32: 1, np.float16: 10, np.int64: 7}  # TensorProto data types (cheaper to bind than dtypes)
@@ -64,7 +64,7 @@ class OnnxRuntimeBackend(Backend):
             raise EngineError(f"ONNX Runtime provider(s) {', '.join(missing)} not available here "
                               f"(available: {', '.join(avail)})")
         try:
-            edited = with_logits_positions(model)
+            edited = edited_graph(model)
         except Exception as e:  # protobuf / onnx errors for a damaged file
             msg = " ".join(str(e).split())[:200]
             raise EngineError(f"{model}: ONNX Runtime cannot load it (not a readable ONNX model: {msg}); "

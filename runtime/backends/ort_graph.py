@@ -4,8 +4,8 @@ ONNX Runtime's int4 kernel blocks of 32 (reblock_weights).
 The ONNX contract returns logits for every position ([B, S, vocab]). Prefill only needs the last one, and for
 a 512-token prompt the lm_head over all positions is ~10% of the work and a 100 MB buffer. This inserts
 ``Gather(hidden, logits_positions, axis=1)`` in front of the lm_head MatMul and adds the int64 input
-``logits_positions [K]``; scoring passes every position, generation the last. The edit touches only the graph
-structure (loaded without the external weights); when the pattern is not found the graph is used as is.
+``logits_positions [K]``; scoring passes every position, generation the last. The graph is loaded without the
+external weights (only int4 scales are read, to re-block them); when no edit applies the file is used as is.
 """
 from __future__ import annotations
 
@@ -106,24 +106,15 @@ def reblock_weights(graph, base: Path, block: int = MATMULNBITS_BLOCK) -> int:
     return changed
 
 
-def with_logits_positions(model_path: str | Path) -> bytes | None:
-    """The serialized graph with a ``logits_positions`` input (and int4 weights re-blocked, reblock_weights),
-    or None when neither edit applies."""
-    try:
-        import onnx
-        from onnx import TensorProto, helper
-    except ImportError:
-        return None
-    model = onnx.load(str(model_path), load_external_data=False)
-    g = model.graph
-    _inline_small(g, Path(model_path).parent)
-    reblocked = reblock_weights(g, Path(model_path).parent)
-    unchanged = model.SerializeToString() if reblocked else None
+def _add_logits_positions(g) -> bool:
+    """Insert the ``logits_positions`` Gather in front of the lm_head; False when the pattern is not found."""
+    from onnx import TensorProto, helper
+
     if any(i.name == POSITIONS for i in g.input) or not any(o.name == "logits" for o in g.output):
-        return unchanged
+        return False
     hidden = find_final_hidden(g)
     if hidden is None:
-        return unchanged
+        return False
     picked = hidden + "/kiln_logits_positions"
     gather = helper.make_node("Gather", [hidden, POSITIONS], [picked], axis=1,
                               name="/kiln/logits_positions/Gather")
@@ -141,6 +132,20 @@ def with_logits_positions(model_path: str | Path) -> bytes | None:
             if len(dims) == 3:
                 dims[1].Clear()
                 dims[1].dim_param = POSITIONS
-    # shapes recorded for the edited path no longer hold
     del g.value_info[:]  # recorded shapes downstream of the edit no longer hold; ORT infers them again
-    return model.SerializeToString()
+    return True
+
+
+def edited_graph(model_path: str | Path) -> bytes | None:
+    """The serialized graph with both load-time edits (int4 re-blocking, the ``logits_positions`` input), or
+    None when neither applies (or onnx is not installed) and the file is used as it is."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load(str(model_path), load_external_data=False)
+    g = model.graph
+    _inline_small(g, Path(model_path).parent)
+    reblocked = reblock_weights(g, Path(model_path).parent)
+    added = _add_logits_positions(g)
+    return model.SerializeToString() if reblocked or added else None

@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from runtime.backends.ort_graph import POSITIONS, reblock_weights, with_logits_positions
+from runtime.backends.ort_graph import POSITIONS, reblock_weights, edited_graph
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_reblocked_graph_keeps_the_weights_and_tightens_the_kernel(int4_art):
     assert _blocks(g) == [64, 128]  # groups of 128, or 64 where 128 does not divide the input dim
     assert reblock_weights(g, int4_art) == 7 * 2  # q k v o gate up down in each of 2 layers
     assert _blocks(g) == [32]
-    edited = with_logits_positions(int4_art / "model.onnx")
+    edited = edited_graph(int4_art / "model.onnx")
     assert _blocks(onnx.load_from_string(edited).graph) == [32]
 
     arch = read_manifest(int4_art).architecture
