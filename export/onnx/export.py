@@ -199,12 +199,9 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
     scheme = _scheme(info)
     if scheme == "int4" and cfg.resolved_opset < 21:
         raise ExportError("int4 needs opset >= 21 (INT4 blocked DequantizeLinear)")
-    if direct is not None:
-        w = Weights(str(info.path), direct.tensors)
-        cos, sin = rope_tables_numpy(arch)
-    else:
-        w = weights_for(model, info)
-        cos, sin = rope_tables_numpy(arch) if rope_type(arch) in DIRECT_ROPE else rope_tables(model, arch)
+    w = Weights(str(info.path), direct.tensors) if direct is not None else weights_for(model, info)
+    # direct sources only have these rope types; yarn and the like take transformers' own tables
+    cos, sin = rope_tables_numpy(arch) if rope_type(arch) in DIRECT_ROPE else rope_tables(model, arch)
     t_load = time.perf_counter() - t0
 
     bar = None
