@@ -11,7 +11,9 @@ from .common import emit_json, stderr
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False),
               help="Artifact dir to create (model.onnx, model.onnx.data, tokenizer, kiln.json).")
 @click.option("--form", type=click.Choice(["portable", "ort"]), default="portable", show_default=True,
-              help="portable: standard ONNX ops + QDQ (TensorRT and ONNX Runtime). ort: not built (see error).")
+              help="portable: standard ONNX ops + QDQ (TensorRT and ONNX Runtime). ort: ONNX Runtime contrib ops "
+                   "(GroupQueryAttention, SkipSimplifiedLayerNormalization, stacked q/k/v), faster decoding on "
+                   "ONNX Runtime CPU; not for TensorRT, not for fp8/int8-sq.")
 @click.option("--opset", type=int, default=None,
               help="23 (default): fused Attention/RotaryEmbedding/RMSNormalization; 21: the same with plain ops.")
 @click.option("--exporter", type=click.Choice(["kiln", "optimum"]), default="kiln", show_default=True,

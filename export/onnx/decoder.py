@@ -6,13 +6,15 @@ IO (docs in DESIGN.md "ONNX graph"):
   -> logits [B,S,vocab] float32, present.{i}.key|value [B,kv_heads,T,head_dim] float32
 
 ``fused=True`` uses the opset-23 ``RMSNormalization`` / ``RotaryEmbedding`` / ``Attention`` ops; otherwise the
-same math is written with plain opset-21 ops. Linear layers and embeddings come from ``qdq``.
+same math is written with plain opset-21 ops. ``form="ort"`` builds the ONNX Runtime form (``ortform``) with
+the same IO. Linear layers and embeddings come from ``qdq``.
 """
 from __future__ import annotations
 
 import numpy as np
 from onnx import TensorProto
 
+from . import ortform
 from .graph import GraphBuilder
 from .qdq import embedding, lm_head, linear
 
@@ -114,8 +116,9 @@ def _attention_plain(b, q, k, v, past_k, past_v, mask, layer, arch, ns) -> tuple
 
 
 def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.ndarray, fused: bool,
-                  progress=None) -> None:
-    """Emit the whole graph into ``b``. rope_cos/sin: [max_position, head_dim/2] float32 (scaling applied)."""
+                  progress=None, form: str = "portable") -> None:
+    """Emit the whole graph into ``b``. rope_cos/sin: [max_position, head_dim/2] float32 (scaling applied).
+    ``form="ort"`` needs ``fused`` (opset 23)."""
     I64 = TensorProto.INT64
     H, nh, kvh, hd = arch.hidden, arch.heads, arch.kv_heads, arch.head_dim
     b.input("input_ids", I64, ["batch", "seq"])
@@ -132,6 +135,8 @@ def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.n
     x = embedding(b, w, arch)  # [B,S,H]
     cos = b.initializer("/model/rotary/cos_cache", rope_cos.astype(np.float32))
     sin = b.initializer("/model/rotary/sin_cache", rope_sin.astype(np.float32))
+    if form == "ort":
+        return _build_ort(b, w, arch, x, cos, sin, progress)
     mask = _masks(b)
     if not fused:
         ns = "/model/rotary"
@@ -179,4 +184,38 @@ def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.n
         if progress is not None:
             progress()
     h = _rmsnorm(b, x, w.get("model.norm.weight", (H,)), arch.rms_eps, "/model/norm", "model.norm.weight", fused)
+    lm_head(b, w, h, arch)
+
+
+def _build_ort(b: GraphBuilder, w, arch, x: str, cos: str, sin: str, progress) -> None:
+    """The layers and head in the ONNX Runtime form (see ``ortform``); residual adds ride in the norms."""
+    H, nh, kvh, hd = arch.hidden, arch.heads, arch.kv_heads, arch.head_dim
+    gqa = ortform.gqa_inputs(b)
+    stacked = ortform.StackedQKV(w, (nh * hd, kvh * hd, kvh * hd))
+    delta = None  # the branch output still to be added to the residual stream x
+    for i in range(arch.layers):
+        p, ns = f"model.layers.{i}", f"/model/layers.{i}"
+        wn = w.get(f"{p}.input_layernorm.weight", (H,))
+        if delta is None:
+            h = _rmsnorm(b, x, wn, arch.rms_eps, f"{ns}/input_layernorm", f"{p}.input_layernorm.weight", True)
+        else:
+            h, x = ortform.skip_rmsnorm(b, x, delta, wn, f"{p}.input_layernorm.weight", arch.rms_eps,
+                                        f"{ns}/input_layernorm")
+        o = ortform.attention(b, w, stacked, h, i, arch, cos, sin, gqa, f"{ns}/attn")
+        o = linear(b, w, o, f"{p}.self_attn.o_proj", nh * hd, H, f"{ns}/attn/o_proj")
+        h, x = ortform.skip_rmsnorm(b, x, o, w.get(f"{p}.post_attention_layernorm.weight", (H,)),
+                                    f"{p}.post_attention_layernorm.weight", arch.rms_eps,
+                                    f"{ns}/post_attention_layernorm")
+        g = linear(b, w, h, f"{p}.mlp.gate_proj", H, arch.intermediate, f"{ns}/mlp/gate_proj")
+        u = linear(b, w, h, f"{p}.mlp.up_proj", H, arch.intermediate, f"{ns}/mlp/up_proj")
+        g = b.op("Mul", [g, b.op("Sigmoid", [g], f"{ns}/mlp/act/Sigmoid")], f"{ns}/mlp/act/Mul")
+        delta = linear(b, w, b.op("Mul", [g, u], f"{ns}/mlp/Mul"), f"{p}.mlp.down_proj", arch.intermediate, H,
+                       f"{ns}/mlp/down_proj")
+        if progress is not None:
+            progress()
+    wn = w.get("model.norm.weight", (H,))
+    if delta is None:
+        h = _rmsnorm(b, x, wn, arch.rms_eps, "/model/norm", "model.norm.weight", True)
+    else:
+        h, _ = ortform.skip_rmsnorm(b, x, delta, wn, "model.norm.weight", arch.rms_eps, "/model/norm")
     lm_head(b, w, h, arch)

@@ -15,12 +15,6 @@ FUSED_OPSET = 23  # RMSNormalization / RotaryEmbedding / Attention
 PLAIN_OPSET = 21  # the same math in plain ops (INT4 blocked DequantizeLinear needs 21)
 DEFAULT_OPSET = FUSED_OPSET
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
-ORT_FORM_WHY = (
-    "--form ort is not built: ONNX Runtime CPU already runs the portable graph with its own fused kernels "
-    "(opset-23 Attention/RotaryEmbedding/RMSNormalization; DequantizeLinear->MatMul rewritten to MatMulNBits, "
-    "QDQ pairs to MatMulIntegerToFloat), and a separate com.microsoft graph is only worth having where a decode "
-    "benchmark shows the portable form slower, which none has; use --form portable"
-)
 
 
 @dataclass(frozen=True)
@@ -33,8 +27,9 @@ class OnnxExportConfig:
     def __post_init__(self):
         if self.form not in FORMS:
             raise ExportError(f"--form must be one of {', '.join(FORMS)}, got {self.form!r}")
-        if self.form == "ort":
-            raise ExportError(ORT_FORM_WHY)
+        if self.form == "ort" and self.opset not in (None, FUSED_OPSET):
+            raise ExportError(f"--form ort is built at opset {FUSED_OPSET} (standard RotaryEmbedding and "
+                              f"RMSNormalization beside the com.microsoft ops), got --opset {self.opset}")
         if self.opset is not None and self.opset not in (PLAIN_OPSET, 22, FUSED_OPSET):
             raise ExportError(f"--opset must be 21 or 22 (plain ops) or 23 (fused Attention/RoPE/RMSNorm), "
                               f"got {self.opset}")
@@ -197,6 +192,10 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
     if arch.heads % arch.kv_heads:
         raise ExportError(f"heads {arch.heads} not divisible by kv_heads {arch.kv_heads}")
     scheme = _scheme(info)
+    if cfg.form == "ort":
+        from .ortform import check_scheme
+
+        check_scheme(scheme)
     if scheme == "int4" and cfg.resolved_opset < 21:
         raise ExportError("int4 needs opset >= 21 (INT4 blocked DequantizeLinear)")
     w = Weights(str(info.path), direct.tensors) if direct is not None else weights_for(model, info)
@@ -212,7 +211,8 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
     with atomic_dir(out, force=force, error=ExportError) as tmp:
         b = GraphBuilder(tmp, cfg.resolved_opset)
         try:
-            build_decoder(b, w, arch, cos, sin, fused=cfg.fused, progress=bar.advance if bar else None)
+            build_decoder(b, w, arch, cos, sin, fused=cfg.fused, progress=bar.advance if bar else None,
+                          form=cfg.form)
             onnx_path = b.finish("llmkiln_decoder", doc=f"llmkiln {arch.model_type} decoder ({scheme})",
                                  metadata={"scheme": scheme, "form": cfg.form})
         finally:

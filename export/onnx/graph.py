@@ -114,8 +114,9 @@ class GraphBuilder:
         os.fsync(self._data.fileno())
         self._data.close()
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, initializer=self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
-                                  producer_name="llmkiln", doc_string=doc)
+        imports = [helper.make_opsetid("", self.opset)]
+        imports += [helper.make_opsetid(d, 1) for d in sorted({n.domain for n in self.nodes} - {""})]
+        model = helper.make_model(graph, opset_imports=imports, producer_name="llmkiln", doc_string=doc)
         model.ir_version = 10
         for k, v in (metadata or {}).items():
             e = model.metadata_props.add()

@@ -160,11 +160,6 @@ def test_missing_or_misshaped_tensor_named(tiny_copy, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_ort_form_is_a_clear_error(tiny_dir, tmp_path):
-    with pytest.raises(ExportError, match="--form ort is not built"):
-        export_onnx(str(tiny_dir), tmp_path / "o", form="ort")
-
-
 def test_cli(tiny_dir, tmp_path):
     from click.testing import CliRunner
 

@@ -15,6 +15,16 @@ def tiny_onnx(tiny_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx_ort(tiny_dir, tmp_path_factory) -> Path:
+    """The same tiny Llama in the ONNX Runtime form (``--form ort``: GroupQueryAttention and friends)."""
+    from export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("rt") / "tiny-onnx-ort"
+    export_onnx(str(tiny_dir), out, form="ort", validate=False)
+    return out
+
+
 @pytest.fixture
 def tiny_onnx_copy(tiny_onnx, tmp_path) -> Path:
     dst = tmp_path / "art"
@@ -35,3 +45,16 @@ def tiny_engine(tiny_onnx):
     from runtime import Engine
 
     return Engine.load(tiny_onnx, threads=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_ort(tiny_onnx_ort):
+    from runtime import Engine
+
+    return Engine.load(tiny_onnx_ort, threads=1)
+
+
+@pytest.fixture(params=["portable", "ort"])
+def any_engine(request):
+    """The tiny model's engine in both graph forms."""
+    return request.getfixturevalue("tiny_engine" if request.param == "portable" else "tiny_engine_ort")

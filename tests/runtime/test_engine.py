@@ -17,7 +17,8 @@ def _cfg(n=16, temperature=1.0, seed=7, **kw):
                             ignore_eos=True, **kw)
 
 
-def test_kv_cache_equals_full_recompute(tiny_engine):
+def test_kv_cache_equals_full_recompute(any_engine):
+    tiny_engine = any_engine
     eng, be = tiny_engine, tiny_engine.backend
     ids = eng.tokenizer.encode(PROMPTS[0])
     params, n = SamplingParams(temperature=1.0), 24
@@ -54,7 +55,8 @@ def test_generate_matches_manual_loop_and_greedy_default(tiny_engine):
     assert r.timings["ttft_s"] > 0 and r.timings["decode_tokens_per_s"] > 0
 
 
-def test_batch_equals_singles(tiny_engine):
+def test_batch_equals_singles(any_engine):
+    tiny_engine = any_engine
     kw = dict(max_new_tokens=12, temperature=1.0, seed=11, ignore_eos=True)
     batch = tiny_engine.generate(PROMPTS, **kw)
     singles = [tiny_engine.generate(p, **kw) for p in PROMPTS]
@@ -62,7 +64,8 @@ def test_batch_equals_singles(tiny_engine):
     assert [b.text for b in batch] == [s.text for s in singles]
 
 
-def test_continuous_batching_joins_and_leaves(tiny_engine):
+def test_continuous_batching_joins_and_leaves(any_engine):
+    tiny_engine = any_engine
     eng = tiny_engine
 
     def seq(p, n, seed):
@@ -88,6 +91,14 @@ def test_continuous_batching_joins_and_leaves(tiny_engine):
         batch.step()
     assert [a.out, b.out, c.out] == ref
     assert batch.cache is None
+
+
+def test_ort_form_generates_what_portable_does(tiny_engine, tiny_engine_ort):
+    kw = dict(max_new_tokens=16, ignore_eos=True)
+    assert ([r.token_ids for r in tiny_engine_ort.generate(PROMPTS, **kw)]
+            == [r.token_ids for r in tiny_engine.generate(PROMPTS, **kw)])
+    np.testing.assert_allclose(tiny_engine_ort.score(tiny_engine.tokenizer.encode(PROMPTS[2])),
+                               tiny_engine.score(tiny_engine.tokenizer.encode(PROMPTS[2])), atol=1e-4)
 
 
 def test_stream_concatenates_to_generate(tiny_engine):
