@@ -1,4 +1,9 @@
-"""ONNX Runtime backend (CPU by default): IO binding straight into preallocated host KV buffers."""
+"""ONNX Runtime backend (CPU by default): IO binding straight into preallocated host KV buffers.
+
+Portable artifacts read the past from one buffer and write past + new into another (``HostKVCache``); an
+``--form ort`` artifact's GroupQueryAttention appends in place when past and present are bound to the same
+[batch, kv_heads, capacity, head_dim] buffer (``SharedKVCache``), so its KV bindings change only when the
+cache grows or its rows change."""
 from __future__ import annotations
 
 import os
@@ -9,6 +14,7 @@ import numpy as np
 from ..errors import EngineError
 from .base import Backend, KVCache, step_inputs
 from .hostcache import HostKVCache
+from .sharedcache import SharedKVCache
 from .ort_graph import POSITIONS, edited_graph
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -19,19 +25,31 @@ def _addr(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
-class _OrtCache(HostKVCache):
-    """Host cache plus the session's IO binding (one per cache, so separate caches can run concurrently)."""
+class _Bound:
+    """The session's IO binding and logits buffer, one per cache (so separate caches can run concurrently)."""
 
-    def __init__(self, sess, *a):
-        super().__init__(*a)
+    def _bind_to(self, sess):
         self.binding = sess.io_binding()
         self.cbinding = getattr(self.binding, "_iobinding", None)
         self.logits = np.zeros(0, dtype=np.float32)  # reused output buffer, grown on demand
+        self.kv_bound = None  # (batch, capacity, address) the shared KV tensors are bound with
 
     def logits_buffer(self, n: int, dtype) -> np.ndarray:
         if self.logits.size < n or self.logits.dtype != dtype:
             self.logits = np.empty(max(n, int(self.logits.size * 1.5)), dtype=dtype)
         return self.logits
+
+
+class _OrtCache(_Bound, HostKVCache):
+    def __init__(self, sess, *a):
+        HostKVCache.__init__(self, *a)
+        self._bind_to(sess)
+
+
+class _OrtSharedCache(_Bound, SharedKVCache):
+    def __init__(self, sess, *a):
+        SharedKVCache.__init__(self, *a)
+        self._bind_to(sess)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -75,6 +93,7 @@ class OnnxRuntimeBackend(Backend):
             msg = " ".join(str(e).split())[:300]
             raise EngineError(f"{model}: ONNX Runtime cannot load it ({msg}); re-export the artifact") from None
         self.providers = providers
+        self.shared_kv = (manifest.io or {}).get("form") == "ort"
         self._check_io()
         # The per-step binding of 2 x layers KV tensors is the Python hot path: call the C++ binding directly
         # with a device object made once (the public wrappers rebuild it on every call).
@@ -110,7 +129,8 @@ class OnnxRuntimeBackend(Backend):
 
     # ---- Backend --------------------------------------------------------------------------------------
     def allocate(self, batch: int, max_len: int) -> KVCache:
-        return _OrtCache(self.sess, self.layers, self.kv_heads, self.head_dim, self.kv_dtype, batch, max_len)
+        cls = _OrtSharedCache if self.shared_kv else _OrtCache
+        return cls(self.sess, self.layers, self.kv_heads, self.head_dim, self.kv_dtype, batch, max_len)
 
     def forward(self, cache, input_ids, attention_mask, position_ids, last_only=True):
         ids, mask, pos, t = step_inputs(cache, input_ids, attention_mask, position_ids)
@@ -147,12 +167,21 @@ class OnnxRuntimeBackend(Backend):
             out_s = s
         logits = cache.logits_buffer(b * out_s * self.vocab, self.logits_dtype)
         bout("logits", ldt, [b, out_s, self.vocab], _addr(logits))
-        src, dst = cache.ptrs[cache.side], cache.ptrs[cache.side ^ 1]
         kv, hd = self.kv_heads, self.head_dim
-        past_shape, present_shape = [b, kv, p, hd], [b, kv, t, hd]
-        for j, (pin, pout) in enumerate(self._names):
-            bin_(pin, dt, past_shape, src[j])
-            bout(pout, dt, present_shape, dst[j])
+        if self.shared_kv:  # past and present are one buffer: GroupQueryAttention appends at column p
+            key = (b, cache.capacity, cache.ptr(0))
+            if cache.kv_bound != key:
+                shape = [b, kv, cache.capacity, hd]
+                for j, (pin, pout) in enumerate(self._names):
+                    bin_(pin, dt, shape, cache.ptr(j))
+                    bout(pout, dt, shape, cache.ptr(j))
+                cache.kv_bound = key
+        else:
+            src, dst = cache.ptrs[cache.side], cache.ptrs[cache.side ^ 1]
+            past_shape, present_shape = [b, kv, p, hd], [b, kv, t, hd]
+            for j, (pin, pout) in enumerate(self._names):
+                bin_(pin, dt, past_shape, src[j])
+                bout(pout, dt, present_shape, dst[j])
         try:
             if fast:
                 self._csess.run_with_iobinding(io, None)

@@ -217,7 +217,8 @@ def test_tensorrt_backend_missing_says_what_to_install(tiny_onnx):
         Engine.load(tiny_onnx, backend="cuda")
 
 
-def test_cache_grows_during_a_long_generation(tiny_engine):
+def test_cache_grows_during_a_long_generation(any_engine):
+    tiny_engine = any_engine
     ids = tiny_engine.tokenizer.encode(PROMPTS[0])
     r = tiny_engine.generate(ids, max_new_tokens=560, temperature=1.0, seed=3, ignore_eos=True)
     assert len(r.token_ids) == 560  # past the first allocation (prompt + 512)
@@ -226,3 +227,21 @@ def test_cache_grows_during_a_long_generation(tiny_engine):
     seq = Sequence(ids, cfg, tiny_engine.tokenizer, tiny_engine.eos_ids)
     replay = [sample(logits[len(ids) - 1 + k].copy(), cfg.sampling, seq.rng) for k in range(560)]
     assert replay == r.token_ids
+
+
+def test_ort_form_appends_in_place(tiny_engine_ort):
+    """The --form ort artifact runs on the shared cache: one buffer per tensor, bound once, appended in place."""
+    from runtime.backends.sharedcache import SharedKVCache
+
+    be = tiny_engine_ort.backend
+    cache = be.allocate(1, 16)
+    assert isinstance(cache, SharedKVCache)
+    ids = tiny_engine_ort.tokenizer.encode(PROMPTS[0])
+    n = len(ids)
+    be.forward(cache, np.array([ids]), np.ones((1, n), np.int64), np.arange(n)[None])
+    buf, key = cache.bufs, cache.kv_bound
+    first = cache.layer(0)[0].copy()
+    step = be.forward(cache, np.array([[5]]), np.ones((1, n + 1), np.int64), np.array([[n]]))[0, -1].copy()
+    assert cache.bufs is buf and cache.kv_bound == key and cache.length == n + 1
+    np.testing.assert_array_equal(cache.layer(0)[0][:, :, :n], first)  # the past is left where it was
+    np.testing.assert_allclose(step, tiny_engine_ort.score(ids + [5])[-1], atol=1e-4)
