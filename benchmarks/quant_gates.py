@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     model, tok, _ = load_model(args.model)
     ids = {k: corpus_ids(tok, v) for k, v in corpora.items()}
     base = {k: perplexity(model, tok, seq_len=args.seq_len, windows=args.windows, ids=i).ppl for k, i in ids.items()}
-    print(f"fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()), file=sys.stderr, flush=True)
+    print("fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()), file=sys.stderr, flush=True)
     batches = calibration_batches(tok, "builtin:pydoc", args.calib_samples, args.seq_len)
     rows = []
     for s in schemes:

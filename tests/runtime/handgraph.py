@@ -81,7 +81,6 @@ def build(path: Path, vocab: int, layers: int = 2, heads: int = 2, head_dim: int
 def make_artifact(out: Path, tokenizer_dir: Path, layers: int = 2, heads: int = 2, head_dim: int = 8,
                   max_pos: int = 256) -> Path:
     """An onnx artifact dir: the hand-built graph, the tokenizer files of ``tokenizer_dir``, kiln.json."""
-    import json
     import shutil
 
     from runtime.manifest import Architecture, Manifest
