@@ -61,7 +61,7 @@ def _same_passes(stored: list[dict], wanted: list[dict]) -> bool:
     return True
 
 
-def _reusable(path: Path, kind: str, source_sha: str | None, passes: list[dict]) -> bool:
+def _reusable(path: Path, kind: str, source_sha: str | None, passes: list[dict], form: str | None = None) -> bool:
     from runtime.manifest import ManifestError, read_manifest, verify_files
 
     if not (path / "kiln.json").is_file():
@@ -74,6 +74,8 @@ def _reusable(path: Path, kind: str, source_sha: str | None, passes: list[dict])
     if m.kind != kind or (source_sha and m.source.get("sha256") != source_sha):
         return False
     if kind == "onnx" and m.validation is not None and not m.validation.get("passed", True):
+        return False
+    if form is not None and (m.io or {}).get("form", "portable") != form:
         return False
     return _same_passes(m.passes, passes)
 
@@ -128,18 +130,28 @@ class Pipeline:
                                 force=True, progress=True, **kw)
         return Stage(name, str(path), "checkpoint", passes_after, seconds=round(time.perf_counter() - t0, 1))
 
+    def _default_form(self, passes: list[dict]) -> str:
+        """cpu: the ONNX Runtime form (faster decoding there) unless a scheme or the recipe's opset needs the
+        portable one; h100: portable (TensorRT reads only standard ops)."""
+        from export.onnx.ortform import ACT_SCHEMES
+
+        if self.recipe.export.get("opset") not in (None, 23):
+            return "portable"
+        schemes = {p.get("config", {}).get("scheme") for p in passes if p.get("kind") == "quantize"}
+        return "ort" if self.target == "cpu" and not schemes & set(ACT_SCHEMES) else "portable"
+
     def _export_stage(self, name: str, src: str, passes: list[dict], sha: str | None) -> Stage:
         from export.onnx import export_onnx
         from runtime.manifest import read_manifest
 
         path = self.out / name
         t0 = time.perf_counter()
-        reused = not self.force and _reusable(path, "onnx", sha, passes)
+        form = self.recipe.export.get("form") or self._default_form(passes)
+        reused = not self.force and _reusable(path, "onnx", sha, passes, form)
         if reused:
             self.log(f"[{name}] reusing {path}")
         else:
-            self.log(f"[{name}] export ONNX (portable) + validation on ONNX Runtime CPU")
-            form = self.recipe.export.get("form", "portable")
+            self.log(f"[{name}] export ONNX ({form}) + validation on ONNX Runtime CPU")
             export_onnx(src, path, form=form, opset=self.recipe.export.get("opset"), validate=True, force=True,
                         progress=True)
         m = read_manifest(path)
