@@ -223,14 +223,15 @@ def prepare(a) -> dict:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     out = {}
-    fp32 = work / "onnx-fp32"
+    suffix = "" if a.form == "portable" else f"-{a.form}"
+    fp32 = work / f"onnx-fp32{suffix}"
     if not fp32.exists():
-        ok, msg = _run(_kiln("export", "onnx", a.model, "-o", str(fp32)))
+        ok, msg = _run(_kiln("export", "onnx", a.model, "-o", str(fp32), "--form", a.form))
         if not ok:
             fp32 = f"unavailable: {msg}"
     out["fp32"] = str(fp32)
     for scheme in ("int8-wo", "int4"):
-        art = work / f"onnx-{scheme}"
+        art = work / f"onnx-{scheme}{suffix}"
         if scheme not in a.schemes:
             out[scheme] = "unavailable: not requested (--schemes)"
             continue
@@ -241,7 +242,7 @@ def prepare(a) -> dict:
                 ok, msg = _run(_kiln("compress", "quantize", a.model, "--scheme", scheme, "-o", str(ck),
                                      "--eval-windows", "0"))
             if ok:
-                ok, msg = _run(_kiln("export", "onnx", str(ck), "-o", str(art)))
+                ok, msg = _run(_kiln("export", "onnx", str(ck), "-o", str(art), "--form", a.form))
             if not ok:
                 art = f"unavailable: {msg}"
         out[scheme] = str(art)
@@ -326,7 +327,7 @@ def table(res: dict, a) -> str:
             ("optimum ORTModelForCausalLM fp32", "optimum_fp32"), ("llama.cpp Q8_0", "llamacpp_q8_0"),
             ("llama.cpp Q4_1", "llamacpp_q4_1")]
     out = [f"SmolLM2-135M, {a.threads} threads, batch 1, prompt {a.prompt_len}, {a.new_tokens} new tokens, greedy; "
-           f"TTFT for a {a.prefill_len}-token prompt; medians of {a.runs} runs.", "",
+           f"TTFT for a {a.prefill_len}-token prompt; medians of {a.runs} runs; llmkiln artifacts --form {a.form}.", "",
            f"| system | decode tok/s | TTFT {a.prefill_len} (ms) | ceiling tok/s |", "|---|---:|---:|---:|"]
     for name, key in rows:
         r = res.get(key, {})
@@ -345,6 +346,7 @@ def table(res: dict, a) -> str:
              ("int8-wo vs llama.cpp Q8_0 (>= 1.25)", ratio("ours_int8-wo", "llamacpp_q8_0")),
              ("int4 vs llama.cpp Q4_1 (>= 1.25)", ratio("ours_int4", "llamacpp_q4_1")),
              ("TTFT (prefill-len prompt) int8-wo / llama.cpp Q8_0 (<= 0.8)", ratio("ours_int8-wo", "llamacpp_q8_0", "prefill_ms")),
+             ("TTFT (prefill-len prompt) int4 / llama.cpp Q4_1 (<= 0.8)", ratio("ours_int4", "llamacpp_q4_1", "prefill_ms")),
              ("TTFT (prefill-len prompt) fastest llmkiln artifact / fastest llama.cpp GGUF (<= 0.8)",
               _best_ttft_ratio(res)),
              ("server 8 clients / 1 client (>= 2.5)", res.get("server", {}).get("ratio"))]
@@ -367,6 +369,8 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--only", default="", help="Comma-separated subset: ours,torch,optimum,llamacpp,server")
     ap.add_argument("--schemes", default="fp32,int8-wo,int4", help="llmkiln artifacts to build and measure.")
+    ap.add_argument("--form", choices=("ort", "portable"), default="ort",
+                    help="Graph form of the llmkiln artifacts (kiln export onnx --form).")
     ap.add_argument("--out", default="benchmarks/runtime_speed.json")
     a = ap.parse_args()
     if a.worker:
