@@ -1,6 +1,6 @@
 """What one SmolLM2-135M decode step costs in ONNX Runtime's weight-only matmul kernels alone.
 
-    .venv/bin/python -m benchmarks.matmul_floor [--threads 2] [--bits 8,4,32] [--block 32]
+    .venv/bin/python -m benchmarks.matmul_floor [--threads 2] [--bits 8,4,32] [--block 32] [--rows 1,8]
 
 Builds a graph of nothing but the step's MatMulNBits nodes (the kernel ORT runs for DequantizeLinear ->
 MatMul of int8/int4 weights, accuracy level 4), with SmolLM2's shapes and random codes, and times one
@@ -8,7 +8,8 @@ batch-1 pass over all of them (median of 5 x 20 passes), per layer as the checkp
 gate, up, down: 7 per layer) and with q/k/v and gate/up stacked (4 per layer), lm_head included.
 Compare with `kiln bench`'s decode time per token: the rest of the step is attention, norms, RoPE and
 residuals. ``--bits 32`` times plain float32 MatMul nodes of the same shapes (the fp32 artifact's floor,
-which streams about 540 MB of weights per step).
+which streams about 540 MB of weights per step). ``--rows 8`` times 8 rows per pass: a batch-8 decode step,
+as the server runs for 8 concurrent clients.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def step_shapes(stacked: bool) -> list[tuple[int, int]]:
     return per * LAYERS + [(H, VOCAB)]
 
 
-def time_step(bits: int, block: int, stacked: bool, threads: int) -> float:
+def time_step(bits: int, block: int, stacked: bool, threads: int, rows: int = 1) -> float:
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -47,14 +48,14 @@ def time_step(bits: int, block: int, stacked: bool, threads: int) -> float:
                                       domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
                                       accuracy_level=4))
         outs.append(f"y{i}")
-    graph = helper.make_graph(nodes, "matmuls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, H]),
-                                                 helper.make_tensor_value_info("x_inter", TensorProto.FLOAT, [1, INTER])],
+    graph = helper.make_graph(nodes, "matmuls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, H]),
+                                                 helper.make_tensor_value_info("x_inter", TensorProto.FLOAT, [rows, INTER])],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    feeds = {"x": rng.random((1, H), dtype=np.float32), "x_inter": rng.random((1, INTER), dtype=np.float32)}
+    feeds = {"x": rng.random((rows, H), dtype=np.float32), "x_inter": rng.random((rows, INTER), dtype=np.float32)}
     for _ in range(5):
         sess.run(None, feeds)
     runs = []
@@ -71,13 +72,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bits", default="8,4,32")
     ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--rows", default="1", help="Comma-separated rows per pass (batch size of a decode step).")
     args = ap.parse_args(argv)
     for bits in (int(b) for b in args.bits.split(",")):
-        for stacked in (False, True):
-            ms = 1e3 * time_step(bits, args.block, stacked, args.threads)
-            print(json.dumps({"bits": bits, "block": args.block, "matmuls_per_step": len(step_shapes(stacked)),
-                              "stacked_qkv_gate_up": stacked, "ms_per_step": round(ms, 2),
-                              "tokens_per_s_if_only_matmuls": round(1e3 / ms, 1)}))
+        for rows in (int(r) for r in args.rows.split(",")):
+            for stacked in (False, True):
+                ms = 1e3 * time_step(bits, args.block, stacked, args.threads, rows)
+                print(json.dumps({"bits": bits, "block": args.block, "rows": rows,
+                                  "matmuls_per_step": len(step_shapes(stacked)), "stacked_qkv_gate_up": stacked,
+                                  "ms_per_step": round(ms, 2),
+                                  "tokens_per_s_if_only_matmuls": round(rows * 1e3 / ms, 1)}))
     return 0
 
 
