@@ -118,7 +118,7 @@ def _act_scheme(model, config, groups, targets, loop, stats, progress) -> None:
 
     def finish(n, hess):
         c = by_linear[n]
-        codes, sc = gptq(model.get_submodule(n).weight, hess, config.weight, 0, 0.01)
+        codes, sc = gptq(model.get_submodule(n).weight, hess, config.weight, 0, config.damp)
         replace_linear(model, n, codes, sc, config.weight, config.act, c.input_scale, c.smooth)
 
     layerwise(model, groups, list(by_linear), loop, {}, progress, finish, f"gptq {config.weight}")

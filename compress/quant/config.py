@@ -116,9 +116,12 @@ class _ActQuant(_Base):
     rows_per_batch: int = 16  # calibration tokens per batch kept for the searches (the first 4 always)
     gptq: bool = False  # weights by GPTQ (layer by layer, after smoothing) instead of round to nearest
     headroom: float = 1.0  # static scale = amax * clip * headroom / top code (>1 leaves room for unseen peaks)
+    damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added to it
 
     def __post_init__(self):
         super().__post_init__()
+        if not (0.0 < float(self.damp) < 1.0):
+            raise CompressError(f"damp must be in (0, 1), got {self.damp!r}")
         object.__setattr__(self, "alphas", _check_grid(self.alphas, "alphas", 0.0, 1.0))
         object.__setattr__(self, "clips", _check_grid(self.clips, "clips", 0.0, 1.0, lo_open=True))
         if not (1.0 <= float(self.headroom) <= 64.0):
