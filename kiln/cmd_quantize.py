@@ -21,13 +21,17 @@ SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4")
 @click.option("--ignore", multiple=True, metavar="PATTERN",
               help="Keep matching layers float: a module name, a glob (model.layers.0.*), a last component "
                    "(down_proj, lm_head) or re:REGEX. Repeatable.")
+@click.option("--float-inputs", multiple=True, metavar="PATTERN",
+              help="fp8 / int8-sq / int8-dyn: these Linears keep float inputs and quantized weights "
+                   "(weight-only), same pattern forms as --ignore. Repeatable. SmolLM2: down_proj (see README).")
 @click.option("--eval-windows", type=click.IntRange(0, None), default=8, show_default=True,
               help="Perplexity windows measured before/after (0 skips the measurement).")
 @click.option("--eval-text", default=None, help="Corpus for the perplexity check (default: the calibration one, "
                                                 "from its start).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object last on stdout.")
-def quantize(source, scheme, out, calib, calib_samples, seq_len, ignore, eval_windows, eval_text, force, as_json):
+def quantize(source, scheme, out, calib, calib_samples, seq_len, ignore, float_inputs, eval_windows, eval_text, force,
+             as_json):
     """Quantize SOURCE with a calibrated scheme and write a compressed checkpoint to OUT.
 
     \b
@@ -40,7 +44,11 @@ def quantize(source, scheme, out, calib, calib_samples, seq_len, ignore, eval_wi
     from compress.quant.config import config_for
     from compress.quant.entry import quantize_checkpoint
 
-    config = config_for(scheme, ignore=tuple(ignore))
+    if float_inputs and scheme not in ("fp8", "int8-sq", "int8-dyn"):
+        raise click.UsageError(f"--float-inputs applies to fp8, int8-sq and int8-dyn (activation-quantized "
+                               f"schemes), not {scheme}")
+    kw = {"float_inputs": tuple(float_inputs)} if float_inputs else {}
+    config = config_for(scheme, ignore=tuple(ignore), **kw)
     res = quantize_checkpoint(source, config, out, calib_text=calib, calib_samples=calib_samples, seq_len=seq_len,
                               eval_windows=eval_windows or None, eval_text=eval_text, force=force,
                               progress=not as_json)

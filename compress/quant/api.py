@@ -12,7 +12,7 @@ import torch
 
 from ..errors import CompressError
 from .calibrate import capture_layer_inputs, collect_stats, layer_groups, run_layer
-from .config import Int4, Int8WeightOnly, QuantConfig, _ActQuant
+from .config import Int4, Int8WeightOnly, QuantConfig, _ActQuant, matches
 from .gptq import HessianAccumulator, gptq
 from .modules import QuantLinear, layer_linears
 from . import primitives as P
@@ -94,9 +94,10 @@ def _act_scheme(model, config, groups, targets, loop, stats, progress) -> None:
     st = collect_stats(model, loop, firsts, rows_per_batch=config.rows_per_batch)
     stats["calibration_tokens"] = st[firsts[0]].tokens
     chosen, errs = {}, []
+    float_in = {n for n in targets if matches(n, config.float_inputs)}
     for g in groups:
         live = [n for n in g.linears if n in targets]
-        if not live:
+        if not live or all(n in float_in for n in live):  # weight-only group: no smoothing, no input scale
             continue
         s0 = st[g.linears[0]]
         w = torch.cat([model.get_submodule(n).weight.detach().float() for n in live])
@@ -110,16 +111,22 @@ def _act_scheme(model, config, groups, targets, loop, stats, progress) -> None:
         if c is not None and c.smooth is not None:
             fold_smoothing(model, g, c.smooth, head_dim)
     stats["groups"] = errs
-    by_linear = {n: chosen[g.name] for g in groups if g.name in chosen for n in g.linears if n in targets}
+    by_linear = {n: chosen.get(g.name) for g in groups for n in g.linears if n in targets}
+
+    def act_args(n):  # (act, input_scale, smooth) of Linear n
+        c = by_linear[n]
+        if n in float_in:
+            return None, None, None if c is None else c.smooth
+        return config.act, c.input_scale, c.smooth
+
     if not config.gptq:
-        for n, c in by_linear.items():
-            quantize_static_linear(model, n, config.weight, config.act, c.input_scale, c.smooth)
+        for n in by_linear:
+            quantize_static_linear(model, n, config.weight, *act_args(n))
         return
 
     def finish(n, hess):
-        c = by_linear[n]
         codes, sc = gptq(model.get_submodule(n).weight, hess, config.weight, 0, config.damp)
-        replace_linear(model, n, codes, sc, config.weight, config.act, c.input_scale, c.smooth)
+        replace_linear(model, n, codes, sc, config.weight, *act_args(n))
 
     layerwise(model, groups, list(by_linear), loop, {}, progress, finish, f"gptq {config.weight}")
 

@@ -24,13 +24,13 @@ def _tuple_of_str(v, what: str) -> tuple:
     return tuple(v)
 
 
-def _check_patterns(patterns: tuple) -> None:
+def _check_patterns(patterns: tuple, what: str = "ignore") -> None:
     for p in patterns:
         if p.startswith("re:"):
             try:
                 re.compile(p[3:])
             except re.error as e:
-                raise CompressError(f"ignore pattern {p!r} is not a valid regular expression ({e})") from None
+                raise CompressError(f"{what} pattern {p!r} is not a valid regular expression ({e})") from None
 
 
 def matches(name: str, patterns) -> bool:
@@ -108,7 +108,9 @@ class Int8WeightOnly(_Base):
 @dataclass(frozen=True)
 class _ActQuant(_Base):
     """Shared by the activation-quantized schemes: SmoothQuant migration with alpha searched per layer group
-    (``None`` in the search also tries no smoothing), static activation scales clipped by output MSE."""
+    (``None`` in the search also tries no smoothing), static activation scales clipped by output MSE.
+    ``float_inputs`` names Linears that stay weight-only (quantized weights, float input): mixed precision for
+    inputs a per-tensor scale cannot hold (SmolLM2's ``down_proj``, see the README)."""
 
     alphas: tuple = DEFAULT_ALPHAS
     clips: tuple = DEFAULT_CLIPS
@@ -117,9 +119,12 @@ class _ActQuant(_Base):
     gptq: bool = False  # weights by GPTQ (layer by layer, after smoothing) instead of round to nearest
     headroom: float = 1.0  # static scale = amax * clip * headroom / top code (>1 leaves room for unseen peaks)
     damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added to it
+    float_inputs: tuple = ()  # ignore-style patterns: these Linears keep float inputs (weights still quantized)
 
     def __post_init__(self):
         super().__post_init__()
+        object.__setattr__(self, "float_inputs", _tuple_of_str(self.float_inputs, "float_inputs"))
+        _check_patterns(self.float_inputs, "float_inputs")
         if not (0.0 < float(self.damp) < 1.0):
             raise CompressError(f"damp must be in (0, 1), got {self.damp!r}")
         object.__setattr__(self, "alphas", _check_grid(self.alphas, "alphas", 0.0, 1.0))
