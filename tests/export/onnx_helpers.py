@@ -5,7 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEME_KW = {"int8-wo": {"method": "rtn"}, "fp8": {}, "int8-sq": {}, "int8-dyn": {}, "int4": {"method": "rtn", "group_size": 32}}
+# int8-sq with every input quantized: the full QDQ pattern TensorRT gets (its default keeps down_proj inputs float)
+SCHEME_KW = {"int8-wo": {"method": "rtn"}, "fp8": {}, "int8-sq": {"float_inputs": ()}, "int8-dyn": {},
+             "int4": {"method": "rtn", "group_size": 32}}
 
 
 def make_quantized(src: Path, out: Path, scheme: str) -> Path:
