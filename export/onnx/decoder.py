@@ -115,6 +115,15 @@ def _attention_plain(b, q, k, v, past_k, past_v, mask, layer, arch, ns) -> tuple
     return o, pk, pv
 
 
+def _mlp(b: GraphBuilder, w, h: str, arch, p: str, ns: str) -> str:
+    """SwiGLU MLP of layer ``p``: h [B,S,H] (normed) -> down_proj(silu(gate_proj(h)) * up_proj(h)) [B,S,H]."""
+    H, inter = arch.hidden, arch.intermediate
+    g = linear(b, w, h, f"{p}.mlp.gate_proj", H, inter, f"{ns}/mlp/gate_proj")
+    u = linear(b, w, h, f"{p}.mlp.up_proj", H, inter, f"{ns}/mlp/up_proj")
+    g = b.op("Mul", [g, b.op("Sigmoid", [g], f"{ns}/mlp/act/Sigmoid")], f"{ns}/mlp/act/Mul")
+    return linear(b, w, b.op("Mul", [g, u], f"{ns}/mlp/Mul"), f"{p}.mlp.down_proj", inter, H, f"{ns}/mlp/down_proj")
+
+
 def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.ndarray, fused: bool,
                   progress=None, form: str = "portable") -> None:
     """Emit the whole graph into ``b``. rope_cos/sin: [max_position, head_dim/2] float32 (scaling applied).
@@ -175,12 +184,7 @@ def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.n
         x = b.op("Add", [x, o], f"{ns}/attn_residual/Add")
         h = _rmsnorm(b, x, w.get(f"{p}.post_attention_layernorm.weight", (H,)), arch.rms_eps,
                      f"{ns}/post_attention_layernorm", f"{p}.post_attention_layernorm.weight", fused)
-        g = linear(b, w, h, f"{p}.mlp.gate_proj", H, arch.intermediate, f"{ns}/mlp/gate_proj")
-        u = linear(b, w, h, f"{p}.mlp.up_proj", H, arch.intermediate, f"{ns}/mlp/up_proj")
-        g = b.op("Mul", [g, b.op("Sigmoid", [g], f"{ns}/mlp/act/Sigmoid")], f"{ns}/mlp/act/Mul")
-        m = b.op("Mul", [g, u], f"{ns}/mlp/Mul")
-        d = linear(b, w, m, f"{p}.mlp.down_proj", arch.intermediate, H, f"{ns}/mlp/down_proj")
-        x = b.op("Add", [x, d], f"{ns}/mlp_residual/Add")
+        x = b.op("Add", [x, _mlp(b, w, h, arch, p, ns)], f"{ns}/mlp_residual/Add")
         if progress is not None:
             progress()
     h = _rmsnorm(b, x, w.get("model.norm.weight", (H,)), arch.rms_eps, "/model/norm", "model.norm.weight", fused)
@@ -206,11 +210,7 @@ def _build_ort(b: GraphBuilder, w, arch, x: str, cos: str, sin: str, progress) -
         h, x = ortform.skip_rmsnorm(b, x, o, w.get(f"{p}.post_attention_layernorm.weight", (H,)),
                                     f"{p}.post_attention_layernorm.weight", arch.rms_eps,
                                     f"{ns}/post_attention_layernorm")
-        g = linear(b, w, h, f"{p}.mlp.gate_proj", H, arch.intermediate, f"{ns}/mlp/gate_proj")
-        u = linear(b, w, h, f"{p}.mlp.up_proj", H, arch.intermediate, f"{ns}/mlp/up_proj")
-        g = b.op("Mul", [g, b.op("Sigmoid", [g], f"{ns}/mlp/act/Sigmoid")], f"{ns}/mlp/act/Mul")
-        delta = linear(b, w, b.op("Mul", [g, u], f"{ns}/mlp/Mul"), f"{p}.mlp.down_proj", arch.intermediate, H,
-                       f"{ns}/mlp/down_proj")
+        delta = _mlp(b, w, h, arch, p, ns)
         if progress is not None:
             progress()
     wn = w.get("model.norm.weight", (H,))
