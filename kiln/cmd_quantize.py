@@ -41,12 +41,12 @@ def quantize(source, scheme, out, calib, calib_samples, seq_len, ignore, float_i
     int8-dyn  SmoothQuant INT8 weights + per-token dynamic INT8 activations (ONNX Runtime CPU)
     int4      INT4 GPTQ weights in groups of 128/64/32, float activations
     """
-    from compress.quant.config import config_for
+    from compress.quant.config import ACTIVATION_SCHEMES, SCHEMES, config_for
     from compress.quant.entry import quantize_checkpoint
 
-    if float_inputs and scheme not in ("fp8", "int8-sq", "int8-dyn"):
-        raise click.UsageError(f"--float-inputs applies to fp8, int8-sq and int8-dyn (activation-quantized "
-                               f"schemes), not {scheme}")
+    if float_inputs and scheme in SCHEMES and scheme not in ACTIVATION_SCHEMES:
+        raise click.UsageError(f"--float-inputs applies to {', '.join(ACTIVATION_SCHEMES[:-1])} and "
+                               f"{ACTIVATION_SCHEMES[-1]} (activation-quantized schemes), not {scheme}")
     kw = {"float_inputs": tuple(float_inputs)} if float_inputs else {}
     config = config_for(scheme, ignore=tuple(ignore), **kw)
     res = quantize_checkpoint(source, config, out, calib_text=calib, calib_samples=calib_samples, seq_len=seq_len,

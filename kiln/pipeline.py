@@ -133,9 +133,10 @@ class Pipeline:
     def _default_form(self, passes: list[dict]) -> str:
         """cpu: the ONNX Runtime form (faster decoding there) unless a scheme or the recipe's opset needs the
         portable one; h100: portable (TensorRT reads only standard ops)."""
+        from export.onnx.export import FUSED_OPSET
         from export.onnx.ortform import ACT_SCHEMES
 
-        if self.recipe.export.get("opset") not in (None, 23):
+        if self.recipe.export.get("opset") not in (None, FUSED_OPSET):
             return "portable"
         schemes = {p.get("config", {}).get("scheme") for p in passes if p.get("kind") == "quantize"}
         return "ort" if self.target == "cpu" and not schemes & set(ACT_SCHEMES) else "portable"

@@ -213,6 +213,7 @@ class Int4(_Base):
 
 
 SCHEMES = {c.scheme: c for c in (Int8WeightOnly, Fp8, SmoothQuantInt8, Int8Dynamic, Int4)}
+ACTIVATION_SCHEMES = tuple(n for n, c in SCHEMES.items() if issubclass(c, _ActQuant))  # take float_inputs
 QuantConfig = _Base
 
 
