@@ -59,6 +59,12 @@ class KVCache(ABC):
     def trim_left(self, n: int) -> None:
         """Drop the first ``n`` columns of every row (columns that every row masks)."""
 
+    def _trims(self, n: int) -> bool:
+        """Whether ``trim_left(n)`` has columns to drop; more than the filled columns is an error."""
+        if n > self.length:
+            raise ValueError(f"cannot trim {n} of {self.length} columns")
+        return n > 0
+
     @abstractmethod
     def layer(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Host copies or views of layer ``i``'s keys and values, each [batch, kv_heads, length, head_dim]."""

@@ -112,10 +112,8 @@ class DeviceKVCache(KVCache):
         return shift_self
 
     def trim_left(self, n: int) -> None:
-        if n <= 0:
+        if not self._trims(n):
             return
-        if n > self.length:
-            raise ValueError(f"cannot trim {n} of {self.length} columns")
         isz, hd, other = self.dtype.itemsize, self.head_dim, self.side ^ 1
         keep = self.length - n
         lines = self.batch * self.kv_heads

@@ -97,10 +97,8 @@ class HostKVCache(KVCache):
         return shift_self
 
     def trim_left(self, n: int) -> None:
-        if n <= 0:
+        if not self._trims(n):
             return
-        if n > self.length:
-            raise ValueError(f"cannot trim {n} of {self.length} columns")
         other = self.side ^ 1
         for j in range(2 * self.layers):
             self.view(other, j, self.batch, self.length - n)[...] = self.past(j)[:, :, n:]

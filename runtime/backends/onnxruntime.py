@@ -32,7 +32,6 @@ class _Bound:
         self.binding = sess.io_binding()
         self.cbinding = getattr(self.binding, "_iobinding", None)
         self.logits = np.zeros(0, dtype=np.float32)  # reused output buffer, grown on demand
-        self.kv_bound = None  # (batch, capacity, address) the shared KV tensors are bound with
 
     def logits_buffer(self, n: int, dtype) -> np.ndarray:
         if self.logits.size < n or self.logits.dtype != dtype:
@@ -50,6 +49,7 @@ class _OrtSharedCache(_Bound, SharedKVCache):
     def __init__(self, sess, *a):
         SharedKVCache.__init__(self, *a)
         self._bind_to(sess)
+        self.kv_bound = None  # (batch, capacity, address) the KV tensors are bound with
 
 
 class OnnxRuntimeBackend(Backend):

@@ -76,10 +76,8 @@ class SharedKVCache(KVCache):
         return s0
 
     def trim_left(self, n: int) -> None:
-        if n <= 0:
+        if not self._trims(n):
             return
-        if n > self.length:
-            raise ValueError(f"cannot trim {n} of {self.length} columns")
         b = self.batch
         self.bufs[:, :b, :, :self.length - n] = self.bufs[:, :b, :, n:self.length]
         self.length -= n
