@@ -1,10 +1,27 @@
-"""Shared CLI plumbing: user errors become one line on stderr with exit code 2; --json output."""
+"""Shared CLI plumbing: user errors (and a missing optional dependency) become one line on stderr with exit
+code 2; --json output."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
 import click
+
+# optional dependency (import name) -> the llmkiln extra that installs it (pyproject.toml)
+EXTRA_OF = {
+    "onnx": "export",
+    "safetensors": "export",
+    "google.protobuf": "export",
+    "torch": "compress",
+    "transformers": "compress",
+    "gguf": "compress",
+    "accelerate": "compress",
+    "yaml": "compress",
+    "matplotlib": "report",
+    "tensorrt": "gpu",
+    "cuda": "gpu",
+}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -20,14 +37,48 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split())
 
 
+def _not_installed(name: str) -> bool:
+    if sys.modules.get(name) is not None:
+        return False
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def missing_extra(e: BaseException, what: str = "this command", torch_stage: bool = True) -> str | None:
+    """The one-line message for an optional dependency that is not installed, or None when ``e`` is anything
+    else (an unknown module, or one that is installed but fails to import, is a real error: traceback).
+
+    ``torch_stage``: the command also needs torch whenever it needs onnx or safetensors (everything but
+    ``kiln export ...``), so name [compress] (which includes [export]) rather than send the user back twice."""
+    if not isinstance(e, ModuleNotFoundError) or not e.name:
+        return None
+    dep = next((d for d in EXTRA_OF if e.name == d or e.name.startswith(d + ".")), None)
+    if dep is None or not _not_installed(dep):
+        return None
+    extra = EXTRA_OF[dep]
+    if extra == "export" and torch_stage and _not_installed("torch"):
+        extra = "compress"
+    return f"{what} needs {dep}, which is not installed: pip install 'llmkiln[{extra}]'"
+
+
 class KilnGroup(click.Group):
-    """A click group whose commands report llmkiln errors as one line and exit 2, never a traceback."""
+    """A click group whose commands report llmkiln errors, and a missing extra, as one line and exit 2, never
+    a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except _user_errors() as e:
             click.echo(f"error: {_one_line(e)}", err=True)
+            ctx.exit(2)
+        except ModuleNotFoundError as e:
+            what = f"`{ctx.command_path} {ctx.invoked_subcommand}`"
+            msg = missing_extra(e, what, torch_stage=self.name != "export")
+            if msg is None:
+                raise
+            click.echo(f"error: {msg}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

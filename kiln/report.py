@@ -22,10 +22,10 @@ def cells(row: dict) -> list[str]:
 
 def markdown(report: dict) -> str:
     lines = [f"# llmkiln pipeline: {report['source']} → {report['target']}", "",
-             f"Recipe `{report['recipe']}`; perplexity on {report['eval']['text']}, {report['eval']['windows']} × "
-             f"{report['eval']['seq_len']} tokens; speed on ONNX Runtime CPU, batch 1, prompt "
-             f"{report['bench']['prompt_len']}, {report['bench']['new_tokens']} new tokens, median of "
-             f"{report['bench']['runs']} runs.", "",
+             (f"Recipe `{report['recipe']}`; perplexity on {report['eval']['text']}, {report['eval']['windows']} × "
+              f"{report['eval']['seq_len']} tokens; speed on ONNX Runtime CPU, batch 1, prompt "
+              f"{report['bench']['prompt_len']}, {report['bench']['new_tokens']} new tokens, median of "
+              f"{report['bench']['runs']} runs."), "",
              "| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in report["stages"]:
         lines.append("| " + " | ".join(cells(row)) + " |")
@@ -42,16 +42,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: Path) -> bool:
-    try:
-        import matplotlib
+PLOT_MISSING = "report.png skipped: matplotlib is not installed (pip install 'llmkiln[report]')"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+
+def plot(report: dict, path: Path) -> bool:
+    """Draw report.png; False when matplotlib is not installed. Uses a private Figure and Agg canvas, so no
+    matplotlib global state (backend, pyplot figure registry) changes for whoever else uses matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "matplotlib":
+            return False
+        raise
     rows = [r for r in report["stages"] if r.get("ppl") and r.get("bytes_on_disk")]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    a, b = fig.subplots(1, 2)
     for r in rows:
         a.scatter(r["bytes_on_disk"] / 1e6, r["ppl"])
         a.annotate(r["name"], (r["bytes_on_disk"] / 1e6, r["ppl"]), textcoords="offset points", xytext=(4, 4))
@@ -64,13 +71,18 @@ def plot(report: dict, path: Path) -> bool:
     b.set_title("speed (batch 1)")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    fig.savefig(tmp, dpi=100, format="png")
     tmp.replace(path)
     return True
 
 
 def write_report(out: Path, report: dict) -> None:
+    """report.md always; report.png beside it when matplotlib is installed, else one line on stderr."""
     if plot(report, out / "report.png"):
         report["plot"] = "report.png"
+    else:
+        from runtime.progress import note
+
+        (out / "report.png").unlink(missing_ok=True)  # a plot of an earlier run would not match this report
+        note(PLOT_MISSING)
     atomic_write_text(out / "report.md", markdown(report))

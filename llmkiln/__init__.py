@@ -37,7 +37,7 @@ _SOURCES = {
     "export_onnx": "export.onnx",
 }
 
-__all__ = sorted(_SOURCES)
+__all__ = list(_SOURCES)
 
 
 def __getattr__(name: str):
