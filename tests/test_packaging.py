@@ -144,6 +144,14 @@ def test_export_with_export_extra_but_no_torch(tiny_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_export_extra_builds_without_torch(tiny_dir, tmp_path):
+    # what [export] is for: the graph of a float HF dir from its safetensors, no torch, no transformers
+    r = kiln_without(("torch", "transformers", "gguf", "accelerate", "matplotlib"), "export", "onnx", tiny_dir,
+                     "-o", tmp_path / "o", "--no-validate")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "o" / "model.onnx").is_file() and (tmp_path / "o" / "kiln.json").is_file()
+
+
 def test_onnx_for_a_torch_stage_names_compress(tiny_dir, tmp_path):
     # a torch-less install that also lacks onnx/safetensors: a compress command names [compress], not [export]
     r = kiln_without(("torch", "safetensors"), "eval", "ppl", tiny_dir)
@@ -163,6 +171,8 @@ def test_runtime_commands_without_extras(tiny_art, tmp_path):
     assert len(json.loads(r.stdout.strip().splitlines()[-1])["token_ids"]) == 4
     r = kiln_without(NOT_IN_BASE, "info", tiny_art, "--json")
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["kind"] == "onnx", r.stderr[-2000:]
+    r = kiln_without(NOT_IN_BASE, "compress", "quantize", "--help")
+    assert r.returncode == 0 and "--scheme" in r.stdout, r.stderr[-2000:]
 
 
 # --- the real base install -----------------------------------------------------------------------------------
