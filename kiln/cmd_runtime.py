@@ -152,15 +152,32 @@ def bench(art, prompt_len, new_tokens, prefill_len, runs, backend, threads, as_j
               help="Requests decoded together.")
 @click.option("--max-queue", type=click.IntRange(0, None), default=64, show_default=True,
               help="Requests waiting for a batch slot before new ones get 429.")
-@click.option("--model-name", default=None, help="The model id /v1/models reports (default: the source model).")
+@click.option("--model-name", default=None, help="The model id /v1/models reports and requests must name "
+              "(default: the source model).")
+@click.option("--kv-budget-mb", type=click.FloatRange(0, None, min_open=True), default=None,
+              help="KV cache the running requests may take; beyond it requests wait in the queue "
+                   "(default: half of MemAvailable at start).")
+@click.option("--max-tokens-cap", type=click.IntRange(1, None), default=4096, show_default=True,
+              help="The most tokens one request may ask for (a larger max_tokens is a 400).")
+@click.option("--default-max-tokens", type=click.IntRange(1, None), default=256, show_default=True,
+              help="Chat tokens when a request gives no max_tokens (completions use 16, as OpenAI).")
+@click.option("--max-body-mb", type=click.FloatRange(0, None, min_open=True), default=4.0, show_default=True,
+              help="Largest request body; beyond it 413.")
+@click.option("--body-timeout", type=click.FloatRange(0, None, min_open=True), default=30.0, show_default=True,
+              help="Seconds a request body may take to arrive; beyond it 408.")
+@click.option("--max-connections", type=click.IntRange(1, None), default=256, show_default=True,
+              help="Concurrent connections; beyond them 503.")
 @_engine_options
-def serve(art, host, port, api_key, max_batch, max_queue, model_name, backend, threads):
+def serve(art, host, port, api_key, max_batch, max_queue, model_name, kv_budget_mb, max_tokens_cap,
+          default_max_tokens, max_body_mb, body_timeout, max_connections, backend, threads):
     """OpenAI-compatible HTTP server for ART: /v1/models, /v1/completions, /v1/chat/completions
-    (stream: true as server-sent events), /health, /metrics."""
+    (stream: true as server-sent events; logprobs, echo), /health, /metrics."""
     from runtime.server import ServerConfig, serve as run_server
 
     cfg = ServerConfig(host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                       model_name=model_name)
+                       model_name=model_name, kv_budget_mb=kv_budget_mb, max_tokens_cap=max_tokens_cap,
+                       default_max_tokens=default_max_tokens, max_body_mb=max_body_mb,
+                       body_timeout_s=body_timeout, max_connections=max_connections)
     eng = _load(art, backend, threads)
     run_server(eng, cfg, on_ready=lambda url: stderr(f"serving {art} at {url}/v1 (Ctrl-C stops)"))
 

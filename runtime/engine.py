@@ -103,6 +103,8 @@ class Engine:
                seed: int | None = None, ignore_eos: bool = False) -> GenerationConfig:
         """A GenerationConfig; sampling knobs left as None come from generation_config.json (greedy if it
         does not ask for sampling)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         g = self.tokenizer.generation_config
         sampled = bool(g.get("do_sample"))
         if temperature is None:
@@ -179,6 +181,18 @@ class Engine:
             out = self.backend.forward(cache, ids, np.ones((1, s), dtype=np.int64),
                                        np.arange(s, dtype=np.int64)[None], last_only=False)
             return np.array(out[0])
+
+    def prompt_logprobs(self, ids, k: int = 0) -> list:
+        """Per token of ``ids``: None for the first, then a ``TokenLogprob`` (the token's logprob given the
+        tokens before it, and the ``k`` most likely tokens there). Scored in chunks: memory stays
+        [chunk, vocab] of logits whatever the length."""
+        from .logprobs import prompt_logprobs
+
+        ids = [int(t) for t in ids]
+        if not 0 < len(ids) <= self.context_length:
+            raise EngineError(f"prompt_logprobs needs 1..{self.context_length} tokens, got {len(ids)}")
+        with self._lock:
+            return prompt_logprobs(self.backend, ids, k)[0]
 
     def describe(self) -> dict:
         a = self.manifest.architecture

@@ -3,18 +3,30 @@
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (``stream: true`` answers
 server-sent events), GET /health, GET /metrics (Prometheus text). With an API key, /v1/* needs
 ``Authorization: Bearer KEY``. A client that disconnects cancels its generation.
+
+Every refusal is a JSON body ``{"error": {"message", "type", "param", "code"}}`` counted in /metrics. The event
+loop only reads bodies (size-limited, with a timeout); parsing, templating and tokenizing run on a small
+thread pool, generation on the scheduler's thread.
 """
 from __future__ import annotations
 
 import asyncio
-import json
+import hmac
+import logging
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .errors import EngineError
-from .openai_api import BadRequest, chunk, error_body, full_response, new_id, parse
-from .scheduler import QueueFull, Scheduler
+from .http_guard import HttpError, check_content_type, check_host, is_loopback, parse_json, read_body
+from .openai_api import Limits, parse
+from .openai_shapes import TokenText, error_body, full_response, new_id
+from .scheduler import OverBudget, QueueFull, Scheduler, WorkerDown
+from .server_stream import Events, Waiter
+
+log = logging.getLogger("kiln.server")
+KV_BUDGET_FRACTION = 0.5  # of MemAvailable, when --kv-budget-mb is not given
 
 
 @dataclass(frozen=True)
@@ -25,7 +37,12 @@ class ServerConfig:
     max_batch: int = 8
     max_queue: int = 64
     model_name: str | None = None
-    default_max_tokens: int = 256  # when a request gives no max_tokens (completions use OpenAI's 16)
+    default_max_tokens: int = 256  # chat, when a request gives no max_tokens (completions use OpenAI's 16)
+    max_tokens_cap: int | None = 4096  # the most tokens one request may ask for (None: the context)
+    kv_budget_mb: float | None = None  # None: KV_BUDGET_FRACTION of MemAvailable at start
+    max_body_mb: float = 4.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 256  # uvicorn's limit_concurrency: beyond it, 503
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -36,116 +53,107 @@ class ServerConfig:
             raise EngineError(f"max-queue must be >= 0, got {self.max_queue}")
         if self.api_key is not None and not self.api_key:
             raise EngineError("the API key must not be empty")
+        for name in ("max_body_mb", "body_timeout_s", "max_connections", "default_max_tokens"):
+            if getattr(self, name) <= 0:
+                raise EngineError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.kv_budget_mb is not None and self.kv_budget_mb <= 0:
+            raise EngineError(f"kv-budget-mb must be positive, got {self.kv_budget_mb}")
+        if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
+            raise EngineError(f"max-tokens-cap must be at least 1, got {self.max_tokens_cap}")
 
 
-def _json(obj, status=200):
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def max_prompt_chars(engine) -> int:
+    """Characters beyond which a text cannot fit the context: context x (longest token's text + 1)."""
+    tok = engine.tokenizer
+    longest = max(len(tok.decode([i], skip_special_tokens=False)) for i in range(tok.vocab_size))
+    return engine.context_length * (longest + 1)
+
+
+def _json(obj, status=200, headers=None):
     from starlette.responses import JSONResponse
 
-    return JSONResponse(obj, status_code=status)
+    return JSONResponse(obj, status_code=status, headers=headers)
 
 
-def _err(status: int, message: str, type_="invalid_request_error", param=None, code=None):
-    return _json(error_body(message, type_, param, code), status)
-
-
-class _Events:
-    """An ASGI response that relays a request's text as server-sent events and cancels it on disconnect."""
-
-    def __init__(self, app_state, seq, queue: asyncio.Queue, rid: str, chat: bool, model: str, usage: bool):
-        self.st, self.seq, self.q, self.rid, self.chat, self.model, self.usage = \
-            app_state, seq, queue, rid, chat, model, usage
-
-    async def __call__(self, scope, receive, send):
-        async def watch():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            self.seq.cancel()
-
-        watcher = asyncio.create_task(watch())
-        status = 499  # until the stream completes
-        try:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
-                                    (b"cache-control", b"no-cache")]})
-
-            async def emit(obj):
-                await send({"type": "http.response.body", "more_body": True,
-                            "body": b"data: " + json.dumps(obj).encode() + b"\n\n"})
-
-            if self.chat:
-                await emit(chunk(self.rid, True, self.model, role=True))
-            while True:
-                kind, val = await self.q.get()
-                if kind == "text":
-                    await emit(chunk(self.rid, self.chat, self.model, text=val))
-                    continue
-                seq = val
-                status = 200
-                if seq.finish_reason == "error":
-                    status = 500
-                    await emit(error_body(f"generation failed: {getattr(seq, 'error', '')}", "server_error"))
-                elif seq.finish_reason == "cancelled":
-                    status = 499
-                else:
-                    await emit(chunk(self.rid, self.chat, self.model, finish=seq.finish_reason))
-                    if self.usage:
-                        from .openai_api import usage
-
-                        await emit(chunk(self.rid, self.chat, self.model, usage_=usage(seq)))
-                break
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
-        except (OSError, asyncio.CancelledError):
-            self.seq.cancel()
-            raise
-        finally:
-            watcher.cancel()
-            self.seq.cancel()
-            self.st.count("chat" if self.chat else "completions", status)
+def _err(e: HttpError):
+    return _json(error_body(str(e), e.type, e.param, e.code), e.status, e.headers)
 
 
 class App:
-    def __init__(self, engine, config: ServerConfig):
+    def __init__(self, engine, config: ServerConfig, scheduler: Scheduler | None = None):
         self.engine, self.config = engine, config
         self.model = config.model_name or engine.model_name
-        self.scheduler = Scheduler(engine, config.max_batch, config.max_queue)
+        if config.kv_budget_mb is not None:
+            budget = int(config.kv_budget_mb * 2 ** 20)
+        else:
+            avail = mem_available()
+            budget = int(avail * KV_BUDGET_FRACTION) if avail else None
+        self.scheduler = scheduler or Scheduler(engine, config.max_batch, config.max_queue, budget)
+        self.limits = Limits(self.model, engine.context_length, max_prompt_chars(engine),
+                             config.default_max_tokens, config.max_tokens_cap)
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kiln-parse")
+        self.token_text = TokenText(engine.tokenizer)
+        self.loopback = is_loopback(config.host)
         self.started = time.time()
+        self._key = f"Bearer {config.api_key}".encode() if config.api_key is not None else None
 
     def count(self, endpoint: str, status: int) -> None:
         m = self.scheduler.metrics
         with m.lock:
             m.requests[(endpoint, status)] += 1
 
-    # ---- helpers ---------------------------------------------------------------------------------
-    def _auth(self, request):
-        if self.config.api_key is None:
-            return None
-        h = request.headers.get("authorization", "")
-        if h != f"Bearer {self.config.api_key}":
-            return _err(401, "invalid or missing API key; send 'Authorization: Bearer KEY'",
-                        "invalid_request_error", None, "invalid_api_key")
-        return None
+    # ---- request handling ----------------------------------------------------------------------------
+    def _auth(self, request) -> None:
+        if self._key is None:
+            return
+        got = request.headers.get("authorization", "").encode("latin-1", "replace")
+        if not hmac.compare_digest(got, self._key):
+            raise HttpError(401, "invalid or missing API key; send 'Authorization: Bearer KEY'",
+                            "invalid_api_key")
+
+    def route(self, endpoint: str, handler, auth: bool):
+        """Wrap a handler: Host and auth checks, HttpError -> JSON, anything else -> JSON 500, all counted."""
+        async def run(request):
+            try:
+                check_host(request.headers, self.loopback)
+                if auth:
+                    self._auth(request)
+                resp = await handler(request)
+            except HttpError as e:
+                resp = _err(e)
+            except Exception as e:
+                log.exception("%s %s failed", request.method, request.url.path)
+                resp = _err(HttpError(500, f"internal error ({type(e).__name__})", "internal_error",
+                                      type_="server_error"))
+            if not isinstance(resp, Events):  # a stream counts itself when it ends
+                self.count(endpoint, resp.status_code)
+            return resp
+
+        return run
+
+    def _parse(self, raw: bytes, chat: bool):
+        return parse(parse_json(raw), self.engine, chat, self.limits)
 
     async def _generate(self, request, chat: bool):
-        endpoint = "chat" if chat else "completions"
-        denied = self._auth(request)
-        if denied is not None:
-            self.count(endpoint, 401)
-            return denied
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            self.count(endpoint, 400)
-            return _err(400, f"the request body is not valid JSON ({e})", code="invalid_json")
-        try:
-            default = self.config.default_max_tokens if chat else 16
-            p = parse(body, self.engine, chat, self.model, default)
-        except BadRequest as e:
-            self.count(endpoint, 400)
-            return _err(400, str(e), param=e.param, code=e.code)
+        check_content_type(request.headers)
+        raw = await read_body(request, int(self.config.max_body_mb * 2 ** 20), self.config.body_timeout_s)
+        loop = asyncio.get_running_loop()
+        p = await loop.run_in_executor(self.pool, self._parse, raw, chat)
+        del raw
         from .generate import Sequence
 
-        loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
         def put(item):  # called from the scheduler thread
@@ -154,45 +162,30 @@ class App:
             except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
                 pass
 
-        on_text = (lambda d: put(("text", d))) if p.stream else None
+        holder = []
+        on_text = (lambda d: put(("text", d, len(holder[0].logprobs)))) if p.stream else None
         seq = Sequence(p.prompt_ids, p.config, self.engine.tokenizer, self.engine.eos_ids, on_text=on_text,
                        context=self.engine.context_length)
+        holder.append(seq)
         try:
-            self.scheduler.submit(seq, lambda s: put(("done", s)))
+            self.scheduler.submit(seq, lambda s: put(("done", s, 0)))
+        except OverBudget as e:
+            raise HttpError(400, str(e), "kv_budget_exceeded", "max_tokens") from None
         except QueueFull as e:
-            self.count(endpoint, 429)
-            return _err(429, str(e), "rate_limit_error", code="queue_full")
-        except EngineError as e:
-            self.count(endpoint, 503)
-            return _err(503, str(e), "server_error")
+            raise HttpError(429, str(e), "queue_full", type_="rate_limit_error", headers={"Retry-After": "1"}) \
+                from None
+        except WorkerDown as e:
+            raise HttpError(503, str(e), "unavailable", type_="server_error", headers={"Retry-After": "5"}) \
+                from None
         rid = new_id(chat)
         if p.stream:
-            return _Events(self, seq, q, rid, chat, p.model, p.include_usage)
-
-        async def watch():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            seq.cancel()
-
-        watcher = asyncio.create_task(watch())
-        try:
-            while True:
-                kind, val = await q.get()
-                if kind == "done":
-                    break
-        except asyncio.CancelledError:
-            seq.cancel()
-            raise
-        finally:
-            watcher.cancel()
+            return Events(self, seq, q, rid, chat, p)
+        await Waiter(request, seq, q).wait()
         if seq.finish_reason == "cancelled":
-            self.count(endpoint, 499)
-            return _err(499, "the client closed the request")
+            raise HttpError(499, "the client closed the request", "cancelled")
         if seq.finish_reason == "error":
-            self.count(endpoint, 500)
-            return _err(500, f"generation failed: {getattr(seq, 'error', '')}", "server_error")
-        self.count(endpoint, 200)
-        return _json(full_response(rid, chat, p.model, seq))
+            raise HttpError(500, f"generation failed: {seq.error}", "generation_failed", type_="server_error")
+        return _json(full_response(rid, chat, p.model, seq, p, self.token_text))
 
     # ---- routes --------------------------------------------------------------------------------------
     async def completions(self, request):
@@ -202,15 +195,17 @@ class App:
         return await self._generate(request, chat=True)
 
     async def models(self, request):
-        denied = self._auth(request)
-        if denied is not None:
-            return denied
         return _json({"object": "list", "data": [{"id": self.model, "object": "model",
                                                   "created": int(self.started), "owned_by": "llmkiln"}]})
 
     async def health(self, request):
-        return _json({"status": "ok", "model": self.model, "active": self.scheduler.active,
-                      "queued": self.scheduler.queued, **self.engine.backend.describe()})
+        s = self.scheduler
+        alive = s.alive
+        body = {"status": "ok" if alive else "unavailable", "worker": "alive" if alive else "stopped",
+                "model": self.model, "active": s.active, "queued": s.queued, **self.engine.backend.describe()}
+        if s.crash:
+            body["error"] = s.crash
+        return _json(body, 200 if alive else 503)
 
     async def metrics(self, request):
         from starlette.responses import PlainTextResponse
@@ -228,6 +223,8 @@ class App:
                     ("kiln_generated_tokens_total", "counter", "Tokens generated.", m.completion_tokens),
                     ("kiln_requests_cancelled_total", "counter", "Requests stopped by a client disconnect.",
                      m.cancelled),
+                    ("kiln_requests_failed_total", "counter", "Requests ended by an error in generation.",
+                     m.failed),
                     ("kiln_requests_rejected_total", "counter", "Requests refused with 429 (queue full).",
                      m.rejected_full),
                     ("kiln_decode_steps_total", "counter", "Batched decode steps.", m.steps),
@@ -235,9 +232,12 @@ class App:
                     ("kiln_decode_seconds_total", "counter", "Time spent in decode steps.", m.step_seconds),
                     ("kiln_time_to_first_token_seconds_sum", "counter", "Sum of time to first token.", m.ttft_sum),
                     ("kiln_time_to_first_token_seconds_count", "counter", "Requests with a first token.",
-                     m.ttft_count),
-                    ("kiln_active_requests", "gauge", "Requests decoding now.", s.active),
-                    ("kiln_queued_requests", "gauge", "Requests waiting for a batch slot.", s.queued)]
+                     m.ttft_count)]
+        rows += [("kiln_active_requests", "gauge", "Requests decoding now.", s.active),
+                 ("kiln_queued_requests", "gauge", "Requests waiting for a batch slot.", s.queued),
+                 ("kiln_kv_reserved_bytes", "gauge", "KV cache the running requests may need.", s.kv_reserved),
+                 ("kiln_kv_budget_bytes", "gauge", "KV cache budget (0: unbounded).", s.kv_budget or 0),
+                 ("kiln_worker_alive", "gauge", "1 while the generation worker runs.", int(s.alive))]
         for name, typ, help_, v in rows:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {typ}", f"{name} {v}"]
         return "\n".join(lines) + "\n"
@@ -246,19 +246,22 @@ class App:
         from starlette.applications import Starlette
         from starlette.routing import Route
 
-        routes = [Route("/v1/models", self.models, methods=["GET"]),
-                  Route("/v1/completions", self.completions, methods=["POST"]),
-                  Route("/v1/chat/completions", self.chat, methods=["POST"]),
-                  Route("/health", self.health, methods=["GET"]),
-                  Route("/metrics", self.metrics, methods=["GET"])]
+        routes = [Route("/v1/models", self.route("models", self.models, True), methods=["GET"]),
+                  Route("/v1/completions", self.route("completions", self.completions, True), methods=["POST"]),
+                  Route("/v1/chat/completions", self.route("chat", self.chat, True), methods=["POST"]),
+                  Route("/health", self.route("health", self.health, False), methods=["GET"]),
+                  Route("/metrics", self.route("metrics", self.metrics, False), methods=["GET"])]
+
         async def not_found(request, exc):
-            return _err(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                        code="not_found" if exc.status_code == 404 else "method_not_allowed")
+            code = "not_found" if exc.status_code == 404 else "method_not_allowed"
+            self.count("other", exc.status_code)
+            return _err(HttpError(exc.status_code, f"{request.method} {request.url.path[:200]}: {exc.detail}", code))
 
         return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
 
     def close(self) -> None:
         self.scheduler.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -276,14 +279,15 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(engine, config: ServerConfig, sock: socket.socket | None = None):
+def make_server(engine, config: ServerConfig, sock: socket.socket | None = None, scheduler=None):
     """(uvicorn.Server, App, socket): call ``server.run(sockets=[sock])``, or run it in a thread."""
     import uvicorn
 
-    app = App(engine, config)
+    app = App(engine, config, scheduler)
     sock = sock or bind(config.host, config.port)
     ucfg = uvicorn.Config(app.asgi(), log_level="warning", access_log=False, lifespan="off",
-                          timeout_graceful_shutdown=2)
+                          timeout_graceful_shutdown=2, limit_concurrency=config.max_connections,
+                          timeout_keep_alive=5, server_header=False)
     return uvicorn.Server(ucfg), app, sock
 
 
@@ -298,3 +302,4 @@ def serve(engine, config: ServerConfig, on_ready=None) -> None:
     finally:
         app.close()
         sock.close()
+

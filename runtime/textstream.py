@@ -3,11 +3,18 @@
 ``Detokenizer.push(id)`` returns the new text a token completes. Byte-level BPE splits multi-byte characters
 across tokens; a partial character decodes to U+FFFD, so the text is held back until the character is
 complete. Decoding a short window that starts a few tokens back (``prefix``) keeps the decoders that strip or
-add a leading space honest. ``StopText`` holds back text that might be the start of a stop string.
+add a leading space honest. Tokens that decode to nothing (special tokens, skipped) never enter the window,
+and more than ``MAX_PENDING`` held-back tokens are let go (their bytes are not a character), so the window
+stays a few tokens long whatever the model emits.
+
+``StopText`` holds back text that might be the start of a stop string. It keeps, per stop string, the length
+of the longest suffix of the text that is a prefix of that stop (a Knuth-Morris-Pratt automaton), so each new
+character costs O(1) amortized per stop string, whatever the stop strings' length.
 """
 from __future__ import annotations
 
 REPLACEMENT = "\ufffd"
+MAX_PENDING = 8  # a UTF-8 character is at most 4 bytes, so at most 4 byte tokens
 
 
 class Detokenizer:
@@ -22,12 +29,16 @@ class Detokenizer:
         return self.tok.decode(ids, skip_special_tokens=self.skip)
 
     def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
+        token_id = int(token_id)
+        if self.skip and self._decode([token_id]) == "":  # a special token: contributes no text
+            return ""
+        self.ids.append(token_id)
         before = self._decode(self.ids[self.prefix:self.read])
         now = self._decode(self.ids[self.prefix:])
-        if len(now) > len(before) and not now.endswith(REPLACEMENT):
+        grew = len(now) > len(before)
+        if (grew and not now.endswith(REPLACEMENT)) or len(self.ids) - self.read > MAX_PENDING:
             self.prefix, self.read = self.read, len(self.ids)
-            return now[len(before):]
+            return now[len(before):] if grew else ""
         return ""
 
     def flush(self) -> str:
@@ -38,38 +49,68 @@ class Detokenizer:
         return now[len(before):] if len(now) > len(before) else ""
 
 
+def _failure(s: str) -> list[int]:
+    """KMP failure function: f[i] = length of the longest proper prefix of s[:i+1] that is also its suffix."""
+    f = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = f[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        f[i] = k
+    return f
+
+
 class StopText:
-    """Accumulates text; ``feed`` returns what is safe to emit and whether a stop string was hit."""
+    """Accumulates text; ``feed`` returns what is safe to emit and whether a stop string was hit.
+
+    The text stops at the first stop string to complete (the one ending earliest; of those ending at the same
+    character, the longest), the same however the text is split into deltas.
+    """
 
     def __init__(self, stops: list[str] | tuple[str, ...] = ()):
         self.stops = [s for s in stops if s]
-        self.longest = max((len(s) for s in self.stops), default=0)
+        self._fail = [_failure(s) for s in self.stops]
+        self._state = [0] * len(self.stops)  # per stop: matched prefix length at the end of the text
         self.text = ""
         self.emitted = 0
         self.stopped = False
 
+    def _advance(self, j: int, c: str) -> int:
+        s, f, k = self.stops[j], self._fail[j], self._state[j]
+        if k == len(s):
+            k = f[k - 1]
+        while k and s[k] != c:
+            k = f[k - 1]
+        if s[k] == c:
+            k += 1
+        self._state[j] = k
+        return k
+
     def feed(self, delta: str) -> str:
         if self.stopped or not delta:
             return ""
-        self.text += delta
         if not self.stops:
+            self.text += delta
             out, self.emitted = self.text[self.emitted:], len(self.text)
             return out
-        start = max(0, self.emitted - self.longest + 1)
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        if hits:
-            cut = min(hits)
-            self.stopped = True
-            out = self.text[self.emitted:cut]
-            self.text, self.emitted = self.text[:cut], cut
-            return out
-        safe = len(self.text)
-        for k in range(min(self.longest - 1, len(self.text)), 0, -1):  # a suffix that begins a stop string
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stops):
-                safe = len(self.text) - k
-                break
-        out = self.text[self.emitted:safe]
+        base = len(self.text)
+        self.text += delta
+        for i, c in enumerate(delta):
+            hit = 0
+            for j in range(len(self.stops)):
+                k = self._advance(j, c)
+                if k == len(self.stops[j]) and k > hit:
+                    hit = k
+            if hit:
+                cut = base + i + 1 - hit
+                self.stopped = True
+                out = self.text[self.emitted:cut]
+                self.text, self.emitted = self.text[:cut], cut
+                return out
+        safe = len(self.text) - max(self._state)  # the longest suffix that begins a stop string stays held
+        out = self.text[self.emitted:safe] if safe > self.emitted else ""
         self.emitted = max(self.emitted, safe)
         return out
 

