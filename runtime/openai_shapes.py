@@ -50,7 +50,9 @@ def completion_logprobs(entries, text: TokenText, offset: int) -> dict:
             tok = e.token
             out["tokens"].append(text(tok))
             out["token_logprobs"].append(e.logprob)
-            top = {text(i): lp for i, lp in e.top}
+            top: dict[str, float] = {}
+            for i, lp in e.top:  # two ids with the same text (byte tokens read as U+FFFD): the likelier stays
+                top.setdefault(text(i), lp)
             top.setdefault(text(tok), e.logprob)
             out["top_logprobs"].append(top)
         out["text_offset"].append(offset)

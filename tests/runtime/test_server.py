@@ -1,49 +1,12 @@
 """The OpenAI-compatible server over real HTTP on 127.0.0.1, driven by the official `openai` client."""
-import http.client
 import json
-import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
-from runtime.server import ServerConfig, make_server
-
-
-class Live:
-    def __init__(self, engine, **kw):
-        self.server, self.app, sock = make_server(engine, ServerConfig(port=0, **kw))
-        self.port = sock.getsockname()[1]
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                break
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def client(self, key="none"):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def raw(self, method, path, body=None, headers=None):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        c.request(method, path, body=body, headers=headers or {})
-        r = c.getresponse()
-        data = r.read()
-        c.close()
-        return r.status, data
-
-    def metric(self, name):
-        _, text = self.raw("GET", "/metrics")
-        m = re.search(rf"^{name} (\S+)$", text.decode(), re.M)
-        return float(m.group(1))
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.app.close()
+from tests.runtime.server_live import Live
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +21,7 @@ GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 def test_models_health_metrics(live):
     assert [m.id for m in live.client().models.list().data] == ["model"]
-    status, body = live.raw("GET", "/health")
+    status, body, _ = live.raw("GET", "/health")
     assert status == 200 and json.loads(body)["status"] == "ok"
     assert live.metric("kiln_active_requests") == 0
 
@@ -84,11 +47,7 @@ def test_chat_stream_equals_non_stream(live):
 
 
 def _error(live, body, path="/v1/completions"):
-    status, data = live.raw("POST", path, body if isinstance(body, bytes) else json.dumps(body).encode(),
-                            {"Content-Type": "application/json"})
-    err = json.loads(data)["error"]
-    assert set(err) >= {"message", "type", "param", "code"}
-    return status, err
+    return live.error(body, path)
 
 
 @pytest.mark.parametrize("body,param", [
@@ -116,16 +75,26 @@ def test_bad_chat_and_client_errors(live):
                                               max_tokens=2000)
 
 
-def test_api_key(tiny_engine):
+def test_api_key(tiny_engine, monkeypatch):
+    import hmac
+
+    import runtime.server
+
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(runtime.server.hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
     srv = Live(tiny_engine, api_key="sekret")
     try:
         with pytest.raises(openai.AuthenticationError):
             srv.client("wrong").completions.create(model="model", prompt="hi", max_tokens=2)
-        status, data = srv.raw("POST", "/v1/completions", b'{"prompt": "hi"}')
+        with pytest.raises(openai.AuthenticationError):  # same length, one character off
+            srv.client("sekrex").completions.create(model="model", prompt="hi", max_tokens=2)
+        status, data, _ = srv.post("/v1/completions", b'{"prompt": "hi"}')
         assert status == 401 and json.loads(data)["error"]["code"] == "invalid_api_key"
         r = srv.client("sekret").completions.create(model="model", prompt="hi", max_tokens=2)
         assert r.usage.completion_tokens >= 1
         assert srv.raw("GET", "/health")[0] == 200
+        assert len(compared) == 4  # every key check went through hmac.compare_digest
     finally:
         srv.close()
 
@@ -136,8 +105,9 @@ def test_full_queue_is_429(tiny_engine):
         c = srv.client()
         stream = c.completions.create(model="model", prompt="The module", max_tokens=1000, stream=True, **GREEDY)
         next(iter(stream))  # admitted and decoding
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.RateLimitError) as e:
             c.completions.create(model="model", prompt="hi", max_tokens=2)
+        assert e.value.response.headers["retry-after"] == "1" and e.value.code == "queue_full"
         stream.close()
     finally:
         srv.close()
@@ -198,7 +168,7 @@ def test_disconnect_stops_non_streaming_request(live):
 
 
 def test_unknown_route_and_method_are_json(live):
-    status, data = live.raw("GET", "/v1/nothing")
+    status, data, _ = live.raw("GET", "/v1/nothing")
     assert status == 404 and json.loads(data)["error"]["code"] == "not_found"
-    status, data = live.raw("GET", "/v1/completions")
+    status, data, _ = live.raw("GET", "/v1/completions")
     assert status == 405 and "error" in json.loads(data)
