@@ -237,6 +237,7 @@ class App:
                  ("kiln_queued_requests", "gauge", "Requests waiting for a batch slot.", s.queued),
                  ("kiln_kv_reserved_bytes", "gauge", "KV cache the running requests may need.", s.kv_reserved),
                  ("kiln_kv_budget_bytes", "gauge", "KV cache budget (0: unbounded).", s.kv_budget or 0),
+                 ("kiln_kv_bytes_per_token", "gauge", "KV cache one row takes per position.", s.kv_per_token),
                  ("kiln_worker_alive", "gauge", "1 while the generation worker runs.", int(s.alive))]
         for name, typ, help_, v in rows:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {typ}", f"{name} {v}"]
