@@ -237,7 +237,7 @@ def table(res: dict) -> str:
 
     lines = [f"Made by `{r['command']}` on {r['date']} ({r['machine']})" + ("  " if i < len(res["runs"]) - 1 else "")
              for i, r in enumerate(res["runs"][-6:])]
-    lines += ["", ("Peak RSS: the step's process tree (kernel high-water mark and a 0.2 s /proc poll). "
+    lines += ["", ("Peak RSS: the step's process tree (0.2 s /proc poll of VmRSS sums and VmHWM, plus the kernel's ru_maxrss). "
                    "s / (param·in) is GPTQ's wall time per decoder-Linear parameter × its mean input dimension "
                    "(Σ in²·out), in 1e-12 s."), "",
               "| shape | params | code | step | wall s | s / B params | s / (param·in) | peak RSS GiB | status |",

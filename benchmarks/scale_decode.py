@@ -6,7 +6,8 @@
 - read bandwidth: numpy reductions over a --bandwidth-gib array split between --threads threads (numpy
   releases the GIL inside them), best kernel's median of 5 passes;
 - bytes one decode step streams: every initializer of model.onnx (sizes from the graph, weights in
-  model.onnx.data), except that a tensor read only by Gather (the embedding and its scales) counts one row;
+  model.onnx.data), except that a tensor only looked up by position (Gather's data: the embedding and its
+  scales; RotaryEmbedding's cos/sin caches) counts one row;
 - decode tok/s: benchmarks/runtime_speed.py's own worker (batch 1, 32-token prompt, 128 new tokens, greedy,
   median of --runs), with the code of --code (default: this checkout);
 - ceiling = bandwidth / bytes per step, and tok/s / ceiling;
@@ -37,6 +38,10 @@ p.ftype = getattr(llama_cpp, sys.argv[3])
 p.nthread = int(sys.argv[4])
 rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p))
 sys.exit(rc)
+"""
+SENTENCEPIECE_STUB = """class SentencePieceProcessor:  # stub written by benchmarks/scale_decode.py
+    def __init__(self, *a, **k):
+        raise ImportError("sentencepiece is not installed (stub for convert_hf_to_gguf.py's import only)")
 """
 PEER_TYPE = {"int8-wo": ("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"), "int4": ("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0")}
 
@@ -82,8 +87,11 @@ def onnx_step_bytes(art: Path) -> dict:
             nbytes = len(t.raw_data) or (int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
                                          if t.dims else 0)
         uses = consumers.get(t.name, [])
-        if uses and all(n.op_type == "Gather" and i == 0 for n, i in uses) and t.dims:
-            axis = next((a.i for a in uses[0][0].attribute if a.name == "axis"), 0)
+        looked_up = all((n.op_type == "Gather" and i == 0) or (n.op_type == "RotaryEmbedding" and i in
+                        ((2, 3) if n.domain == "com.microsoft" else (1, 2))) for n, i in uses)  # cos/sin caches
+        if uses and looked_up and t.dims:  # embedding rows, rope cos/sin caches: one row per token
+            axis = next((a.i for a in uses[0][0].attribute if a.name == "axis"), 0) \
+                if uses[0][0].op_type == "Gather" else 0
             rows = t.dims[axis if axis >= 0 else len(t.dims) + axis]
             total += nbytes // rows
             gathered += nbytes
@@ -165,7 +173,15 @@ def gguf_peer(source: Path, scheme: str, work: Path, peers_venv: Path, threads: 
         conv = converter(work, peers_venv)
         if isinstance(conv, str):
             return conv
-        env = dict(os.environ, PYTHONPATH=str(conv.parent / "gguf-py"))
+        paths = [str(conv.parent / "gguf-py")]
+        if subprocess.run([sys.executable, "-c", "import sentencepiece"], capture_output=True, check=False).returncode:
+            # convert_hf_to_gguf.py imports sentencepiece before it looks for tokenizer.model; these models have
+            # none (a BPE tokenizer.json), so the name only has to import: a stub raising if ever used
+            stub = work / "llama-src" / "stub"
+            stub.mkdir(parents=True, exist_ok=True)
+            (stub / "sentencepiece.py").write_text(SENTENCEPIECE_STUB)
+            paths.append(str(stub))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
         print(f"[decode] converting {source} -> {bf16} with {conv}", file=sys.stderr, flush=True)
         ok, msg = _sh([sys.executable, str(conv), str(source), "--outtype", "bf16", "--outfile", str(bf16) + ".tmp"],
                       env=env)
