@@ -165,7 +165,7 @@ def bench(art, prompt_len, new_tokens, prefill_len, runs, backend, threads, as_j
               help="Largest request body; beyond it 413.")
 @click.option("--body-timeout", type=click.FloatRange(0, None, min_open=True), default=30.0, show_default=True,
               help="Seconds a request body may take to arrive; beyond it 408.")
-@click.option("--max-connections", type=click.IntRange(1, None), default=256, show_default=True,
+@click.option("--max-connections", type=click.IntRange(1, None), default=128, show_default=True,
               help="Concurrent connections; beyond them 503.")
 @_engine_options
 def serve(art, host, port, api_key, max_batch, max_queue, model_name, kv_budget_mb, max_tokens_cap,

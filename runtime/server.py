@@ -42,7 +42,7 @@ class ServerConfig:
     kv_budget_mb: float | None = None  # None: KV_BUDGET_FRACTION of MemAvailable at start
     max_body_mb: float = 4.0
     body_timeout_s: float = 30.0
-    max_connections: int = 256  # uvicorn's limit_concurrency: beyond it, 503
+    max_connections: int = 128  # uvicorn's limit_concurrency: beyond it, 503 (bodies in memory <= this x max_body)
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:

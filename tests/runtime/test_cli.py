@@ -58,7 +58,7 @@ def test_serve_subprocess(tiny_onnx):
             line = p.stderr.readline()
         url = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line).group(1)
         c = openai.OpenAI(base_url=url, api_key="k", max_retries=0)
-        r = c.completions.create(model="x", prompt="The module", max_tokens=4, temperature=0)
+        r = c.completions.create(model=c.models.list().data[0].id, prompt="The module", max_tokens=4, temperature=0)
         assert r.usage.completion_tokens >= 1
     finally:
         p.terminate()
