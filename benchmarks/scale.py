@@ -142,11 +142,13 @@ def run_step(step: Step, sub: dict, env: dict, logs: Path, limit: int, timeout_s
             shutil.rmtree(fill(step.output), ignore_errors=True)
         out, err = logs / f"{step.name}.out", logs / f"{step.name}.err"
         print(f"[scale] {sub['shape']} {sub['code']} {step.name}: kiln {' '.join(argv)}", flush=True)
+        load0 = os.getloadavg()[0]
         with open(out, "w") as fo, open(err, "w") as fe:
             m = run_measured(kiln_argv() + argv, env=env, cwd=sub["work"], limit_bytes=limit, timeout_s=timeout_s,
                              stdout=fo, stderr=fe)
         rec = {"argv": "kiln " + " ".join(argv), "wall_s": round(m.wall_s, 2),
-               "peak_rss_gib": round(m.peak_rss_bytes / GIB, 3), "rc": m.rc, "log": str(err)}
+               "peak_rss_gib": round(m.peak_rss_bytes / GIB, 3), "rc": m.rc, "log": str(err),
+               "load": [round(load0, 2), round(os.getloadavg()[0], 2)]}  # 1-min load average before / after
         text = err.read_text(errors="replace")
         if m.rc == 2 and "Usage:" in text[:2000] and m.killed_at_bytes is None:
             refusals.append(_last_line(err, "Error:"))
@@ -237,18 +239,20 @@ def table(res: dict) -> str:
 
     lines = [f"Made by `{r['command']}` on {r['date']} ({r['machine']})" + ("  " if i < len(res["runs"]) - 1 else "")
              for i, r in enumerate(res["runs"][-6:])]
-    lines += ["", ("Peak RSS: the step's process tree (0.2 s /proc poll of VmRSS sums and VmHWM, plus the kernel's ru_maxrss). "
-                   "s / (param·in) is GPTQ's wall time per decoder-Linear parameter × its mean input dimension "
+    lines += ["", ("Peak RSS: the step's process tree (0.2 s /proc poll of VmRSS sums and VmHWM, plus the "
+                   "kernel's ru_maxrss). load: the box's 1-minute load average before / after the step (2 cores: "
+                   "above ~2 other work was competing). s / (param·in) is GPTQ's wall time per decoder-Linear parameter × its mean input dimension "
                    "(Σ in²·out), in 1e-12 s."), "",
-              "| shape | params | code | step | wall s | s / B params | s / (param·in) | peak RSS GiB | status |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| shape | params | code | step | wall s | s / B params | s / (param·in) | peak RSS GiB | load | status |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     order = {s: i for i, s in enumerate(["tiny", "1b", "3b", "8b"])}
     for r in sorted(res["steps"], key=lambda r: (order.get(r["shape"], 9), r["code"], STEP_NAMES.index(r["step"])
                                                  if r["step"] in STEP_NAMES else 99)):
         status = r["status"] + (f"; {r['detail']}" if r.get("detail") else "") + (f"; {r['note']}" if r.get("note") else "")
         lines.append(f"| {r['shape']} | {_params(r['params'])} | {r['code']} | {r['step']} | {_fmt(r.get('wall_s'), 1)} "
                      f"| {_fmt(r.get('s_per_bparam'))} | {_fmt(r.get('s_per_tparam_in'), 3)} "
-                     f"| {_fmt(r.get('peak_rss_gib'))} | {status.replace('|', '/')} |")
+                     f"| {_fmt(r.get('peak_rss_gib'))} | {'/'.join(f'{x:.1f}' for x in r.get('load', []))} "
+                     f"| {status.replace('|', '/')} |")
     growth = growth_rows(res["steps"])
     if growth:
         lines += ["", "Growth from 1B to 8B (gate ≤ 1.3×): s / param for rtn, export, eval; s / (param·in) for GPTQ.",
@@ -309,18 +313,18 @@ def cmd_run(a) -> int:
     for shape in shapes:
         model = work / "models" / shape.name
         base = {"shape": shape.name, "params": shape.params}
-        if any(s.name == "build" for s in steps) or any(s.kind != "build" for s in steps):
-            logs = work / "logs" / "build" / shape.name
-            logs.mkdir(parents=True, exist_ok=True)
-            rec = run_build(shape, model, a.seed, a.shard_bytes, logs, limit)
-            if rec is not None:
-                _merge(res["steps"], {**base, "code": "builder", "step": "build", "kind": "build", **rec,
-                                      "s_per_bparam": rec["wall_s"] / (shape.params / 1e9)}, ("shape", "code", "step"))
-                save_results(work, res)
-                if rec["status"] != "ok":
-                    print(f"[scale] {shape.name}: build {rec['status']}", flush=True)
-                    continue
-        for label, code_dir in codes:
+        # every step needs the model: build it (or reuse a complete build)
+        logs = work / "logs" / "build" / shape.name
+        logs.mkdir(parents=True, exist_ok=True)
+        rec = run_build(shape, model, a.seed, a.shard_bytes, logs, limit)
+        if rec is not None:
+            _merge(res["steps"], {**base, "code": "builder", "step": "build", "kind": "build", **rec,
+                                  "s_per_bparam": rec["wall_s"] / (shape.params / 1e9)}, ("shape", "code", "step"))
+            save_results(work, res)
+            if rec["status"] != "ok":
+                print(f"[scale] {shape.name}: build {rec['status']}", flush=True)
+                continue
+        for label, code_dir in codes if any(s.kind != "build" for s in steps) else []:
             env = code_env(code_dir)
             out = work / "out" / label / shape.name
             logs = work / "logs" / label / shape.name

@@ -47,24 +47,59 @@ PEER_TYPE = {"int8-wo": ("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"), "int4": ("q4_0", "L
 
 
 # ---- bandwidth ------------------------------------------------------------------------------------------------
+def _ort_session(node, threads: int, inputs: list, inits: list):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([node], "bw", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def read_bandwidth(threads: int = 2, gib: float = 1.5, passes: int = 5) -> dict:
-    """GB/s read by ``threads`` threads each reducing its slice of one big array; best kernel's median."""
+    """GB/s read from one --gib array by ``threads`` threads, per kernel (median of ``passes`` after a warm-up);
+    the best kernel is the box's read bandwidth. numpy reductions run one thread per slice (they release the
+    GIL); ONNX Runtime ReduceMax over [rows, cols] and a batch-1 MatMul (a decode step's GEMV, weights as an
+    input so nothing is folded) run on its own intra-op pool."""
+    from onnx import TensorProto, helper
+
     a = np.ones(int(gib * (1 << 30)) // 8, dtype=np.float64)
     parts = np.array_split(a, threads)
-    kernels = {"sum_f64": lambda p: p.sum(), "max_f64": lambda p: p.max(),
-               "max_f32": lambda p: p.view(np.float32).max()}
-    out = {}
-    for name, fn in kernels.items():
-        runs = []
-        for _ in range(passes + 1):
+
+    def numpy_kernel(fn):
+        def run():
             ts = [threading.Thread(target=fn, args=(p,)) for p in parts]
-            t = time.perf_counter()
             for x in ts:
                 x.start()
             for x in ts:
                 x.join()
+        return run
+
+    f32 = a.view(np.float32)
+    cols = 4096
+    mat = f32[: f32.size // cols * cols].reshape(-1, cols)
+    red = _ort_session(helper.make_node("ReduceMax", ["x", "axes"], ["y"], keepdims=0), threads,
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(mat.shape))],
+                       [helper.make_tensor("axes", TensorProto.INT64, [1], [1])])
+    w = mat.reshape(cols, -1)  # [K, N] row-major, as MatMul's weight input
+    gemv = _ort_session(helper.make_node("MatMul", ["v", "w"], ["y"]), threads,
+                        [helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, cols]),
+                         helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape))], [])
+    v = np.ones((1, cols), np.float32)
+    kernels = {"numpy_sum_f64": numpy_kernel(lambda p: p.sum()), "numpy_max_f64": numpy_kernel(lambda p: p.max()),
+               "ort_reducemax_f32": lambda: red.run(None, {"x": mat}),
+               "ort_gemv_f32": lambda: gemv.run(None, {"v": v, "w": w})}
+    out = {}
+    for name, fn in kernels.items():
+        runs = []
+        for _ in range(passes + 1):
+            t = time.perf_counter()
+            fn()
             runs.append(a.nbytes / (time.perf_counter() - t) / 1e9)
-        out[name] = statistics.median(runs[1:])  # first pass warms the pages / threads
+        out[name] = statistics.median(runs[1:])  # the first pass warms pages and thread pools
     best = max(out, key=out.get)
     return {"gbs": out[best], "kernel": best, "all_gbs": out, "threads": threads, "array_gib": gib}
 
@@ -254,7 +289,9 @@ def cmd_decode(a) -> int:
         print(json.dumps(rec), flush=True)
     res = load_results(work)
     res["runs"].append({"command": "python -m benchmarks.scale " + " ".join(sys.argv[1:]),
-                        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"bandwidth {bw}"})
+                        "date": time.strftime("%Y-%m-%d %H:%M"),
+                        "machine": f"read bandwidth {bw['gbs']:.1f} GB/s ({bw['kernel']}, {bw['threads']} threads, "
+                                   f"{bw['array_gib']} GiB array), load {os.getloadavg()[0]:.2f} at the end"})
     for r in recs:
         res["decode"] = [d for d in res["decode"] if d["art"] != r["art"]] + [r]
     save_results(work, res)
