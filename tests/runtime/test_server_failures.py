@@ -134,3 +134,21 @@ def test_dead_worker_makes_health_503(tiny_engine):
     finally:
         threading.excepthook = prev
         srv.close()
+
+
+class BrokenSubmit(Scheduler):
+    def submit(self, seq, on_done):
+        raise RuntimeError("a bug on the HTTP side")
+
+
+def test_unexpected_exception_is_a_json_500(tiny_engine):
+    srv = Live(tiny_engine, scheduler=BrokenSubmit(tiny_engine))
+    try:
+        status, data, _ = srv.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        err = json.loads(data)["error"]
+        assert status == 500 and err["type"] == "server_error" and err["code"] == "internal_error"
+        assert "RuntimeError" in err["message"] and "bug" not in err["message"]  # no internals leak out
+        assert srv.requests("completions", 500) == 1
+        assert srv.raw("GET", "/health")[0] == 200
+    finally:
+        srv.close()
