@@ -91,10 +91,14 @@ async def read_body(request, limit: int, timeout: float) -> bytes:
             parts.append(chunk)
         return b"".join(parts)
 
+    from starlette.requests import ClientDisconnect
+
     try:
         return await asyncio.wait_for(read(), timeout)
     except asyncio.TimeoutError:
         raise HttpError(408, f"the request body did not arrive within {timeout:g} s", "body_timeout") from None
+    except ClientDisconnect:
+        raise HttpError(499, "the client closed the request while sending it", "cancelled") from None
 
 
 # ---- JSON --------------------------------------------------------------------------------------------

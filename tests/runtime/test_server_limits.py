@@ -57,6 +57,19 @@ def test_slow_body_times_out_with_408(live):
     assert 0.9 < time.monotonic() - t0 < 5.0  # the 1 s read timeout, not the client's 10 s
 
 
+def test_client_gone_mid_body_is_counted_as_499(live):
+    before, errors = live.requests("completions", 499), live.requests("completions", 500)
+    s = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 100\r\n\r\n{\"prompt\":")
+    time.sleep(0.2)
+    s.close()
+    end = time.monotonic() + 5
+    while live.requests("completions", 499) == before and time.monotonic() < end:
+        time.sleep(0.02)
+    assert live.requests("completions", 499) == before + 1 and live.requests("completions", 500) == errors
+
+
 def test_text_that_cannot_fit_is_refused_before_tokenizing(live, tiny_engine):
     limit = live.app.limits.max_prompt_chars
     assert limit < 200_000  # the body limit lets a longer text through to this check
