@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KILN = str(ROOT / ".venv" / "bin" / "kiln")
-FAST = {"int8-wo": {"method": "rtn"}, "fp8": {}, "int8-sq": {"gptq": False}, "int8-dyn": {}, "int4": {"method": "rtn"}}
+FAST = {"int8-wo": {"method": "rtn"}, "fp8": {}, "int8-sq": {"method": "rtn"}, "int8-dyn": {}, "int4": {"method": "rtn"}}
 BOUND = {"fp32": 0.001}  # quantized schemes: 0.005
 
 

@@ -91,11 +91,11 @@ def main() -> None:
     for a, _, _ in sessions:
         m = read_manifest(a)
         r = res[str(a)]
-        summary[str(a)] = {"scheme": m.io.get("scheme"), "opset": m.io.get("opset"),
+        summary[str(a)] = {"preset": m.preset(), "opset": m.io.opset,
                            "prefill_ms_median": round(statistics.median(r["prefill_ms"]), 1),
                            "decode_tok_s_median": round(statistics.median(r["tok_s"]), 1),
                            "decode_tok_s_all": [round(x, 1) for x in r["tok_s"]]}
-        print(f"{a}: {m.io.get('scheme')} opset {m.io.get('opset')}: prefill {args.prompt} tok "
+        print(f"{a}: {m.preset()} opset {m.io.opset}: prefill {args.prompt} tok "
               f"{summary[str(a)]['prefill_ms_median']} ms, decode {summary[str(a)]['decode_tok_s_median']} tok/s",
               file=sys.stderr)
     print(json.dumps({"threads": args.threads, "prompt": args.prompt, "new": args.new, "results": summary}))

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
             man = save_checkpoint(m, tok, out, source=source_record(info), passes=extra.get("passes", []))
             nz = sum(int(p.count_nonzero()) for p in {id(p): p for p in m.parameters()}.values())
             row = {"row": name, **extra, "parameters": count_parameters(m), "nonzero_parameters": nz,
-                   "bytes_on_disk": sum(f["size"] for f in man.files.values())}
+                   "bytes_on_disk": sum(f.size for f in man.files.values())}
             row.pop("passes", None)
             if args.speed:
                 row["decode_tokens_per_s"] = decode_speed(out, work)

@@ -1,16 +1,16 @@
 """Compressed checkpoint dirs: HF config + safetensors weights + tokenizer + kiln.json (kind "checkpoint").
 
 Float and pruned checkpoints are ordinary Hugging Face dirs (plain transformers loads them). Quantized ones
-store the real low-precision tensors; ``load_checkpoint`` rebuilds the fake-quant torch model from them.
+store the real low-precision tensors (compress.quant.checkpoint); ``compress.load_model`` reads both.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from runtime.fsutil import atomic_dir
 from runtime.manifest import Manifest
+from runtime.records import Pass
 
 from .errors import CompressError
+from .hfdir import architecture_from_config, state_for_saving
 
 
 def source_record(info) -> dict:
@@ -22,20 +22,10 @@ def source_record(info) -> dict:
     return rec
 
 
-def state_for_saving(model) -> dict:
-    """The model's tensors, contiguous, with a tied lm_head stored once (as the embedding)."""
-    state = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous() for k, v in state.items()}
-
-
-def save_checkpoint(model, tokenizer, out, *, source: dict, passes: list[dict], force: bool = False,
+def save_checkpoint(model, tokenizer, out, *, source: dict, passes: list[Pass], force: bool = False,
                     tensors: dict | None = None, before_rename=None) -> Manifest:
     """Write a checkpoint dir atomically. ``tensors`` overrides the model's state (quantized weights)."""
     from safetensors.torch import save_file
-
-    from .loading import architecture_from_config
 
     arch = architecture_from_config(model.config)
     with atomic_dir(out, force=force, error=CompressError) as tmp:
@@ -48,21 +38,9 @@ def save_checkpoint(model, tokenizer, out, *, source: dict, passes: list[dict], 
             except Exception:
                 pass
         tokenizer.save_pretrained(str(tmp))
-        manifest = Manifest(kind="checkpoint", architecture=arch, source=source, passes=passes)
+        manifest = Manifest(kind="checkpoint", architecture=arch, source=source, passes=list(passes))
         manifest.record_files(tmp)
         manifest.save(tmp)
         if before_rename is not None:
             before_rename(tmp, manifest)
     return manifest
-
-
-def load_checkpoint(path: Path, manifest: Manifest):
-    if manifest.quant_pass() is not None:
-        try:
-            from .quant.checkpoint import load_quantized
-        except ImportError:
-            raise CompressError(f"{path}: a quantized checkpoint, and this llmkiln cannot read quantized weights") from None
-        return load_quantized(path, manifest)
-    from .loading import _load_hf_dir
-
-    return _load_hf_dir(Path(path))

@@ -12,85 +12,21 @@ import warnings
 from pathlib import Path
 
 from runtime.fsutil import atomic_dir, sha256_file
-from runtime.manifest import Architecture
 
 from .errors import CompressError
+from .hfdir import (SUPPORTED_ARCHITECTURES, architecture_from_config, check_config, check_safetensors,
+                    state_for_saving, unsupported)
 from .sources import ALIASES, SourceInfo, cache_dir, resolve
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-
-
-def architecture_from_config(config) -> Architecture:
-    """The manifest's architecture block from a transformers config (v4 and v5 rope fields)."""
-    mt = getattr(config, "model_type", None)
-    if mt not in SUPPORTED_ARCHITECTURES:
-        raise CompressError(
-            f"unsupported architecture {mt!r}; llmkiln supports Llama-style decoders: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    rope = getattr(config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    scaling = getattr(config, "rope_scaling", None)
-    if rope and rope.get("rope_type", "default") != "default":
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        scaling = None
-    heads = config.num_attention_heads
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return Architecture(
-        model_type=mt,
-        layers=config.num_hidden_layers,
-        hidden=hidden,
-        intermediate=config.intermediate_size,
-        heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        vocab=config.vocab_size,
-        max_position=config.max_position_embeddings,
-        rope_theta=float(theta),
-        rms_eps=float(config.rms_norm_eps),
-        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        rope_scaling=dict(scaling) if scaling else None,
-        bos_token_id=getattr(config, "bos_token_id", None),
-        eos_token_id=getattr(config, "eos_token_id", None),
-        hidden_act=getattr(config, "hidden_act", "silu"),
-    )
-
-
-def _check_config(path: Path) -> dict:
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CompressError(f"{path}/config.json: unreadable ({e})") from None
-    mt = cfg.get("model_type")
-    if mt not in SUPPORTED_ARCHITECTURES:
-        raise CompressError(
-            f"{path}: unsupported architecture {mt!r}; llmkiln supports Llama-style decoders: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    return cfg
-
-
-def _check_safetensors(files: list[Path]) -> None:
-    from safetensors import safe_open
-
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                keys = list(h.keys())
-                if keys:  # touching one tensor catches truncation of the data section
-                    h.get_slice(keys[-1])[...]
-        except Exception as e:
-            raise CompressError(f"{f}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
-
+__all__ = ["load_model", "architecture_from_config", "cached_conversion", "gguf_sha256"]
 
 def _load_hf_dir(path: Path, allow_pickle: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_config(path)
+    check_config(path)
     files = sorted(path.glob("*.safetensors"))
-    _check_safetensors(files)
+    check_safetensors(files)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -145,10 +81,7 @@ def _convert_gguf(gguf: Path, sha: str, quiet: bool) -> Path:
     except Exception as e:
         raise CompressError(f"{gguf}: corrupt or truncated GGUF file ({str(e).splitlines()[0][:200]})") from None
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise CompressError(
-            f"{gguf}: unsupported architecture {arch!r}; llmkiln supports Llama-style decoders: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+        raise unsupported(arch, f"{gguf}: ")
     if not quiet:
         print(f"llmkiln: converting {gguf.name} to float32 safetensors (once; cached in {out})",
               file=sys.stderr, flush=True)
@@ -162,8 +95,6 @@ def _convert_gguf(gguf: Path, sha: str, quiet: bool) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     from safetensors.torch import save_file
-
-    from .checkpoint import state_for_saving
 
     with atomic_dir(out, force=True) as tmp:
         save_file(state_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -187,10 +118,10 @@ def load_model(source: str | SourceInfo, allow_pickle: bool = False, quiet: bool
         model, tok = _load_hf_dir(conv)
         info.extra["converted"] = str(conv)
         return model, tok, info
-    if info.kind == "checkpoint":
-        from .checkpoint import load_checkpoint
+    if info.kind == "checkpoint" and info.manifest.quantized:
+        from .quant.checkpoint import load_quantized
 
-        model, tok = load_checkpoint(info.path, info.manifest)
+        model, tok = load_quantized(info.path, info.manifest)
         return model, tok, info
     model, tok = _load_hf_dir(info.path, allow_pickle=info.allow_pickle)
     return model, tok, info

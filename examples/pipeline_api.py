@@ -20,7 +20,8 @@ def main() -> None:
     out = Path(sys.argv[2] if len(sys.argv) > 2 else "out-api")
     quantize_checkpoint(source, Int8WeightOnly(), out / "int8", calib_samples=16, eval_windows=None, force=True)
     manifest = export_onnx(out / "int8", out / "onnx", force=True)  # validated against the fake-quant model
-    print("validation:", manifest.validation["passed"], manifest.validation["metric"], manifest.validation["value"])
+    v = manifest.validation
+    print("validation:", v.passed, v.metric, v.value)
     with Engine.load(out / "onnx") as engine:
         print("perplexity:", round(perplexity(engine, windows=2).ppl, 4))
         speed = benchmark(engine, BenchConfig(new_tokens=32, runs=2, prefill_len=128))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from runtime.fsutil import atomic_dir
 from runtime.manifest import Manifest, read_manifest, verify_files
+from runtime.records import POSITIONS
 
 from .errors import ExportError
 
@@ -61,6 +62,7 @@ def contract_io(manifest: Manifest) -> tuple[list[Tensor], list[Tensor]]:
     a = manifest.architecture
     kv = (-1, a.kv_heads, -1, a.head_dim)
     ins = [Tensor(n, "TYPE_INT64", (-1, -1)) for n in ("input_ids", "attention_mask", "position_ids")]
+    ins.append(Tensor(POSITIONS, "TYPE_INT64", (-1,)))
     outs = [Tensor("logits", "TYPE_FP32", (-1, -1, a.vocab))]
     for i in range(a.layers):
         for k in ("key", "value"):
@@ -75,12 +77,13 @@ DTYPE_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "
 
 def manifest_io(manifest: Manifest) -> tuple[list[Tensor], list[Tensor]]:
     """IO from kiln.json's ``io`` block (names, dtypes, shapes as the exporter recorded them), else the contract."""
-    io = manifest.io or {}
+    io = manifest.io
+    if io is None:
+        return contract_io(manifest)
     try:
-        conv = [[Tensor(t["name"], DTYPE_TO_TRITON[t["dtype"]],
-                        tuple(d if isinstance(d, int) else -1 for d in t["shape"])) for t in io[key]]
-                for key in ("inputs", "outputs")]
-    except (KeyError, TypeError):
+        conv = [[Tensor(t.name, DTYPE_TO_TRITON[t.dtype], tuple(d if isinstance(d, int) else -1 for d in t.shape))
+                 for t in tensors] for tensors in (io.inputs, io.outputs)]
+    except KeyError:
         return contract_io(manifest)
     return conv[0], conv[1]
 
@@ -145,8 +148,8 @@ def export_triton(source: str | Path, repo: str | Path, opts: TritonExport = Tri
         kind = "KIND_GPU" if opts.kind in ("auto", "gpu") else None
         if kind is None:
             raise ExportError("a TensorRT engine runs on a GPU only; drop --kind cpu")
-        profiles = len((m.engine or {}).get("profiles") or [])
-        cc = (m.engine or {}).get("compute_capability")
+        profiles = len(m.engine.profiles) if m.engine else 0
+        cc = m.engine.compute_capability if m.engine else None
     else:
         platform = "onnxruntime_onnx"
         inputs, outputs = onnx_io(source / "model.onnx")

@@ -27,12 +27,16 @@ def info(source, allow_pickle, as_json):
         from runtime.manifest import read_manifest
 
         m = read_manifest(source)
-        size = sum(f["size"] for f in m.files.values())
-        out = {"kind": m.kind, "path": str(Path(source).resolve()), "architecture": m.to_dict()["architecture"],
-               "passes": m.passes, "source": m.source, "bytes_on_disk": size}
+        size = sum(f.size for f in m.files.values())
+        d = m.to_dict()
+        out = {"kind": m.kind, "path": str(Path(source).resolve()), "architecture": d["architecture"],
+               "passes": d["passes"], "source": m.source, "bytes_on_disk": size}
     else:
-        from compress.loading import architecture_from_config, load_model
         import dataclasses
+
+        from compress.hfdir import architecture_from_config
+        from compress.loading import load_model
+        from runtime.strict import to_json
 
         model, _, src = load_model(source, allow_pickle=allow_pickle)
         by_dtype: dict[str, int] = {}
@@ -43,7 +47,7 @@ def info(source, allow_pickle, as_json):
         params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         arch = dataclasses.asdict(architecture_from_config(model.config))
         out = {"kind": src.kind, "source": src.to_dict(), "architecture": arch, "parameters": params,
-               "bytes_by_dtype": by_dtype, "passes": src.manifest.passes if src.manifest else []}
+               "bytes_by_dtype": by_dtype, "passes": to_json(src.manifest.passes) if src.manifest else []}
         if "converted" in src.extra:
             out["converted_cache"] = src.extra["converted"]
     if as_json:

@@ -48,20 +48,24 @@ def onnx_cmd(source, out, form, opset, exporter, optimum_python, no_validate, fo
     m = export_onnx(source, out, form=form, opset=opset, validate=not no_validate, force=force,
                     progress=not as_json, exporter=exporter, optimum_python=optimum_python)
     secs = round(time.perf_counter() - t0, 2)
-    size = sum(f["size"] for f in m.files.values())
-    v = m.validation or {}
+    from runtime.layerspec import summarize
+    from runtime.strict import to_json
+
+    size = sum(f.size for f in m.files.values())
+    v = m.validation
+    formats = summarize(s for s in m.layer_specs().values() if s.quantized)
     if as_json:
-        emit_json({"out": out, "kind": m.kind, "exporter": exporter, "scheme": m.io["scheme"], "form": m.io["form"],
-                   "opset": m.io["opset"], "bytes": size, "seconds": secs, "timings": getattr(m, "timings", {}),
-                   "validation": v})
+        emit_json({"out": out, "kind": m.kind, "exporter": exporter, "preset": m.preset(), "formats": formats,
+                   "form": m.io.form, "opset": m.io.opset, "bytes": size, "seconds": secs,
+                   "timings": getattr(m, "timings", {}), "validation": to_json(v)})
         return
-    if v.get("passed"):
-        stderr(f"validated on ONNX Runtime CPU: max |Δlogits| {v['value']:.2e} of the logit range "
-               f"(tolerance {v['tolerance']:g}), greedy {v['greedy_identical_prefix']}/{v['greedy_tokens']} identical")
+    if v is not None and v.passed:
+        stderr(f"validated on ONNX Runtime CPU: max |Δlogits| {v.value:.2e} of the logit range "
+               f"(tolerance {v.tolerance:g}), greedy {v.greedy_identical_prefix}/{v.greedy_tokens} identical")
     else:
         stderr("validation skipped (--no-validate)")
     via = " via optimum" if exporter == "optimum" else ""
-    click.echo(f"wrote {out} ({m.io['scheme']}, {m.io['form']}, opset {m.io['opset']}{via}, {size / 1e6:.1f} MB) "
+    click.echo(f"wrote {out} ({m.preset()}, {m.io.form}, opset {m.io.opset}{via}, {size / 1e6:.1f} MB) "
                f"in {secs} s")
 
 

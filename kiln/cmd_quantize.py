@@ -1,17 +1,23 @@
 """`kiln compress quantize`: calibrated INT8 / FP8 / INT4 quantization into a compressed checkpoint dir."""
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from .common import emit_json
 
-SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4")
+SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4", "int8-group")
 
 
 @click.command()
 @click.argument("source")
 @click.option("--scheme", required=True, help=f"One of: {', '.join(SCHEME_NAMES)}.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output checkpoint dir.")
+@click.option("--method", type=click.Choice(["rtn", "gptq"]), default=None,
+              help="How weights are rounded: rtn (round to nearest) or gptq (error-compensating, layer by layer "
+                   "on the calibration windows). Default: the scheme's (gptq for int8-wo, int4, int8-group, "
+                   "int8-sq; rtn for fp8, int8-dyn).")
 @click.option("--calib", default="builtin:pydoc", show_default=True,
               help="Calibration corpus (builtin:pydoc, a text file, or JSONL with 'text'); windows from its end.")
 @click.option("--calib-samples", type=click.IntRange(1, None), default=16, show_default=True,
@@ -20,18 +26,19 @@ SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4")
               help="Tokens per calibration / evaluation window.")
 @click.option("--ignore", multiple=True, metavar="PATTERN",
               help="Keep matching layers float: a module name, a glob (model.layers.0.*), a last component "
-                   "(down_proj, lm_head) or re:REGEX. Repeatable.")
+                   "(down_proj, lm_head) or re:REGEX. Repeatable; added to the scheme's own (fp8 and int8-sq "
+                   "keep lm_head float).")
 @click.option("--float-inputs", multiple=True, metavar="PATTERN",
               help="fp8 / int8-sq / int8-dyn: these Linears keep float inputs and quantized weights "
-                   "(weight-only), same pattern forms as --ignore. Repeatable. SmolLM2: down_proj (see README).")
+                   "(weight-only), same pattern forms as --ignore. Repeatable (docs/QUANTIZATION.md).")
 @click.option("--eval-windows", type=click.IntRange(0, None), default=8, show_default=True,
               help="Perplexity windows measured before/after (0 skips the measurement).")
 @click.option("--eval-text", default=None, help="Corpus for the perplexity check (default: the calibration one, "
                                                 "from its start).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object last on stdout.")
-def quantize(source, scheme, out, calib, calib_samples, seq_len, ignore, float_inputs, eval_windows, eval_text, force,
-             as_json):
+def quantize(source, scheme, out, method, calib, calib_samples, seq_len, ignore, float_inputs, eval_windows,
+             eval_text, force, as_json):
     """Quantize SOURCE with a calibrated scheme and write a compressed checkpoint to OUT.
 
     \b
@@ -40,6 +47,10 @@ def quantize(source, scheme, out, calib, calib_samples, seq_len, ignore, float_i
     int8-sq   SmoothQuant INT8 weights + static per-tensor INT8 activations (TensorRT)
     int8-dyn  SmoothQuant INT8 weights + per-token dynamic INT8 activations (ONNX Runtime CPU)
     int4      INT4 GPTQ weights in groups of 128/64/32, float activations
+    int8-group  INT8 weights with a scale per group of 128/64/32 inputs, float activations
+
+    fp8 and int8-sq keep a tied lm_head float (TensorRT's embedding Gather takes no INT8/FP8 table).
+    The checkpoint records each Linear's format (kiln.json); `kiln export onnx` builds from that.
     """
     from compress.quant.config import ACTIVATION_SCHEMES, SCHEMES, config_for
     from compress.quant.entry import quantize_checkpoint
@@ -48,15 +59,20 @@ def quantize(source, scheme, out, calib, calib_samples, seq_len, ignore, float_i
         raise click.UsageError(f"--float-inputs applies to {', '.join(ACTIVATION_SCHEMES[:-1])} and "
                                f"{ACTIVATION_SCHEMES[-1]} (activation-quantized schemes), not {scheme}")
     kw = {"float_inputs": tuple(float_inputs)} if float_inputs else {}
-    config = config_for(scheme, ignore=tuple(ignore), **kw)
+    if method is not None:
+        kw["method"] = method
+    if ignore and scheme in SCHEMES:  # added to the preset's own (fp8 and int8-sq keep lm_head float)
+        base = next(f.default for f in dataclasses.fields(SCHEMES[scheme]) if f.name == "ignore")
+        kw["ignore"] = tuple(base) + tuple(p for p in ignore if p not in base)
+    config = config_for(scheme, **kw)
     res = quantize_checkpoint(source, config, out, calib_text=calib, calib_samples=calib_samples, seq_len=seq_len,
                               eval_windows=eval_windows or None, eval_text=eval_text, force=force,
                               progress=not as_json)
     if as_json:
         emit_json(res)
         return
-    click.echo(f"wrote {res['output']} ({scheme}, {res['quantized_layers']} layers quantized "
-               f"in {res['quantize_seconds']} s)")
+    formats = ", ".join(f"{n} {label}" for label, n in res["formats"].items())
+    click.echo(f"wrote {res['output']} ({scheme}: {formats}; {res['quantize_seconds']} s)")
     click.echo(f"size on disk  {res['bytes_on_disk'] / 1e6:.1f} MB (weights {res['weights_bytes'] / 1e6:.1f} MB)")
     if "perplexity" in res:
         p = res["perplexity"]

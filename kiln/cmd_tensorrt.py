@@ -39,10 +39,12 @@ def tensorrt_cmd(artifact, out, max_batch, max_seq, opt_seq, timing_cache, works
     m = export_tensorrt(artifact, out, flags, options, force=force, progress=stderr)
     e = m.engine
     if as_json:
-        emit_json({"out": out, "kind": m.kind, "engine": e})
+        from runtime.strict import to_json
+
+        emit_json({"out": out, "kind": m.kind, "engine": to_json(e)})
     else:
-        click.echo(f"wrote {out}: TensorRT {e['tensorrt_version']} engine for {e['gpu_name']} "
-                   f"(compute capability {e['compute_capability']}), built in {e['build']['seconds']} s")
+        click.echo(f"wrote {out}: TensorRT {e.tensorrt_version} engine for {e.gpu_name} "
+                   f"(compute capability {e.compute_capability}), built in {e.build.seconds} s")
 
 
 @click.command("triton")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.fsutil import atomic_write_text
+from runtime.strict import to_json
 
 from .recipe import Recipe, build_config, split_calibration
 
@@ -48,13 +49,13 @@ class Stage:
         return d
 
 
-def _same_passes(stored: list[dict], wanted: list[dict]) -> bool:
-    if [p["kind"] for p in stored] != [p["kind"] for p in wanted]:
+def _same_passes(stored: list, wanted: list[dict]) -> bool:
+    if [p.kind for p in stored] != [p["kind"] for p in wanted]:
         return False
     try:
         for s, w in zip(stored, wanted):
-            cfg = {k: v for k, v in s["config"].items() if k not in ("calibration",)}
-            if build_config(s["kind"], cfg) != build_config(w["kind"], w["config"]):
+            cfg = {k: v for k, v in s.config.items() if k not in ("calibration",)}
+            if build_config(s.kind, cfg) != build_config(w["kind"], w["config"]):
                 return False
     except Exception:
         return False
@@ -73,9 +74,9 @@ def _reusable(path: Path, kind: str, source_sha: str | None, passes: list[dict],
         return False
     if m.kind != kind or (source_sha and m.source.get("sha256") != source_sha):
         return False
-    if kind == "onnx" and m.validation is not None and not m.validation.get("passed", True):
+    if kind == "onnx" and m.validation is not None and m.validation.passed is False:
         return False
-    if form is not None and (m.io or {}).get("form", "portable") != form:
+    if form is not None and (m.io is None or m.io.form != form):
         return False
     return _same_passes(m.passes, passes)
 
@@ -115,10 +116,9 @@ class Pipeline:
         text, samples, seq = calib.get("text", "builtin:pydoc"), calib.get("samples"), calib.get("seq_len", 512)
         if p["kind"] == "prune":
             from compress.prune import prune_checkpoint
+            from compress.prune.config import config_from_dict
 
-            from .recipe import prune_config_from_dict
-
-            config, recover = prune_config_from_dict(cfg)
+            config, recover = config_from_dict(cfg)
             prune_checkpoint(src, path, config, text=text, calib_samples=samples or 64, calib_seq_len=seq,
                              recover=recover, force=True, progress=True)
         else:
@@ -130,16 +130,18 @@ class Pipeline:
                                 force=True, progress=True, **kw)
         return Stage(name, str(path), "checkpoint", passes_after, seconds=round(time.perf_counter() - t0, 1))
 
-    def _default_form(self, passes: list[dict]) -> str:
-        """cpu: the ONNX Runtime form (faster decoding there) unless a scheme or the recipe's opset needs the
-        portable one; h100: portable (TensorRT reads only standard ops)."""
+    def _default_form(self, src: str) -> str:
+        """cpu: the ONNX Runtime form (faster decoding there) unless the checkpoint's LayerSpecs or the
+        recipe's opset need the portable one; h100: portable (TensorRT reads only standard ops)."""
+        from compress.sources import resolve
         from export.onnx.export import FUSED_OPSET
-        from export.onnx.ortform import ACT_SCHEMES
+        from export.onnx.ortform import ort_form_refusal
 
-        if self.recipe.export.get("opset") not in (None, FUSED_OPSET):
+        if self.target != "cpu" or self.recipe.export.get("opset") not in (None, FUSED_OPSET):
             return "portable"
-        schemes = {p.get("config", {}).get("scheme") for p in passes if p.get("kind") == "quantize"}
-        return "ort" if self.target == "cpu" and not schemes & set(ACT_SCHEMES) else "portable"
+        m = resolve(src, quiet=True).manifest
+        specs = m.layer_specs() if m is not None else {}
+        return "portable" if ort_form_refusal(specs) else "ort"
 
     def _export_stage(self, name: str, src: str, passes: list[dict], sha: str | None) -> Stage:
         from export.onnx import export_onnx
@@ -147,7 +149,7 @@ class Pipeline:
 
         path = self.out / name
         t0 = time.perf_counter()
-        form = self.recipe.export.get("form") or self._default_form(passes)
+        form = self.recipe.export.get("form") or self._default_form(src)
         reused = not self.force and _reusable(path, "onnx", sha, passes, form)
         if reused:
             self.log(f"[{name}] reusing {path}")
@@ -156,7 +158,7 @@ class Pipeline:
             export_onnx(src, path, form=form, opset=self.recipe.export.get("opset"), validate=True, force=True,
                         progress=True)
         m = read_manifest(path)
-        return Stage(name, str(path), "onnx", passes, reused=reused, validation=m.validation,
+        return Stage(name, str(path), "onnx", passes, reused=reused, validation=to_json(m.validation),
                      seconds=round(time.perf_counter() - t0, 1))
 
     def _tensorrt_stage(self, onnx_dir: Path) -> Stage | None:

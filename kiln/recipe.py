@@ -158,37 +158,12 @@ def split_calibration(cfg: dict) -> tuple[dict, dict]:
     return cfg, calib
 
 
-def prune_config_from_dict(cfg: dict):
-    """(prune config, Recover or None) from the form kiln.json stores (``method`` + fields, ``recover``)."""
-    from compress.prune.config import METHODS, NM, Recover
-
-    d = dict(cfg)
-    method = d.pop("method", None)
-    cls = METHODS.get(method)
-    if cls is None:
-        raise CompressError(f"unknown prune method {method!r}; methods: {', '.join(METHODS)}")
-    recover = d.pop("recover", None)
-    if "pattern" in d:
-        if "sparsity" in d:
-            raise CompressError("give sparsity or pattern, not both")
-        d["sparsity"] = NM.parse(d.pop("pattern"))
-    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-    rec = None
-    if recover is not None:
-        if not isinstance(recover, dict):
-            raise CompressError("recover must be a mapping (steps, lr, seq_len, seed, ...)")
-        rec = Recover(**recover)
-    return cls(**d), rec
-
-
 def build_config(kind: str, cfg: dict):
     """The library config object for a serialized pass config (the same form kiln.json stores)."""
-    cfg, _ = split_calibration(cfg)
-    if kind == "quantize":
-        from compress.quant.config import config_from_dict
+    from compress.passes import config_from_pass
 
-        return config_from_dict(cfg)
-    return prune_config_from_dict(cfg)
+    cfg, _ = split_calibration(cfg)
+    return config_from_pass(kind, cfg)
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -15,6 +15,7 @@ import numpy as np
 
 from .backends import load_backend
 from .errors import EngineError
+from .layerspec import summarize
 from .generate import GenerationConfig, Result, Sequence, run_to_end, Batch
 from .manifest import ManifestError, read_manifest, verify_files
 from .fsutil import sha256_file
@@ -32,7 +33,7 @@ def _verify(root: Path, manifest, mode: str) -> None:
     if mode == "quick":
         for name, meta in manifest.files.items():
             p = root / name
-            if meta.get("size", 0) <= QUICK_HASH_LIMIT and sha256_file(p) != meta.get("sha256"):
+            if meta.size <= QUICK_HASH_LIMIT and sha256_file(p) != meta.sha256:
                 raise ManifestError(f"{p}: sha256 differs from kiln.json; the file is corrupt or was edited — "
                                     "re-create the artifact")
 
@@ -196,10 +197,10 @@ class Engine:
 
     def describe(self) -> dict:
         a = self.manifest.architecture
-        q = self.manifest.quant_pass()
         return {"path": str(self.root), "kind": self.manifest.kind, "model": self.model_name,
                 "layers": a.layers, "hidden": a.hidden, "vocab": a.vocab, "context": self.context_length,
-                "quantization": q["config"].get("scheme") if q else None, **self.backend.describe()}
+                "quantization": summarize(self.manifest.layer_specs().values()) or None,
+                **self.backend.describe()}
 
     def close(self) -> None:
         self.backend.close()

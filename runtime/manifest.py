@@ -14,11 +14,13 @@ from typing import Any
 
 from .errors import EngineError
 from .fsutil import atomic_write_text, sha256_file
+from .layerspec import LayerSpec
+from .records import EngineInfo, FileEntry, IOSpec, Pass, PrunePass, QuantPass, Validation
+from .strict import RecordError, _convert, from_json, to_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: typed LayerSpecs and records (runtime/records.py)
 MANIFEST_NAME = "kiln.json"
 KINDS = ("checkpoint", "onnx", "engine")
-PASS_KINDS = ("quantize", "prune")
 
 
 class ManifestError(EngineError):
@@ -54,19 +56,16 @@ class Architecture:
     hidden_act: str = "silu"
 
 
-_ARCH_FIELDS = {f.name: f for f in dataclasses.fields(Architecture)}
-
-
 @dataclass
 class Manifest:
     kind: str
     architecture: Architecture
     source: dict = field(default_factory=dict)
-    passes: list[dict] = field(default_factory=list)
-    io: dict | None = None
-    files: dict[str, dict] = field(default_factory=dict)
-    validation: dict | None = None
-    engine: dict | None = None
+    passes: list[Pass] = field(default_factory=list)
+    io: IOSpec | None = None
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    validation: Validation | None = None
+    engine: EngineInfo | None = None
     producer: str = field(default_factory=_producer)
     schema_version: int = SCHEMA_VERSION
 
@@ -78,11 +77,11 @@ class Manifest:
             "producer": self.producer,
             "source": self.source,
             "architecture": dataclasses.asdict(self.architecture),
-            "passes": self.passes,
-            "io": self.io,
-            "files": self.files,
-            "validation": self.validation,
-            "engine": self.engine,
+            "passes": to_json(self.passes),
+            "io": to_json(self.io),
+            "files": to_json(self.files),
+            "validation": to_json(self.validation),
+            "engine": to_json(self.engine),
         }
         return {k: v for k, v in d.items() if v is not None}
 
@@ -96,57 +95,58 @@ class Manifest:
                 f"{where}: schema_version {version!r} is not supported (this llmkiln reads {SCHEMA_VERSION}); "
                 "re-create the artifact with this version of llmkiln"
             )
-        allowed = {"schema_version", "kind", "producer", "source", "architecture", "passes", "io", "files",
-                   "validation", "engine"}
-        unknown = sorted(set(d) - allowed)
+        unknown = sorted(set(d) - _TOP_KEYS)
         if unknown:
             raise ManifestError(f"{where}: unknown key(s) {', '.join(unknown)}")
         kind = d.get("kind")
         if kind not in KINDS:
             raise ManifestError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        arch = d.get("architecture")
-        if not isinstance(arch, dict):
-            raise ManifestError(f"{where}: 'architecture' must be an object")
-        bad = sorted(set(arch) - set(_ARCH_FIELDS))
-        if bad:
-            raise ManifestError(f"{where}: unknown architecture key(s) {', '.join(bad)}")
-        required = [n for n, f in _ARCH_FIELDS.items()
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        missing = [n for n in required if n not in arch]
-        if missing:
-            raise ManifestError(f"{where}: architecture is missing {', '.join(missing)}")
-        passes = d.get("passes", [])
-        if not isinstance(passes, list):
-            raise ManifestError(f"{where}: 'passes' must be a list")
-        for i, p in enumerate(passes):
-            if not isinstance(p, dict) or p.get("kind") not in PASS_KINDS or not isinstance(p.get("config"), dict):
-                raise ManifestError(
-                    f"{where}: passes[{i}] must be an object with kind in {PASS_KINDS} and a 'config' object"
-                )
-        for key in ("source", "files"):
-            if not isinstance(d.get(key, {}), dict):
-                raise ManifestError(f"{where}: '{key}' must be an object")
-        for key in ("io", "validation", "engine"):
-            if d.get(key) is not None and not isinstance(d[key], dict):
-                raise ManifestError(f"{where}: '{key}' must be an object")
-        return cls(
-            kind=kind,
-            architecture=Architecture(**arch),
-            source=d.get("source", {}),
-            passes=passes,
-            io=d.get("io"),
-            files=d.get("files", {}),
-            validation=d.get("validation"),
-            engine=d.get("engine"),
-            producer=d.get("producer", "unknown"),
-            schema_version=version,
-        )
+        try:
+            arch = from_json(Architecture, d.get("architecture"), f"{where}: architecture")
+            passes = d.get("passes", [])
+            if not isinstance(passes, list):
+                raise RecordError(f"{where}: passes: expected a list")
+            parsed = [_parse_pass(p, f"{where}: passes[{i}]") for i, p in enumerate(passes)]
+            source = _convert(dict, d.get("source", {}), f"{where}: source")
+            files = _convert(dict[str, FileEntry], d.get("files", {}), f"{where}: files")
+            io = None if d.get("io") is None else from_json(IOSpec, d["io"], f"{where}: io")
+            val = None if d.get("validation") is None else from_json(Validation, d["validation"],
+                                                                      f"{where}: validation")
+            eng = None if d.get("engine") is None else from_json(EngineInfo, d["engine"], f"{where}: engine")
+            producer = _convert(str, d.get("producer", "unknown"), f"{where}: producer")
+        except RecordError as e:
+            raise ManifestError(str(e)) from None
+        return cls(kind=kind, architecture=arch, source=source, passes=parsed, io=io, files=files,
+                   validation=val, engine=eng, producer=producer, schema_version=version)
 
     # ---- helpers ---------------------------------------------------------------
-    def quant_pass(self) -> dict | None:
-        """The last quantize pass, or None for a float model."""
-        qs = [p for p in self.passes if p["kind"] == "quantize"]
-        return qs[-1] if qs else None
+    def quant_passes(self) -> list[QuantPass]:
+        return [p for p in self.passes if isinstance(p, QuantPass)]
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.quant_passes())
+
+    def layer_specs(self) -> dict[str, LayerSpec]:
+        """The LayerSpec of every Linear that is not plain float: quantized ones from the quantize passes
+        (each Linear is quantized once), float ones a prune pass left sparse."""
+        specs: dict[str, LayerSpec] = {}
+        for p in self.passes:
+            if isinstance(p, PrunePass) and p.pattern:
+                for name in p.layers:
+                    specs[name] = LayerSpec(sparsity=p.pattern)
+        for p in self.quant_passes():
+            for name, spec in p.layers.items():
+                sparse = specs.get(name)
+                if sparse is not None and sparse.sparsity and spec.sparsity is None:
+                    spec = dataclasses.replace(spec, sparsity=sparse.sparsity)
+                specs[name] = spec
+        return specs
+
+    def preset(self) -> str:
+        """A label for people (reports, ``describe``): the quantize presets applied, or fp32."""
+        names = [p.preset for p in self.quant_passes()]
+        return "+".join(names) if names else "fp32"
 
     def record_files(self, root: str | Path, names: list[str] | None = None) -> None:
         """Fill ``files`` with size and sha256 of each file under root (kiln.json itself excluded)."""
@@ -154,12 +154,24 @@ class Manifest:
         if names is None:
             names = sorted(str(p.relative_to(root)) for p in root.rglob("*")
                            if p.is_file() and p.name != MANIFEST_NAME)
-        self.files = {n: {"size": (root / n).stat().st_size, "sha256": sha256_file(root / n)} for n in names}
+        self.files = {n: FileEntry(size=(root / n).stat().st_size, sha256=sha256_file(root / n)) for n in names}
 
     def save(self, root: str | Path) -> Path:
         path = Path(root) / MANIFEST_NAME
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
         return path
+
+
+_TOP_KEYS = {f.name for f in dataclasses.fields(Manifest)}
+
+
+def _parse_pass(p, where: str) -> Pass:
+    kind = p.get("kind") if isinstance(p, dict) else None
+    if kind == "quantize":
+        return from_json(QuantPass, p, where)
+    if kind == "prune":
+        return from_json(PrunePass, p, where)
+    raise RecordError(f"{where}: a pass must be an object with kind 'quantize' or 'prune'")
 
 
 def read_manifest(root: str | Path) -> Manifest:
@@ -183,10 +195,10 @@ def verify_files(root: str | Path, manifest: Manifest, full: bool = False) -> No
         p = root / name
         if not p.is_file():
             raise ManifestError(f"{root}: {name} is listed in {MANIFEST_NAME} but missing")
-        if p.stat().st_size != meta.get("size"):
+        if p.stat().st_size != meta.size:
             raise ManifestError(
-                f"{p}: size {p.stat().st_size} differs from {meta.get('size')} in {MANIFEST_NAME}; "
+                f"{p}: size {p.stat().st_size} differs from {meta.size} in {MANIFEST_NAME}; "
                 "the file is truncated or was replaced — re-create the artifact"
             )
-        if full and sha256_file(p) != meta.get("sha256"):
+        if full and sha256_file(p) != meta.sha256:
             raise ManifestError(f"{p}: sha256 differs from {MANIFEST_NAME}; the file is corrupt — re-create it")

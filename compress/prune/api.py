@@ -5,32 +5,95 @@ import copy
 import time
 from dataclasses import dataclass, field
 
+from runtime.layerspec import LayerSpec
+from runtime.records import PrunePass
+
 from ..errors import CompressError
+from ..passes import PassReport
+from ..registry import PRUNE_TRANSFORMS
 from .config import METHODS, Depth, Magnitude, Recover, SparseGPT, StructuredWidth, Wanda
 
 
 @dataclass
-class PruneReport:
-    """What ``prune_`` did: the config, removed units (structured) or keep-masks (unstructured), stats."""
+class PruneReport(PassReport):
+    """What ``prune_`` did: the config, the LayerSpec of each pruned Linear (unstructured / N:M), removed
+    units (structured) or keep-masks (unstructured), stats."""
 
-    config: object
-    stats: dict = field(default_factory=dict)
     removed: dict = field(default_factory=dict)
     masks: dict = field(default_factory=dict)
     recover: Recover | None = None
 
-    def to_pass(self, calibration: dict | None = None) -> dict:
+    def to_pass(self, calibration: dict | None = None) -> PrunePass:
         """The kiln.json ``passes`` entry."""
         cfg = self.config.to_dict()
         if calibration:
             cfg["calibration"] = calibration
         if self.recover is not None:
             cfg["recover"] = self.recover.to_dict()
-        return {"kind": "prune", "config": cfg, "stats": self.stats}
+        pattern = next((s.sparsity for s in self.layers.values()), None)
+        return PrunePass(config=cfg, pattern=pattern, layers=tuple(self.layers), stats=dict(self.stats))
 
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _bar(progress: bool, n: int, label: str):
+    if not progress:
+        return None
+    from runtime.progress import bar as make_bar
+
+    return make_bar(n, label)
+
+
+def _unstructured(report: PruneReport, masks: dict) -> None:
+    report.masks = masks
+    spec = LayerSpec(sparsity=report.config.pattern)
+    report.layers = {n: spec for n in masks}
+    total = sum(k.numel() for k in masks.values())
+    kept = sum(int(k.sum()) for k in masks.values())
+    report.stats = {"matrices": len(masks), "weights": total, "zeros": total - kept,
+                    "sparsity": round((total - kept) / total, 6)}
+
+
+@PRUNE_TRANSFORMS.register(Magnitude)
+def _magnitude(model, config, calib, report, progress) -> None:
+    from .unstructured import prune_magnitude, target_linears
+
+    bar = _bar(progress, len(target_linears(model, config)), f"pruning ({config.method})")
+    try:
+        _unstructured(report, prune_magnitude(model, config, bar))
+    finally:
+        if bar:
+            bar.close()
+
+
+@PRUNE_TRANSFORMS.register(Wanda)
+@PRUNE_TRANSFORMS.register(SparseGPT)
+def _sequential(model, config, calib, report, progress) -> None:
+    from .unstructured import prune_sequential
+
+    bar = _bar(progress, len(model.model.layers), f"pruning ({config.method})")
+    try:
+        _unstructured(report, prune_sequential(model, config, calib, bar))
+    finally:
+        if bar:
+            bar.close()
+
+
+@PRUNE_TRANSFORMS.register(StructuredWidth)
+def _width(model, config, calib, report, progress) -> None:
+    from .structured import prune_width
+
+    report.removed = prune_width(model, config, calib)
+
+
+@PRUNE_TRANSFORMS.register(Depth)
+def _depth(model, config, calib, report, progress) -> None:
+    from .structured import prune_depth
+
+    report.removed = prune_depth(model, config, calib)
+    report.stats["removed_layers"] = report.removed["layers"]
 
 
 def prune_(model, config, calib=None, recover: Recover | None = None, recover_data=None,
@@ -43,6 +106,7 @@ def prune_(model, config, calib=None, recover: Recover | None = None, recover_da
     """
     if not isinstance(config, tuple(METHODS.values())):
         raise CompressError(f"unknown pruning config {config!r}; use one of {', '.join(c.__name__ for c in METHODS.values())}")
+    transform = PRUNE_TRANSFORMS.get(config)
     if recover is not None and not isinstance(recover, Recover):
         raise CompressError("recover must be a Recover(...) config")
     if recover is not None:
@@ -54,37 +118,8 @@ def prune_(model, config, calib=None, recover: Recover | None = None, recover_da
     check_fits(config, model.config)
     teacher = copy.deepcopy(model).eval() if recover is not None else None
     params_before = count_parameters(model)
-    bar = None
     report = PruneReport(config=config, recover=recover)
-    try:
-        if isinstance(config, (Magnitude, Wanda, SparseGPT)):
-            from .unstructured import prune_magnitude, prune_sequential, target_linears
-
-            if progress:
-                from runtime.progress import bar as make_bar
-
-                n = len(target_linears(model, config)) if isinstance(config, Magnitude) else len(model.model.layers)
-                bar = make_bar(n, f"pruning ({config.method})")
-            if isinstance(config, Magnitude):
-                report.masks = prune_magnitude(model, config, bar)
-            else:
-                report.masks = prune_sequential(model, config, calib, bar)
-            total = sum(k.numel() for k in report.masks.values())
-            kept = sum(int(k.sum()) for k in report.masks.values())
-            report.stats = {"matrices": len(report.masks), "weights": total, "zeros": total - kept,
-                            "sparsity": round((total - kept) / total, 6)}
-        elif isinstance(config, StructuredWidth):
-            from .structured import prune_width
-
-            report.removed = prune_width(model, config, calib)
-        else:
-            from .structured import prune_depth
-
-            report.removed = prune_depth(model, config, calib)
-            report.stats["removed_layers"] = report.removed["layers"]
-    finally:
-        if bar:
-            bar.close()
+    transform(model, config, calib, report, progress)
     report.stats |= {"parameters_before": params_before, "parameters_after": count_parameters(model)}
     if recover is not None:
         from .distill import distill_
@@ -150,7 +185,7 @@ def prune_checkpoint(source, out, config, *, text: str = "builtin:pydoc", calib_
     _preflight(source, config, allow_pickle)
     model, tok, info = load_model(source, allow_pickle=allow_pickle, quiet=not progress)
     prev = list(info.manifest.passes) if info.manifest is not None else []
-    if info.manifest is not None and info.manifest.quant_pass() is not None:
+    if info.manifest is not None and info.manifest.quantized:
         raise CompressError(f"{source} is quantized; prune the float model first, then quantize "
                             "(kiln compress prune ... then kiln compress quantize ...)")
     calib = None
@@ -175,6 +210,6 @@ def prune_checkpoint(source, out, config, *, text: str = "builtin:pydoc", calib_
         report.stats["recover"] |= {"text": corpus_name(text), "windows": len(recover_data)}
     entry = report.to_pass(calibration)
     manifest = save_checkpoint(model, tok, out, source=source_record(info), passes=prev + [entry], force=force)
-    size = sum(f["size"] for f in manifest.files.values())
-    return {"out": str(out), "method": config.method, "passes": [p["kind"] for p in manifest.passes],
+    size = sum(f.size for f in manifest.files.values())
+    return {"out": str(out), "method": config.method, "passes": [p.kind for p in manifest.passes],
             "stats": report.stats, "bytes_on_disk": size, "seconds": round(time.perf_counter() - t0, 2)}

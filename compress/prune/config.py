@@ -17,8 +17,9 @@ import re
 from dataclasses import dataclass
 
 from ..errors import CompressError
+from ..selection import DECODER_LINEARS, Selection, check_patterns
 
-DEFAULT_TARGETS = (r"re:model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj",)
+DEFAULT_TARGETS = (DECODER_LINEARS,)
 DEFAULT_IGNORE = ("lm_head", "re:.*embed_tokens")
 
 
@@ -56,22 +57,6 @@ def _check_sparsity(sparsity) -> None:
                             f"pattern such as 2:4, got {sparsity!r}")
 
 
-def _check_patterns(name: str, pats) -> None:
-    if isinstance(pats, str) or not all(isinstance(p, str) for p in pats):
-        raise CompressError(f"{name} must be a tuple of module names or 're:' patterns")
-    for p in pats:
-        if p.startswith("re:"):
-            try:
-                re.compile(p[3:])
-            except re.error as e:
-                raise CompressError(f"{name}: bad regular expression {p!r} ({e})") from None
-
-
-def matches(name: str, pats) -> bool:
-    """A module name matches an exact name or a ``re:`` pattern (full match)."""
-    return any(re.fullmatch(p[3:], name) if p.startswith("re:") else p == name for p in pats)
-
-
 @dataclass(frozen=True)
 class _Unstructured:
     sparsity: float | NM = 0.5
@@ -83,10 +68,18 @@ class _Unstructured:
 
     def __post_init__(self):
         _check_sparsity(self.sparsity)
-        object.__setattr__(self, "targets", tuple(self.targets))
-        object.__setattr__(self, "ignore", tuple(self.ignore))
-        _check_patterns("targets", self.targets)
-        _check_patterns("ignore", self.ignore)
+        object.__setattr__(self, "targets", check_patterns(self.targets, "targets"))
+        object.__setattr__(self, "ignore", check_patterns(self.ignore, "ignore"))
+
+    @property
+    def selection(self) -> Selection:
+        return Selection(self.targets, self.ignore)
+
+    @property
+    def pattern(self) -> str:
+        """The sparsity pattern left in the weights, as kiln.json records it."""
+        return "2:4" if isinstance(self.sparsity, NM) and (self.sparsity.n, self.sparsity.m) == (2, 4) \
+            else "unstructured"
 
     def to_dict(self) -> dict:
         d = {"method": self.method}
@@ -219,3 +212,31 @@ class Recover:
 
 METHODS = {c.method: c for c in (Magnitude, Wanda, SparseGPT, StructuredWidth, Depth)}
 PruneConfig = Magnitude | Wanda | SparseGPT | StructuredWidth | Depth
+
+
+def config_from_dict(cfg: dict):
+    """(prune config, Recover or None) from the form kiln.json and recipes store (``method`` + fields,
+    ``pattern: "2:4"`` for N:M, ``recover``)."""
+    d = dict(cfg)
+    method = d.pop("method", None)
+    cls = METHODS.get(method)
+    if cls is None:
+        raise CompressError(f"unknown prune method {method!r}; methods: {', '.join(METHODS)}")
+    recover = d.pop("recover", None)
+    if "pattern" in d:
+        if "sparsity" in d:
+            raise CompressError("give sparsity or pattern, not both")
+        d["sparsity"] = NM.parse(d.pop("pattern"))
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    rec = None
+    if recover is not None:
+        if not isinstance(recover, dict):
+            raise CompressError("recover must be a mapping (steps, lr, seq_len, seed, ...)")
+        try:
+            rec = Recover(**recover)
+        except TypeError as e:
+            raise CompressError(f"recover: {e}") from None
+    try:
+        return cls(**d), rec
+    except TypeError as e:
+        raise CompressError(f"prune method {method}: {e}") from None

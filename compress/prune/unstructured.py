@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import CompressError
 from .capture import InputStats, capture_layer_inputs, decoder_layers, run_layer
-from .config import SparseGPT, Wanda, matches
+from .config import SparseGPT, Wanda
 from .masks import check_divisible, magnitude_scores, mask_for, sparsegpt_prune, wanda_scores
 
 
@@ -11,10 +11,8 @@ def target_linears(model, config) -> dict:
     """{name: nn.Linear} selected by the config's targets/ignore (ignore wins)."""
     import torch
 
-    found = {n: m for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and matches(n, config.targets) and not matches(n, config.ignore)}
-    if not found:
-        raise CompressError(f"no Linear layer matches targets {list(config.targets)} (minus ignore)")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    found = {n: linears[n] for n in config.selection.pick(linears)}
     for n, m in found.items():
         check_divisible(m.in_features, config.sparsity, n)
     return found

@@ -1,5 +1,5 @@
 """Quantized checkpoint dirs (docs/FORMATS.md): the real low-precision tensors in model.safetensors, the
-layer SPECs in the kiln.json quantize pass; ``load_quantized`` rebuilds the exact fake-quant torch model."""
+LayerSpecs in the kiln.json quantize passes; ``load_quantized`` rebuilds the exact fake-quant torch model."""
 from __future__ import annotations
 
 import warnings
@@ -7,8 +7,14 @@ from pathlib import Path
 
 import torch
 
+from runtime.layerspec import LayerSpec
+from runtime.records import QuantPass
+
+from ..checkpoint import save_checkpoint
 from ..errors import CompressError
+from ..hfdir import check_config, check_safetensors, state_for_saving
 from . import primitives as P
+from .api import STATE_ATTR, quant_state
 from .modules import QuantLinear, is_tied, set_module
 
 CODE_DTYPES = {"int8": torch.int8, "fp8": P.FP8, "int4": torch.uint8}
@@ -20,37 +26,31 @@ def _codes_to_store(codes: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def quantized_tensors(model) -> dict:
     """The tensors to store: float ones as they are, quantized Linears as codes + scales (+ factors)."""
-    from ..checkpoint import state_for_saving
-
-    from .api import STATE_ATTR
-
     state = state_for_saving(model)
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            state[f"{name}.weight"] = _codes_to_store(m.codes, m.weight_format)
+            state[f"{name}.weight"] = _codes_to_store(m.codes, m.spec.weight)
             state[f"{name}.weight_scale"] = m.weight_scale.clone()
             if m.input_scale is not None:
                 state[f"{name}.input_scale"] = m.input_scale.reshape(()).clone()
             if m.smooth_factor is not None:
                 state[f"{name}.smooth_factor"] = m.smooth_factor.float().clone()
-    head = (getattr(model, STATE_ATTR, None) or {}).get("lm_head")
-    if head is not None and "codes" in head:  # tied: the embedding table holds the lm_head codes
-        state["model.embed_tokens.weight"] = _codes_to_store(head["codes"], head["spec"]["weight"])
+    head = quant_state(model)["lm_head"]
+    if head is not None:  # tied: the embedding table holds the lm_head codes
+        state["model.embed_tokens.weight"] = _codes_to_store(head["codes"], head["spec"].weight)
         state["model.embed_tokens.weight_scale"] = head["scale"].contiguous()
     return state
 
 
-def save_quantized(model, tokenizer, out, *, source: dict, earlier_passes: list[dict] | None = None,
+def save_quantized(model, tokenizer, out, *, source: dict, earlier_passes: list | None = None,
                    force: bool = False):
-    """Write the quantized model as a checkpoint dir (atomically); passes = earlier ones + this quantize pass."""
-    from ..checkpoint import save_checkpoint
-
-    from .api import STATE_ATTR
-
-    state = getattr(model, STATE_ATTR, None)
-    if state is None:
+    """Write the quantized model as a checkpoint dir (atomically); passes = the earlier prune passes, then
+    every quantize pass the model carries (read from its checkpoint, then made in this process)."""
+    state = quant_state(model)
+    if not state["passes"]:
         raise CompressError("the model is not quantized; call quantize_(model, config, calib=...) first")
-    passes = list(earlier_passes or []) + [state["record"]]
+    quant = [p if isinstance(p, QuantPass) else p.to_pass() for p in state["passes"]]
+    passes = [p for p in (earlier_passes or []) if not isinstance(p, QuantPass)] + quant
     return save_checkpoint(model, tokenizer, out, source=source, passes=passes, force=force,
                            tensors=quantized_tensors(model))
 
@@ -66,24 +66,21 @@ def _check(cond: bool, where: str, msg: str) -> None:
         raise CompressError(f"{where}: {msg}; the checkpoint is corrupt or from another tool — re-create it")
 
 
-def _read_codes(tensors: dict, prefix: str, spec: dict, where: str):
-    fmt = spec.get("weight")
-    _check(fmt in CODE_DTYPES, where, f"{prefix}: unknown weight format {fmt!r}")
-    act = spec.get("act")
-    _check(act in (None, "int8", "fp8", "int8-dyn"), where, f"{prefix}: unknown activation format {act!r}")
+def _read_codes(tensors: dict, prefix: str, spec: LayerSpec, where: str):
     stored = _take(tensors, f"{prefix}.weight", where)
     scale = _take(tensors, f"{prefix}.weight_scale", where).float()
-    _check(stored.dtype == CODE_DTYPES[fmt] and stored.dim() == 2, where,
-           f"{prefix}.weight has dtype {stored.dtype}, expected {CODE_DTYPES[fmt]} [out, in]")
-    codes = P.unpack_int4(stored) if fmt == "int4" else stored
+    dtype = CODE_DTYPES[spec.weight]
+    _check(stored.dtype == dtype and stored.dim() == 2, where,
+           f"{prefix}.weight has dtype {stored.dtype}, expected {dtype} [out, in]")
+    codes = P.unpack_int4(stored) if spec.weight == "int4" else stored
     out, inn = codes.shape
-    if fmt == "int4":
-        g = spec.get("group_size")
-        _check(isinstance(g, int) and g > 0 and inn % g == 0 and tuple(scale.shape) == (out, inn // g), where,
-               f"{prefix}: int4 weight_scale shape {tuple(scale.shape)} does not match group_size {g}")
+    g = spec.group_size
+    if g:
+        _check(inn % g == 0 and tuple(scale.shape) == (out, inn // g), where,
+               f"{prefix}: weight_scale shape {tuple(scale.shape)} does not match group_size {g}")
     else:
         _check(tuple(scale.shape) == (out,), where, f"{prefix}.weight_scale must be [{out}]")
-    return codes, scale, fmt, act
+    return codes, scale
 
 
 def load_quantized(path, manifest):
@@ -91,19 +88,15 @@ def load_quantized(path, manifest):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from ..loading import _check_config, _check_safetensors
-    from .api import STATE_ATTR
-
     path = Path(path)
-    qpass = manifest.quant_pass()
-    layers = qpass.get("layers")
-    if not isinstance(layers, dict) or not layers:
-        raise CompressError(f"{path}/kiln.json: the quantize pass lists no layers; re-create the checkpoint")
-    _check_config(path)
+    layers = {n: s for n, s in manifest.layer_specs().items() if s.quantized}
+    if not layers:
+        raise CompressError(f"{path}/kiln.json: the quantize passes list no layers; re-create the checkpoint")
+    check_config(path)
     f = path / "model.safetensors"
     if not f.is_file():
         raise CompressError(f"{path}: model.safetensors is missing")
-    _check_safetensors([f])
+    check_safetensors([f])
     tensors = load_file(str(f))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -121,10 +114,9 @@ def load_quantized(path, manifest):
     head = None
     quantized = set()
     for name, spec in layers.items():
-        _check(isinstance(spec, dict), where, f"layer {name}: spec must be an object")
         if name == "lm_head" and tied:
-            codes, scale, fmt, act = _read_codes(tensors, "model.embed_tokens", spec, where)
-            _check(act is None, where, "the tied lm_head can only be weight-only")
+            _check(spec.act is None, where, "the tied lm_head can only be weight-only")
+            codes, scale = _read_codes(tensors, "model.embed_tokens", spec, where)
             tensors["model.embed_tokens.weight"] = P.dequantize(codes, scale)
             head = {"spec": spec, "codes": codes, "scale": scale}
             continue
@@ -132,13 +124,13 @@ def load_quantized(path, manifest):
             lin = model.get_submodule(name)
         except AttributeError:
             raise CompressError(f"{where}: kiln.json names layer {name}, which this architecture lacks") from None
-        codes, scale, fmt, act = _read_codes(tensors, name, spec, where)
+        codes, scale = _read_codes(tensors, name, spec, where)
         _check(tuple(codes.shape) == (lin.out_features, lin.in_features), where, f"{name}: weight shape mismatch")
         inp = tensors.pop(f"{name}.input_scale", None)
-        _check((inp is not None) == (act in ("int8", "fp8")), where, f"{name}: input_scale present iff static act")
+        _check((inp is not None) == spec.static_act, where, f"{name}: input_scale present iff static act")
         smooth = tensors.pop(f"{name}.smooth_factor", None)
         bias = tensors.pop(f"{name}.bias", None)
-        set_module(model, name, QuantLinear(codes, scale, fmt, act, inp, bias, smooth, spec.get("group_size")))
+        set_module(model, name, QuantLinear(codes, scale, spec, inp, bias, smooth))
         quantized.add(f"{name}.weight")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if k not in quantized and not (tied and k == "lm_head.weight")]
@@ -147,6 +139,5 @@ def load_quantized(path, manifest):
     if tied:
         model.tie_weights()
     model.eval()
-    record = dict(qpass)
-    object.__setattr__(model, STATE_ATTR, {"record": record, "lm_head": head})
+    object.__setattr__(model, STATE_ATTR, {"passes": manifest.quant_passes(), "lm_head": head})
     return model, tok

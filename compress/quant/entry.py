@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 from runtime.corpus import BUILTIN, CorpusError
+from runtime.layerspec import summarize
 
 from ..errors import CompressError
 
@@ -31,8 +32,8 @@ def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, 
         raise CompressError(f"{out} already exists; pass --force to replace it")
     model, tok, info = load_model(source, quiet=not progress)
     earlier = list(info.manifest.passes) if info.manifest is not None else []
-    if any(p["kind"] == "quantize" for p in earlier):
-        raise CompressError(f"{source} is already quantized ({info.manifest.quant_pass()['config'].get('scheme')}); "
+    if info.manifest is not None and info.manifest.quantized:
+        raise CompressError(f"{source} is already quantized ({info.manifest.preset()}); "
                             "quantize the float or pruned checkpoint it came from")
     if Path(source).resolve() == out.resolve():
         raise CompressError("the output dir must differ from the input")
@@ -48,22 +49,22 @@ def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, 
         base = perplexity(model, tok, text=eval_text or calib_text, seq_len=seq_len, windows=eval_windows,
                           ids=ids, progress=progress)
     t1 = time.perf_counter()
-    record = quantize_(model, config, calib=forward_loop(batches, "calibrate" if progress else None),
+    report = quantize_(model, config, calib=forward_loop(batches, "calibrate" if progress else None),
                        progress=progress)
-    record["stats"]["calibration"] = {"text": calib_text, "samples": calib_samples, "seq_len": seq_len}
+    report.stats["calibration"] = {"text": calib_text, "samples": calib_samples, "seq_len": seq_len}
     tq = time.perf_counter() - t1
-    result = {"output": str(out.resolve()), "scheme": config.scheme, "quantized_layers": len(record["layers"]),
-              "quantize_seconds": round(tq, 1)}
+    result = {"output": str(out.resolve()), "scheme": config.scheme, "quantized_layers": len(report.layers),
+              "formats": summarize(report.layers.values()), "quantize_seconds": round(tq, 1)}
     if eval_windows:
         q = perplexity(model, tok, text=eval_text or calib_text, seq_len=seq_len, windows=eval_windows, ids=ids,
                        progress=progress)
         ev = {"corpus": q.corpus, "windows": q.windows, "seq_len": seq_len, "ppl_float": round(base.ppl, 4),
               "ppl": round(q.ppl, 4), "ratio": round(q.ppl / base.ppl, 5)}
-        record["stats"]["perplexity"] = ev
+        report.stats["perplexity"] = ev
         result["perplexity"] = ev
     manifest = save_quantized(model, tok, out, source=source_record(info), earlier_passes=earlier, force=force)
-    result["bytes_on_disk"] = sum(f["size"] for f in manifest.files.values())
-    result["weights_bytes"] = manifest.files["model.safetensors"]["size"]
+    result["bytes_on_disk"] = sum(f.size for f in manifest.files.values())
+    result["weights_bytes"] = manifest.files["model.safetensors"].size
     if info.kind in ("hf", "checkpoint"):
         result["source_weights_bytes"] = sum(p.stat().st_size for p in info.weight_files())
     result["seconds"] = round(time.perf_counter() - t0, 1)

@@ -27,8 +27,8 @@ def int4_scale_search(w: torch.Tensor, group: int, h: torch.Tensor, clips=GROUP_
 def gptq(w: torch.Tensor, hess: torch.Tensor, fmt: str = "int4", group: int = 128, damp: float = 0.01,
          block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ for w [out, in] given H = E[x x^T] [in, in].
-    int4: (codes int8 [out, in] in [-8, 7], scale [out, in/group]); int8: (codes in [-127, 127], scale [out]);
-    fp8: (codes float8_e4m3fn, scale [out]).  Codes are exactly the primitives' rounding of the updated weights."""
+    int4: (codes int8 [out, in] in [-8, 7], scale [out, in/group]); int8: (codes in [-127, 127], scale [out],
+    or [out, in/group] with a group); fp8: (codes float8_e4m3fn, scale [out]).  Codes are exactly the primitives' rounding of the updated weights."""
     w = w.detach().float().clone()
     h = hess.detach().double().clone()
     n = w.shape[1]
@@ -36,11 +36,15 @@ def gptq(w: torch.Tensor, hess: torch.Tensor, fmt: str = "int4", group: int = 12
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    grouped = fmt == "int4" or (fmt == "int8" and 0 < group < n)
     if fmt == "int4":
         scale = int4_scale_search(w, group, torch.diag(h).float())
         lo, hi = P.INT4_MIN, P.INT4_MAX
     elif fmt == "int8":
-        scale, group = P.int8_weight_scale(w)[:, None], n  # one "group" spanning the row
+        if grouped:
+            scale = P.int8_group_scale(w, group)
+        else:
+            scale, group = P.int8_weight_scale(w)[:, None], n  # one "group" spanning the row
         lo, hi = -P.INT8_MAX, P.INT8_MAX
     else:
         scale, group = P.fp8_weight_scale(w)[:, None], n
@@ -67,7 +71,7 @@ def gptq(w: torch.Tensor, hess: torch.Tensor, fmt: str = "int4", group: int = 12
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     inv = torch.argsort(perm)
     codes = codes[:, inv].to(P.FP8 if fmt == "fp8" else torch.int8).contiguous()
-    return codes, (scale if fmt == "int4" else scale[:, 0].contiguous())
+    return codes, (scale if grouped else scale[:, 0].contiguous())
 
 
 class HessianAccumulator:

@@ -9,23 +9,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from runtime.layerspec import LayerSpec
+
 from . import primitives as P
 
 
 class QuantLinear(nn.Module):
-    """y = act_fq(x) @ dequant(codes, weight_scale).T + bias.   x: [..., in] -> [..., out]."""
+    """y = act_fq(x) @ dequant(codes, weight_scale).T + bias.   x: [..., in] -> [..., out].
 
-    def __init__(self, codes: torch.Tensor, weight_scale: torch.Tensor, weight: str, act: str | None = None,
+    ``spec`` (a runtime.layerspec.LayerSpec) says what the codes are and how the input is quantized."""
+
+    def __init__(self, codes: torch.Tensor, weight_scale: torch.Tensor, spec: LayerSpec,
                  input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 smooth_factor: torch.Tensor | None = None, group_size: int | None = None):
+                 smooth_factor: torch.Tensor | None = None):
         super().__init__()
-        if weight not in ("int8", "fp8", "int4"):
-            raise ValueError(f"weight format {weight!r}")
-        if act not in (None, "int8", "fp8", "int8-dyn"):
-            raise ValueError(f"activation format {act!r}")
-        if act in ("int8", "fp8") and input_scale is None:
+        if not isinstance(spec, LayerSpec) or not spec.quantized:
+            raise ValueError(f"QuantLinear needs a quantized LayerSpec, got {spec!r}")
+        if spec.static_act and input_scale is None:
             raise ValueError("static activation quantization needs an input_scale")
-        self.weight_format, self.act, self.group_size = weight, act, group_size
+        self.spec = spec
         self.register_buffer("codes", codes, persistent=False)  # int8 / fp8 [out, in]; int4 unpacked as int8
         self.register_buffer("weight_scale", weight_scale.float(), persistent=False)  # [out] or [out, in/g]
         self.register_buffer("weight", P.dequantize(codes, weight_scale))  # float32 [out, in]
@@ -35,22 +37,15 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.out_features, self.in_features = codes.shape
 
-    def spec(self) -> dict:
-        """The kiln.json layer SPEC (docs/FORMATS.md)."""
-        d = {"weight": self.weight_format, "act": self.act}
-        if self.weight_format == "int4":
-            d["group_size"] = self.group_size
-        return d
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act == "int8-dyn":
+        if self.spec.dynamic_act:
             x = P.fake_quant_int8_dynamic(x)
-        elif self.act is not None:
-            x = P.ACT_FAKE_QUANT[self.act](x, self.input_scale)
+        elif self.spec.static_act:
+            x = P.ACT_FAKE_QUANT[self.spec.act](x, self.input_scale)
         return nn.functional.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, weight={self.weight_format}, act={self.act}"
+        return f"in={self.in_features}, out={self.out_features}, {self.spec.label()}"
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

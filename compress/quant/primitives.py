@@ -24,9 +24,21 @@ def int8_weight_scale(w: torch.Tensor, clip: torch.Tensor | float = 1.0) -> torc
     return _safe(w.abs().amax(dim=1).float() * clip / INT8_MAX)
 
 
+def int8_group_scale(w: torch.Tensor, group: int) -> torch.Tensor:
+    """Per (row, group of inputs) scale for symmetric INT8: max|w_group| / 127.  w: [out, in] -> [out, in/group]."""
+    out, inn = w.shape
+    return _safe(w.float().reshape(out, inn // group, group).abs().amax(dim=2) / INT8_MAX)
+
+
 def quantize_int8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Codes int8 [out, in] = clamp(round(w / scale[:, None]), -127, 127)."""
-    return torch.clamp(torch.round(w.float() / scale[:, None]), -INT8_MAX, INT8_MAX).to(torch.int8)
+    """Codes int8 [out, in] = clamp(round(w / s), -127, 127); s per row [out] or per group [out, in/group]."""
+    w = w.float()
+    if scale.dim() == 2:
+        out, inn = w.shape
+        q = torch.round(w.reshape(out, scale.shape[1], -1) / scale[:, :, None]).reshape(out, inn)
+    else:
+        q = torch.round(w / scale[:, None])
+    return torch.clamp(q, -INT8_MAX, INT8_MAX).to(torch.int8)
 
 
 def fp8_weight_scale(w: torch.Tensor) -> torch.Tensor:
@@ -44,12 +56,12 @@ def quantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return to_fp8(w.float() / scale[:, None])
 
 
-def int4_group_size(in_features: int, preferred: int = 128) -> int:
-    """The largest of preferred/64/32 (not above ``preferred``) dividing the input dim (and even)."""
+def group_size_for(in_features: int, preferred: int = 128) -> int:
+    """The largest of preferred/64/32 (not above ``preferred``) dividing the input dim."""
     for g in (128, 64, 32):
         if g <= preferred and in_features % g == 0:
             return g
-    raise ValueError(f"input dim {in_features} is not a multiple of 32; int4 groups need that")
+    raise ValueError(f"input dim {in_features} is not a multiple of 32; grouped weight scales need that")
 
 
 def int4_scale(w: torch.Tensor, group: int, clip: torch.Tensor | float = 1.0) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from runtime.layerspec import LayerSpec
+
 from . import primitives as P
 from .calibrate import Group
 from .modules import QuantLinear, is_tied, set_module
@@ -25,18 +27,28 @@ def int8_scale_search(w: torch.Tensor, h: torch.Tensor | None, clips=WEIGHT_CLIP
     return P.pick_lowest_error((base * c, err(base * c)) for c in clips)
 
 
-def replace_linear(model, name: str, codes, scale, weight: str, act=None, input_scale=None, smooth=None,
-                   group_size=None) -> QuantLinear:
+def replace_linear(model, name: str, codes, scale, spec: LayerSpec, input_scale=None, smooth=None) -> QuantLinear:
     lin = model.get_submodule(name)
-    q = QuantLinear(codes, scale, weight, act, input_scale, lin.bias, smooth, group_size)
+    q = QuantLinear(codes, scale, spec, input_scale, lin.bias, smooth)
     set_module(model, name, q)
     return q
+
+
+def round_to_nearest(w: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of a float weight [out, in] rounded to the nearest code of ``spec``'s weight format."""
+    if spec.weight == "int4":
+        s = P.int4_scale(w, spec.group_size)
+        return P.quantize_int4(w, s), s
+    if spec.weight == "int8":
+        s = P.int8_group_scale(w, spec.group_size) if spec.group_size else P.int8_weight_scale(w)
+        return P.quantize_int8(w, s), s
+    return quantize_weight(w, spec.weight)
 
 
 def quantize_int8_linear(model, name: str, h: torch.Tensor | None = None) -> QuantLinear:
     w = model.get_submodule(name).weight.detach().float()
     s = int8_scale_search(w, h)
-    return replace_linear(model, name, P.quantize_int8(w, s), s, "int8")
+    return replace_linear(model, name, P.quantize_int8(w, s), s, LayerSpec("int8"))
 
 
 @torch.no_grad()
@@ -54,30 +66,25 @@ def fold_smoothing(model, group: Group, s: torch.Tensor, head_dim: int) -> None:
         model.get_submodule(n).weight.mul_(s[None, :])
 
 
-def quantize_static_linear(model, name: str, weight_fmt: str, act: str, input_scale, smooth) -> QuantLinear:
+def quantize_static_linear(model, name: str, spec: LayerSpec, input_scale, smooth) -> QuantLinear:
     w = model.get_submodule(name).weight.detach().float()
-    codes, sc = quantize_weight(w, weight_fmt)
-    return replace_linear(model, name, codes, sc, weight_fmt, act, input_scale, smooth)
+    codes, sc = quantize_weight(w, spec.weight)
+    return replace_linear(model, name, codes, sc, spec, input_scale, smooth)
 
 
 @torch.no_grad()
-def quantize_lm_head(model, fmt: str = "int8", group: int = 128) -> dict:
-    """Quantize the lm_head weight-only. Tied: the embedding table serves both (dequantized in place).
-    Returns {"spec": ..., "codes": ..., "scale": ...} for saving."""
-    head = model.get_output_embeddings()
-    w = head.weight.detach().float()
-    if fmt == "int4":
-        g = P.int4_group_size(w.shape[1], group)
-        s = P.int4_scale(w, g)
-        codes, spec = P.quantize_int4(w, s), {"weight": "int4", "group_size": g, "act": None}
-    else:
-        s = P.int8_weight_scale(w)
-        codes, spec = P.quantize_int8(w, s), {"weight": "int8", "act": None}
+def quantize_lm_head(model, spec: LayerSpec) -> dict:
+    """Quantize the lm_head weight-only to ``spec`` (round to nearest). Tied: the embedding table serves both
+    (dequantized in place). Returns {"spec": ..., "codes": ..., "scale": ...} for saving."""
+    if spec.act is not None:
+        raise ValueError("the lm_head is quantized weight-only")
+    w = model.get_output_embeddings().weight.detach().float()
+    codes, s = round_to_nearest(w, spec)
     if is_tied(model):
         model.get_input_embeddings().weight.copy_(P.dequantize(codes, s))
         return {"spec": spec, "codes": codes, "scale": s}
-    q = replace_linear(model, "lm_head", codes, s, spec["weight"], group_size=spec.get("group_size"))
-    return {"spec": q.spec(), "module": q}
+    replace_linear(model, "lm_head", codes, s, spec)
+    return {"spec": spec}
 
 
 def float_linear_from(q: QuantLinear) -> nn.Linear:

@@ -1,9 +1,9 @@
 """The Llama-style decoder graph, built from the weights (no tracing).
 
-IO (docs in DESIGN.md "ONNX graph"):
-  input_ids [B,S] int64, attention_mask [B,T] int64, position_ids [B,S] int64,
+IO (docs/CONTRACTS.md, IO contract version 2):
+  input_ids [B,S] int64, attention_mask [B,T] int64, position_ids [B,S] int64, logits_positions [K] int64,
   past_key_values.{i}.key|value [B,kv_heads,P,head_dim] float32   (P = T - S; zero-length on the first call)
-  -> logits [B,S,vocab] float32, present.{i}.key|value [B,kv_heads,T,head_dim] float32
+  -> logits [B,K,vocab] float32 (the K positions asked for), present.{i}.key|value [B,kv_heads,T,head_dim]
 
 ``fused=True`` uses the opset-23 ``RMSNormalization`` / ``RotaryEmbedding`` / ``Attention`` ops; otherwise the
 same math is written with plain opset-21 ops. ``form="ort"`` builds the ONNX Runtime form (``ortform``) with
@@ -14,40 +14,35 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from runtime.records import IO_VERSION, POSITIONS, IOSpec, TensorSpec
+
 from . import ortform
 from .graph import GraphBuilder
 from .qdq import embedding, lm_head, linear
 
-F = TensorProto.FLOAT
+ONNX_TYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
 
 
-def io_spec(arch) -> dict:
-    """The ``io`` block of kiln.json: names, dtypes, symbolic shapes, KV layout."""
-    kv = [arch.kv_heads, arch.head_dim]
-    inputs = [
-        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
-        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_seq"]},
-        {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
-    ]
-    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "seq", arch.vocab]}]
+def io_tensors(arch) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """(inputs, outputs) of the IO contract (docs/CONTRACTS.md) for ``arch``."""
+    kvh, hd = arch.kv_heads, arch.head_dim
+    inputs = [TensorSpec("input_ids", "int64", ("batch", "seq")),
+              TensorSpec("attention_mask", "int64", ("batch", "total_seq")),
+              TensorSpec("position_ids", "int64", ("batch", "seq")),
+              TensorSpec(POSITIONS, "int64", (POSITIONS,))]
+    outputs = [TensorSpec("logits", "float32", ("batch", POSITIONS, arch.vocab))]
     for i in range(arch.layers):
         for kind in ("key", "value"):
-            inputs.append({"name": f"past_key_values.{i}.{kind}", "dtype": "float32",
-                           "shape": ["batch", kv[0], "past_seq", kv[1]]})
-            outputs.append({"name": f"present.{i}.{kind}", "dtype": "float32",
-                            "shape": ["batch", kv[0], "total_seq", kv[1]]})
-    return {
-        "inputs": inputs,
-        "outputs": outputs,
-        "dynamic_axes": {"batch": "B", "seq": "S (new tokens)", "past_seq": "P = total_seq - seq",
-                         "total_seq": "T = P + S"},
-        "kv_layout": "[batch, kv_heads, seq, head_dim]",
-        "kv_dtype": "float32",
-        "first_call": "past_key_values.* with past_seq = 0",
-        "attention_mask": "1 = real token, 0 = padding (left padding); covers past and new tokens",
-        "position_ids": "0-based positions of the new tokens (with left padding: cumsum(attention_mask) - 1)",
-        "present": "past followed by the new tokens; feed present.{i}.* back as past_key_values.{i}.*",
-    }
+            inputs.append(TensorSpec(f"past_key_values.{i}.{kind}", "float32", ("batch", kvh, "past_seq", hd)))
+            outputs.append(TensorSpec(f"present.{i}.{kind}", "float32", ("batch", kvh, "total_seq", hd)))
+    return tuple(inputs), tuple(outputs)
+
+
+def io_spec(arch, *, form: str, opset: int, exporter: str = "kiln", weight_block: int | None = None) -> IOSpec:
+    """The ``io`` record of kiln.json."""
+    inputs, outputs = io_tensors(arch)
+    return IOSpec(version=IO_VERSION, form=form, opset=opset, inputs=inputs, outputs=outputs, exporter=exporter,
+                  weight_block=weight_block)
 
 
 def _rmsnorm(b: GraphBuilder, x: str, w: np.ndarray, eps: float, ns: str, wname: str, fused: bool) -> str:
@@ -128,18 +123,12 @@ def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.n
                   progress=None, form: str = "portable") -> None:
     """Emit the whole graph into ``b``. rope_cos/sin: [max_position, head_dim/2] float32 (scaling applied).
     ``form="ort"`` needs ``fused`` (opset 23)."""
-    I64 = TensorProto.INT64
     H, nh, kvh, hd = arch.hidden, arch.heads, arch.kv_heads, arch.head_dim
-    b.input("input_ids", I64, ["batch", "seq"])
-    b.input("attention_mask", I64, ["batch", "total_seq"])
-    b.input("position_ids", I64, ["batch", "seq"])
-    for i in range(arch.layers):
-        for kind in ("key", "value"):
-            b.input(f"past_key_values.{i}.{kind}", F, ["batch", kvh, "past_seq", hd])
-    b.output("logits", F, ["batch", "seq", arch.vocab])
-    for i in range(arch.layers):
-        for kind in ("key", "value"):
-            b.output(f"present.{i}.{kind}", F, ["batch", kvh, "total_seq", hd])
+    inputs, outputs = io_tensors(arch)
+    for t in inputs:
+        b.input(t.name, ONNX_TYPES[t.dtype], list(t.shape))
+    for t in outputs:
+        b.output(t.name, ONNX_TYPES[t.dtype], list(t.shape))
 
     x = embedding(b, w, arch)  # [B,S,H]
     cos = b.initializer("/model/rotary/cos_cache", rope_cos.astype(np.float32))

@@ -1,6 +1,7 @@
 """export_onnx(source, out): the entry point — load, build the graph from the weights, validate, write atomically."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,91 +61,6 @@ def rope_tables(model, arch) -> tuple[np.ndarray, np.ndarray]:
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
 
-def _scheme(info) -> str:
-    qp = info.manifest.quant_pass() if info.manifest is not None else None
-    return "fp32" if qp is None else qp.get("config", {}).get("scheme", "?")
-
-
-def _check_graph(path: Path) -> None:
-    """The ONNX checker (structure, types, external data refs): a malformed graph is an error here, not in TensorRT later."""
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as e:
-        raise ExportError(f"the built graph fails the ONNX checker ({' '.join(str(e).split())[:300]})") from None
-
-
-def _write_side_files(tmp: Path, model, tok) -> None:
-    tok.save_pretrained(str(tmp))
-    gc = getattr(model, "generation_config", None)
-    if gc is not None:
-        try:
-            gc.save_pretrained(str(tmp))
-        except Exception:
-            pass
-
-
-def write_artifact(tmp: Path, model, tok, info, arch, onnx_path: Path, scheme: str, io: dict, validate: bool,
-                   before_rename=None, direct=None):
-    """Everything after the graph: tokenizer and generation config (copied from ``direct``'s dir when the
-    graph was read from the files), self-validation (unless ``validate`` is False), kiln.json with the files'
-    checksums, then ``before_rename(tmp, manifest)``. Returns the Manifest."""
-    from compress.checkpoint import source_record
-    from runtime.manifest import Manifest
-
-    if direct is not None:
-        direct.copy_side_files(tmp)
-    else:
-        _write_side_files(tmp, model, tok)
-    validation = None
-    if validate:
-        from .validate import validate as run_validation
-
-        validation = run_validation(model, tok, onnx_path, arch, scheme)
-    passes = list(info.manifest.passes) if info.manifest is not None else []
-    manifest = Manifest(kind="onnx", architecture=arch, source=source_record(info), passes=passes, io=io,
-                        validation=validation or {"skipped": True, "passed": None})
-    manifest.record_files(tmp)
-    manifest.save(tmp)
-    if before_rename is not None:
-        before_rename(tmp, manifest)
-    return manifest
-
-
-def _refuse_overwrite(out: Path, *paths) -> None:
-    for p in paths:
-        if p is not None and Path(p).resolve() == out.resolve():
-            raise ExportError(f"{out}: output would overwrite the source; choose another -o")
-
-
-def resolve_source(source, out: Path, force: bool, progress: bool, check):
-    """Refuse an existing ``out`` without ``force``, resolve ``source``, run ``check(info)`` (before any weights
-    load) and refuse an ``out`` that is the source itself. Returns the SourceInfo."""
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
-    from compress.sources import SourceInfo, resolve
-
-    info = source if isinstance(source, SourceInfo) else resolve(str(source), quiet=not progress)
-    check(info)
-    _refuse_overwrite(out, info.path)
-    return info
-
-
-def load_torch(info, out: Path, progress: bool):
-    """Load the torch model of a resolved source. Returns (model, tokenizer, info, arch)."""
-    from compress.loading import architecture_from_config, load_model
-
-    model, tok, info = load_model(info, quiet=not progress)
-    _refuse_overwrite(out, info.path, info.extra.get("converted"))
-    return model, tok, info, architecture_from_config(model.config)
-
-
-def load_source(source, out: Path, force: bool, progress: bool, check):
-    """resolve_source + load_torch. Returns (model, tokenizer, info, arch)."""
-    return load_torch(resolve_source(source, out, force, progress, check), out, progress)
-
-
 def export_onnx(source, out, *, form: str = "portable", opset: int | None = None, validate: bool = True,
                 force: bool = False, progress: bool = False, before_rename=None, exporter: str = "kiln",
                 optimum_python: str | None = None):
@@ -168,8 +84,10 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
     out = Path(out)
     from runtime.fsutil import atomic_dir
 
+    from .artifact import check_graph, layer_specs, load_torch, refuse_overwrite, resolve_source, write_artifact
     from .decoder import build_decoder, io_spec
     from .graph import GraphBuilder
+    from .qdq import graph_block
     from .direct import DIRECT_ROPE, direct_source, rope_tables_numpy, rope_type
     from .weights import Weights, precheck, weights_for
 
@@ -185,19 +103,24 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
             direct = None  # config.json read differently than transformers reads it: take its tensors instead
     if direct is not None:
         arch = direct.arch
-        _refuse_overwrite(out, direct.root)
+        refuse_overwrite(out, direct.root)
     if arch.hidden_act != "silu":
         raise ExportError(f"hidden_act {arch.hidden_act!r} is not supported by the ONNX exporter (silu only; "
                           "an fp32 source can go through --exporter optimum)")
     if arch.heads % arch.kv_heads:
         raise ExportError(f"heads {arch.heads} not divisible by kv_heads {arch.kv_heads}")
-    scheme = _scheme(info)
+    specs = layer_specs(info)
     if cfg.form == "ort":
-        from .ortform import check_scheme
+        from .ortform import ort_form_refusal
 
-        check_scheme(scheme)
-    if scheme == "int4" and cfg.resolved_opset < 21:
-        raise ExportError("int4 needs opset >= 21 (INT4 blocked DequantizeLinear)")
+        why = ort_form_refusal(specs)
+        if why:
+            raise ExportError(f"--form ort does not take this checkpoint: {why}; export it with --form portable")
+    elif progress:
+        from ..tensorrt.flags import tensorrt_blockers
+
+        for why in tensorrt_blockers(specs, arch):
+            print(f"llmkiln: note: TensorRT cannot build this graph: {why}", file=sys.stderr, flush=True)
     w = Weights(str(info.path), direct.tensors) if direct is not None else weights_for(model, info)
     # direct sources only have these rope types; yarn and the like take transformers' own tables
     cos, sin = rope_tables_numpy(arch) if rope_type(arch) in DIRECT_ROPE else rope_tables(model, arch)
@@ -213,17 +136,19 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
         try:
             build_decoder(b, w, arch, cos, sin, fused=cfg.fused, progress=bar.advance if bar else None,
                           form=cfg.form)
-            onnx_path = b.finish("llmkiln_decoder", doc=f"llmkiln {arch.model_type} decoder ({scheme})",
-                                 metadata={"scheme": scheme, "form": cfg.form})
+            label = info.manifest.preset() if info.manifest is not None else "fp32"
+            onnx_path = b.finish("llmkiln_decoder", doc=f"llmkiln {arch.model_type} decoder ({label})",
+                                 metadata={"preset": label, "form": cfg.form})
         finally:
             b.abort()
             if bar:
                 bar.close()
-        _check_graph(onnx_path)
+        check_graph(onnx_path)
         t_build = time.perf_counter() - t0 - t_load
-        io = io_spec(arch) | {"form": cfg.form, "opset": cfg.resolved_opset, "scheme": scheme,
-                              "external_data": "model.onnx.data"}
-        manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, scheme, io, cfg.validate, before_rename,
+        grouped = [s.group_size for s in specs.values() if s.group_size]
+        io = io_spec(arch, form=cfg.form, opset=cfg.resolved_opset,
+                     weight_block=graph_block(min(grouped)) if grouped else None)
+        manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, specs, io, cfg.validate, before_rename,
                                   direct=direct)
         t_val = time.perf_counter() - t0 - t_load - t_build
     manifest.timings = {"load_s": round(t_load, 3), "build_s": round(t_build, 3), "validate_s": round(t_val, 3),

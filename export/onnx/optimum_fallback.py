@@ -2,9 +2,10 @@
 
 optimum-onnx pins transformers 4.x, so it runs in its own interpreter (``--optimum-python`` or
 $KILN_OPTIMUM_PYTHON) as ``PY -m optimum.commands.optimum_cli export onnx --task text-generation-with-past``.
-Its traced graph is checked against the IO contract (DESIGN.md "ONNX graph"), its symbolic dims renamed to the
-contract's, re-saved with the weights in model.onnx.data, then validated against the torch model of the same
-source exactly like the builder's graph and written atomically with the same kiln.json.
+Its traced graph is checked against the IO contract (docs/CONTRACTS.md) without ``logits_positions``, its
+symbolic dims renamed to the contract's, given the ``logits_positions`` input (graphedit), re-saved with the
+weights in model.onnx.data, then validated against the torch model of the same source exactly like the
+builder's graph and written atomically with the same kiln.json.
 """
 from __future__ import annotations
 
@@ -43,11 +44,9 @@ def optimum_interpreter(path: str | None = None) -> str:
 
 
 def refuse_quantized(info) -> None:
-    qp = info.manifest.quant_pass() if info.manifest is not None else None
-    if qp is not None:
-        scheme = qp.get("config", {}).get("scheme", "?")
-        raise ExportError(f"{info.path} is a quantized checkpoint ({scheme}); --exporter optimum exports fp32 "
-                          "only: use --exporter kiln for it, or export the unquantized source")
+    if info.manifest is not None and info.manifest.quantized:
+        raise ExportError(f"{info.path} is a quantized checkpoint ({info.manifest.preset()}); --exporter optimum "
+                          "exports fp32 only: use --exporter kiln for it, or export the unquantized source")
 
 
 def hf_input(hf: Path, work: Path) -> Path:
@@ -100,16 +99,28 @@ def _shape(v) -> list:
             for d in v.type.tensor_type.shape.dim]
 
 
-def conform_io(model, spec: dict) -> None:
+def traced_contract(arch) -> tuple[list, list]:
+    """(inputs, outputs) TensorSpecs a traced graph has before ``logits_positions`` is added: no such input,
+    logits for every position."""
+    from runtime.records import POSITIONS, TensorSpec
+
+    from .decoder import io_tensors
+
+    inputs, outputs = io_tensors(arch)
+    logits = TensorSpec("logits", "float32", ("batch", "seq", arch.vocab))
+    return [t for t in inputs if t.name != POSITIONS], [logits if t.name == "logits" else t for t in outputs]
+
+
+def conform_io(model, inputs: list, outputs: list) -> None:
     """Check optimum's graph against the contract (names, output order, dtypes, fixed dims, dynamic axes) and
     rename its symbolic dims to the contract's; one-line ExportError when it differs."""
     g = model.graph
     inits = {t.name for t in g.initializer}
-    want_in = [x["name"] for x in spec["inputs"]]
-    want_out = [x["name"] for x in spec["outputs"]]
+    want_in = [x.name for x in inputs]
+    want_out = [x.name for x in outputs]
     have_in = [i.name for i in g.input if i.name not in inits]
     have_out = [o.name for o in g.output]
-    where = "optimum's graph does not follow the llmkiln IO contract (DESIGN.md 'ONNX graph')"
+    where = "optimum's graph does not follow the llmkiln IO contract (docs/CONTRACTS.md)"
     if set(have_in) != set(want_in) or set(have_out) != set(want_out):
         missing = [n for n in want_in + want_out if n not in have_in + have_out]
         extra = [n for n in have_in + have_out if n not in want_in + want_out]
@@ -123,12 +134,12 @@ def conform_io(model, spec: dict) -> None:
             if d.HasField("dim_param") and d.dim_param in DIMS:
                 d.dim_param = DIMS[d.dim_param]
     vis = {v.name: v for v in list(g.input) + list(g.output)}
-    for x in spec["inputs"] + spec["outputs"]:
-        v = vis[x["name"]]
+    for x in list(inputs) + list(outputs):
+        v = vis[x.name]
         have = _shape(v)
-        if v.type.tensor_type.elem_type != DTYPES[x["dtype"]] or have != x["shape"]:
-            raise ExportError(f"{where}: {x['name']} is {v.type.tensor_type.elem_type}{have}, expected "
-                              f"{x['dtype']}{x['shape']}")
+        if v.type.tensor_type.elem_type != DTYPES[x.dtype] or have != list(x.shape):
+            raise ExportError(f"{where}: {x.name} is {v.type.tensor_type.elem_type}{have}, expected "
+                              f"{x.dtype}{list(x.shape)}")
 
 
 def export_with_optimum(source, out, *, validate: bool = True, force: bool = False, progress: bool = False,
@@ -137,8 +148,9 @@ def export_with_optimum(source, out, *, validate: bool = True, force: bool = Fal
     out = Path(out)
     from runtime.fsutil import atomic_dir
 
+    from .artifact import check_graph, load_source, write_artifact
     from .decoder import io_spec
-    from .export import _check_graph, load_source, write_artifact
+    from .graphedit import add_logits_positions
 
     t0 = time.perf_counter()
 
@@ -149,7 +161,7 @@ def export_with_optimum(source, out, *, validate: bool = True, force: bool = Fal
     model, tok, info, arch = load_source(source, out, force, progress, check)
     python = optimum_interpreter(optimum_python)
     hf = Path(info.extra.get("converted") or info.path)
-    spec = io_spec(arch)
+    traced_in, traced_out = traced_contract(arch)
     t_load = time.perf_counter() - t0
 
     import onnx
@@ -161,9 +173,12 @@ def export_with_optimum(source, out, *, validate: bool = True, force: bool = Fal
             print(f"llmkiln: exporting {hf} with optimum-onnx ({python})", file=sys.stderr, flush=True)
         traced = run_optimum(python, hf_input(hf, work), work / "onnx")
         g = onnx.load(str(traced))
-        conform_io(g, spec)
+        conform_io(g, traced_in, traced_out)
+        if not add_logits_positions(g.graph):
+            raise ExportError("optimum's graph: the lm_head product in front of `logits` was not found, so "
+                              "the logits_positions input of the IO contract cannot be added")
         opset = next((o.version for o in g.opset_import if o.domain in ("", "ai.onnx")), None)
-        for k, v in {"exporter": "optimum", "scheme": "fp32", "form": "portable"}.items():
+        for k, v in {"exporter": "optimum", "preset": "fp32", "form": "portable"}.items():
             e = g.metadata_props.add()
             e.key, e.value = k, v
         onnx_path = tmp / "model.onnx"
@@ -171,11 +186,10 @@ def export_with_optimum(source, out, *, validate: bool = True, force: bool = Fal
                         location="model.onnx.data")
         del g
         shutil.rmtree(work)
-        _check_graph(onnx_path)
+        check_graph(onnx_path)
         t_export = time.perf_counter() - t0 - t_load
-        io = spec | {"form": "portable", "opset": opset, "scheme": "fp32", "external_data": "model.onnx.data",
-                     "exporter": "optimum"}
-        manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, "fp32", io, validate, before_rename)
+        io = io_spec(arch, form="portable", opset=opset, exporter="optimum")
+        manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, {}, io, validate, before_rename)
         t_val = time.perf_counter() - t0 - t_load - t_export
     manifest.timings = {"load_s": round(t_load, 3), "export_s": round(t_export, 3), "validate_s": round(t_val, 3)}
     return manifest

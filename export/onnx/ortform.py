@@ -17,12 +17,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from ..errors import ExportError
 from .graph import GraphBuilder
 from .qdq import linear
 
 MS = "com.microsoft"
-ACT_SCHEMES = ("fp8", "int8-sq")  # static activation QDQ: TensorRT's schemes, portable form only
 
 
 class StackedQKV:
@@ -63,10 +61,14 @@ class StackedQKV:
         return np.concatenate(parts, axis=0)
 
 
-def check_scheme(scheme: str) -> None:
-    if scheme in ACT_SCHEMES:
-        raise ExportError(f"--form ort does not take {scheme}: its static activation quantization is for "
-                          "TensorRT; export it with --form portable")
+def ort_form_refusal(specs: dict) -> str | None:
+    """Why the ONNX Runtime form does not take a checkpoint with these LayerSpecs, or None. Static activation
+    scales (QuantizeLinear/DequantizeLinear pairs) are TensorRT's form: the portable graph keeps them."""
+    static = sorted(n for n, s in specs.items() if s.static_act)
+    if static:
+        return (f"{len(static)} Linear(s) quantize their input with a static scale (e.g. {static[0]}: "
+                f"{specs[static[0]].label()}), which is TensorRT's form")
+    return None
 
 
 def gqa_inputs(b: GraphBuilder) -> tuple[str, str, str]:

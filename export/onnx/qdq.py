@@ -4,8 +4,9 @@ Weights are stored pre-quantized and transposed to ``[in, out]`` so ``Dequantize
 input 1 directly (symmetric, zero point 0):
   int8  : INT8 codes [in,out], float scale [out], DequantizeLinear(axis=1)
   fp8   : FLOAT8E4M3FN codes [in,out], float scale [out], DequantizeLinear(axis=1)
-  int4  : INT4 codes [in,out] (ONNX packing), float scale [in/group,out], DequantizeLinear(axis=0, block_size)
-Activations: static fp8/int8 -> QuantizeLinear -> DequantizeLinear with the calibrated per-tensor scale;
+  int4  : INT4 codes [in,out] (ONNX packing), float scale [in/block,out], DequantizeLinear(axis=0, block_size)
+  int8 with groups: INT8 codes [in,out], float scale [in/block,out], DequantizeLinear(axis=0, block_size)
+Grouped scales are written at blocks of at most 32 inputs (graph_block). Activations: static fp8/int8 -> QuantizeLinear -> DequantizeLinear with the calibrated per-tensor scale;
 ``int8-dyn`` (per token, ORT CPU scheme) -> s_t = max|x_t|/127, Round(x/s_t) * s_t, then the int8 weight
 DequantizeLinear -> MatMul as for weight-only (see _dynamic_int8 for why not MatMulInteger).
 """
@@ -14,10 +15,14 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from runtime.layerspec import LayerSpec
+from runtime.records import POSITIONS
+
 from ..errors import ExportError
 from .graph import GraphBuilder
 
 EMBED = "model.embed_tokens"
+GRAPH_BLOCK = 32
 
 
 # ---- pure array helpers ------------------------------------------------------------------------------
@@ -57,38 +62,13 @@ def _act_qdq(b: GraphBuilder, w, x: str, module: str, act: str, ns: str) -> str:
     return b.op("DequantizeLinear", [q, s, _zero_point(b, act)], f"{ns}/input_quant/DequantizeLinear")
 
 
-def _weight_dq(b: GraphBuilder, w, module: str, spec: dict, d_in: int, d_out: int, ns: str) -> str:
-    """Store the codes transposed to [in, out] and return the DequantizeLinear output (float [in, out])."""
-    kind = spec["weight"]
-    wname = f"{module}.weight"
-    if kind == "int4":
-        g = spec["group_size"]
-        if d_in % g:
-            raise ExportError(f"{wname}: in-features {d_in} not divisible by group_size {g}")
-        codes = w.get(wname, (d_out, d_in // 2), raw=True)
-        scale = w.get(f"{module}.weight_scale", (d_out, d_in // g))
-        codes_t = b.initializer(wname, pack_int4(unpack_int4(codes).T), elem=TensorProto.INT4, dims=[d_in, d_out])
-        s = b.initializer(f"{module}.weight_scale", np.ascontiguousarray(scale.T))
-        return b.op("DequantizeLinear", [codes_t, s], f"{ns}/weight_quant/DequantizeLinear", axis=0, block_size=g)
-    codes = w.get(wname, (d_out, d_in), raw=True)
-    scale = w.get(f"{module}.weight_scale", (d_out,))
-    if kind == "int8":
-        if codes.dtype != np.int8:
-            raise ExportError(f"{wname}: int8 codes expected, found {codes.dtype}")
-        codes_t = b.initializer(wname, np.ascontiguousarray(codes.T))
-    else:  # fp8: raw E4M3FN bytes
-        codes_t = b.initializer(wname, np.ascontiguousarray(codes.view(np.uint8).T), elem=TensorProto.FLOAT8E4M3FN)
-    s = b.initializer(f"{module}.weight_scale", scale)
-    return b.op("DequantizeLinear", [codes_t, s], f"{ns}/weight_quant/DequantizeLinear", axis=1)
-
-
-def _dynamic_int8(b: GraphBuilder, x: str, ns: str) -> str:
+def _dynamic_int8(b: GraphBuilder, w, x: str, module: str, act: str, ns: str) -> str:
     """Per-token symmetric int8 fake quantization of x [B,S,in]: s_t = max|x_t|/127, round(x/s_t) * s_t.
 
     The product then runs as DequantizeLinear(INT8 weight) -> MatMul, which ONNX Runtime fuses into
-    MatMulNBits: its CPU kernel quantizes the (already int8-valued) input again per block of 32 and sums in
+    MatMulNBits: its CPU kernel quantizes the (already int8-valued) input again per block and sums in
     int32. An explicit MatMulInteger would be exact but runs s8 x s8 on a slow generic path on CPUs without
-    VNNI (SmolLM2-135M decode: 8 tokens/s), and its u8 x s8 / u8 x u8 forms saturate on AVX2 (VPMADDUBSW).
+    VNNI, and its u8 x s8 / u8 x u8 forms saturate on AVX2 (VPMADDUBSW); docs/QUANTIZATION.md.
     """
     dq = f"{ns}/input_quant"
     amax = b.op("ReduceMax", [b.op("Abs", [x], f"{dq}/Abs"), b.const([-1])], f"{dq}/ReduceMax", keepdims=1)
@@ -99,20 +79,83 @@ def _dynamic_int8(b: GraphBuilder, x: str, ns: str) -> str:
     return b.op("Mul", [xq, st], f"{dq}/Mul")
 
 
+# ---- weight emitters: store the codes transposed to [in, out], return the DequantizeLinear output ----------
+def _per_channel(b: GraphBuilder, w, module: str, spec: LayerSpec, d_in: int, d_out: int, ns: str) -> str:
+    """int8 / fp8 codes [in,out] with one scale per output channel: DequantizeLinear(axis=1)."""
+    wname = f"{module}.weight"
+    codes = w.get(wname, (d_out, d_in), raw=True)
+    scale = w.get(f"{module}.weight_scale", (d_out,))
+    if spec.weight == "int8":
+        if codes.dtype != np.int8:
+            raise ExportError(f"{wname}: int8 codes expected, found {codes.dtype}")
+        codes_t = b.initializer(wname, np.ascontiguousarray(codes.T))
+    else:  # fp8: raw E4M3FN bytes
+        codes_t = b.initializer(wname, np.ascontiguousarray(codes.view(np.uint8).T), elem=TensorProto.FLOAT8E4M3FN)
+    s = b.initializer(f"{module}.weight_scale", scale)
+    return b.op("DequantizeLinear", [codes_t, s], f"{ns}/weight_quant/DequantizeLinear", axis=1)
+
+
+def graph_block(group: int) -> int:
+    """Block size the graph stores grouped scales at: at most GRAPH_BLOCK (each scale repeated), because ONNX
+    Runtime's MatMulNBits kernel quantizes the activations per block of the weight's block size; the
+    dequantized weights are the same numbers (docs/QUANTIZATION.md)."""
+    return min(group, GRAPH_BLOCK)
+
+
+def _blocked_scale(b: GraphBuilder, w, module: str, g: int, d_in: int, d_out: int) -> tuple[str, int]:
+    """Scales [out, in/g] stored transposed as [in/blk, out] at the graph's block size."""
+    if d_in % g:
+        raise ExportError(f"{module}.weight: in-features {d_in} not divisible by group_size {g}")
+    scale = w.get(f"{module}.weight_scale", (d_out, d_in // g))
+    blk = graph_block(g)
+    st = np.repeat(np.ascontiguousarray(scale.T), g // blk, axis=0)  # [in/blk, out]
+    return b.initializer(f"{module}.weight_scale", np.ascontiguousarray(st)), blk
+
+
+def _int4_blocked(b: GraphBuilder, w, module: str, spec: LayerSpec, d_in: int, d_out: int, ns: str) -> str:
+    """int4 codes [in,out] (ONNX packing), scales per block of inputs: DequantizeLinear(axis=0, block_size)."""
+    wname = f"{module}.weight"
+    codes = w.get(wname, (d_out, d_in // 2), raw=True)
+    s, blk = _blocked_scale(b, w, module, spec.group_size, d_in, d_out)
+    codes_t = b.initializer(wname, pack_int4(unpack_int4(codes).T), elem=TensorProto.INT4, dims=[d_in, d_out])
+    return b.op("DequantizeLinear", [codes_t, s], f"{ns}/weight_quant/DequantizeLinear", axis=0, block_size=blk)
+
+
+def _int8_blocked(b: GraphBuilder, w, module: str, spec: LayerSpec, d_in: int, d_out: int, ns: str) -> str:
+    """int8 codes [in,out], scales per block of inputs: DequantizeLinear(axis=0, block_size)."""
+    wname = f"{module}.weight"
+    codes = w.get(wname, (d_out, d_in), raw=True)
+    if codes.dtype != np.int8:
+        raise ExportError(f"{wname}: int8 codes expected, found {codes.dtype}")
+    s, blk = _blocked_scale(b, w, module, spec.group_size, d_in, d_out)
+    codes_t = b.initializer(wname, np.ascontiguousarray(codes.T))
+    return b.op("DequantizeLinear", [codes_t, s], f"{ns}/weight_quant/DequantizeLinear", axis=0, block_size=blk)
+
+
+# (weight format, grouped) -> emitter; (act, granularity) -> input emitter. A new format registers here.
+WEIGHT_EMITTERS = {("int8", False): _per_channel, ("fp8", False): _per_channel, ("int4", True): _int4_blocked,
+                   ("int8", True): _int8_blocked}
+ACT_EMITTERS = {("fp8", "tensor"): _act_qdq, ("int8", "tensor"): _act_qdq, ("int8", "token"): _dynamic_int8}
+
+
+def _emitter(table: dict, key, module: str, spec: LayerSpec):
+    fn = table.get(key)
+    if fn is None:
+        raise ExportError(f"{module}: the ONNX exporter has no pattern for {spec.label()}")
+    return fn
+
+
 def linear(b: GraphBuilder, w, x: str, module: str, d_in: int, d_out: int, ns: str) -> str:
-    """x [B,S,in] -> [B,S,out] for the torch Linear ``module`` (float, or quantized per its SPEC)."""
+    """x [B,S,in] -> [B,S,out] for the torch Linear ``module`` (float, or quantized per its LayerSpec)."""
     spec = w.spec(module)
     if spec is None:
         wt = b.initializer(f"{module}.weight", np.ascontiguousarray(w.get(f"{module}.weight", (d_out, d_in)).T))
         y = b.op("MatMul", [x, wt], f"{ns}/MatMul")
     else:
-        if spec.get("act") in ("fp8", "int8"):
-            x = _act_qdq(b, w, x, module, spec["act"], ns)
-        elif spec.get("act") == "int8-dyn":
-            if spec["weight"] != "int8":
-                raise ExportError(f"{module}: act 'int8-dyn' needs int8 weights, found {spec['weight']}")
-            x = _dynamic_int8(b, x, ns)
-        y = b.op("MatMul", [x, _weight_dq(b, w, module, spec, d_in, d_out, ns)], f"{ns}/MatMul")
+        if spec.act is not None:
+            x = _emitter(ACT_EMITTERS, (spec.act, spec.act_granularity), module, spec)(b, w, x, module, spec.act, ns)
+        emit = _emitter(WEIGHT_EMITTERS, (spec.weight, spec.group_size is not None), module, spec)
+        y = b.op("MatMul", [x, emit(b, w, module, spec, d_in, d_out, ns)], f"{ns}/MatMul")
     if w.has(f"{module}.bias"):
         bias = b.initializer(f"{module}.bias", w.get(f"{module}.bias", (d_out,)))
         y = b.op("Add", [y, bias], f"{ns}/Add")
@@ -128,11 +171,14 @@ def embedding(b: GraphBuilder, w, arch) -> str:
     if spec is None:
         table = b.initializer(name, w.get(name, (V, H)))
         return b.op("Gather", [table, "input_ids"], f"{ns}/Gather", axis=0)
-    if spec["weight"] == "int4":  # blocked scales: dequantize the table, then gather (slow path, rare)
-        g = spec["group_size"]
-        codes = w.get(name, (V, H // 2), raw=True)
+    if spec.group_size is not None:  # blocked scales: dequantize the table, then gather (slow path, rare)
+        g = spec.group_size
+        if spec.weight == "int4":
+            codes = w.get(name, (V, H // 2), raw=True)
+            t = b.initializer(name, pack_int4(unpack_int4(codes)), elem=TensorProto.INT4, dims=[V, H])
+        else:
+            t = b.initializer(name, np.ascontiguousarray(w.get(name, (V, H), raw=True)))
         scale = w.get(f"{EMBED}.weight_scale", (V, H // g))
-        t = b.initializer(name, pack_int4(unpack_int4(codes)), elem=TensorProto.INT4, dims=[V, H])
         s = b.initializer(f"{EMBED}.weight_scale", scale)
         table = b.op("DequantizeLinear", [t, s], f"{ns}/weight_quant/DequantizeLinear", axis=1, block_size=g)
         return b.op("Gather", [table, "input_ids"], f"{ns}/Gather", axis=0)
@@ -141,7 +187,7 @@ def embedding(b: GraphBuilder, w, arch) -> str:
     # gathers columns of codes plus their scales (never the whole table).
     codes = w.get(name, (V, H), raw=True)
     scale = w.get(f"{EMBED}.weight_scale", (V,))
-    if spec["weight"] == "int8":
+    if spec.weight == "int8":
         t = b.initializer(name, np.ascontiguousarray(codes.T))
     else:
         t = b.initializer(name, np.ascontiguousarray(codes.view(np.uint8).T), elem=TensorProto.FLOAT8E4M3FN)
@@ -155,7 +201,7 @@ def embedding(b: GraphBuilder, w, arch) -> str:
 
 
 def lm_head(b: GraphBuilder, w, h: str, arch) -> str:
-    """h [B,S,H] -> logits [B,S,V].
+    """h [B,S,H] -> logits [B,K,V] for the K positions the ``logits_positions`` input names.
     float: Gemm(transB=1) on the [V,H] table (stored once with a tied embedding), prepacked once by ORT, so
            nothing is transposed per step.
     int8/fp8 tied: DequantizeLinear on the [H,V] codes -> MatMul input 1. The codes are the embedding's bytes
@@ -167,12 +213,13 @@ def lm_head(b: GraphBuilder, w, h: str, arch) -> str:
     ns = "/model/lm_head"
     spec = w.spec("lm_head")
     tied = arch.tied_embeddings
+    h = b.op("Gather", [h, POSITIONS], "/model/logits_positions/Gather", axis=1)  # [B,K,H]
     if spec is not None and not tied:
         y = linear(b, w, h, "lm_head", H, V, ns)
         return b.op("Identity", [y], f"{ns}/Identity", outputs=["logits"])[0]
-    if spec is not None and spec.get("act") is not None:
-        raise ExportError(f"lm_head: the tied lm_head can only be weight-only, kiln.json says act {spec['act']!r}")
-    if spec is not None and spec["weight"] != "int4":
+    if spec is not None and spec.act is not None:
+        raise ExportError(f"lm_head: the tied lm_head can only be weight-only, kiln.json says {spec.label()}")
+    if spec is not None and spec.group_size is None:
         # the embedding's [H,V] codes and scales, aliased (same bytes in model.onnx.data, stored once)
         codes = b.alias("lm_head.weight", of=f"{EMBED}.weight")
         scale = b.alias("lm_head.weight_scale", of=f"{EMBED}.weight_scale")

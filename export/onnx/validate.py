@@ -8,9 +8,11 @@ The metric is max |Δlogits| divided by the torch logit range (max - min) on the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+
+from runtime.layerspec import LayerSpec
+from runtime.records import POSITIONS, Diff, LogitCheck, Validation
 
 from ..errors import ExportError
 
@@ -19,20 +21,36 @@ PROMPT = ("The quick brown fox jumps over the lazy dog. In Python, a list compre
 GREEDY_TOKENS = 32
 # Two checks, both max |Δlogits| / logit range against the torch model of the same checkpoint:
 #  "graph":   ONNX Runtime with basic optimizations only, i.e. the graph's own math (what TensorRT is given);
-#             it must match the (fake-quant) torch model closely for every scheme.
-#  "ort_cpu": ONNX Runtime with all optimizations on the graph as runtime.Engine loads it (what the runtime
-#             runs). ORT rewrites DequantizeLinear->MatMul into MatMulNBits, whose fast CPU kernel (accuracy
-#             level 4, ORT's default) quantizes activations to int8 per block of 32 (int4 weights are re-blocked
-#             to 32 at load for that reason: runtime.backends.ort_graph.reblock_weights), and QDQ pairs into MatMulIntegerToFloat (u8s8, which can saturate on CPUs
-#             without VNNI). So quantized schemes get a looser, per-scheme tolerance, measured on SmolLM2-135M
-#             (int8-wo 0.025, int4 0.043 of the logit range) with margin.
-# Activation quantization (static fp8/int8, per-token int8-dyn) turns last-bit float differences between torch
-# and ORT kernels (RMSNorm, attention summation order) into whole-code flips that compound over the layers. The
-# same happens between torch float32 and torch float64 on the same fake-quant checkpoint, which measures the
-# floor: on SmolLM2-135M fp8 0.059 and int8-dyn 0.039 of the logit range (benchmarks/parity_floor.py), while
-# ORT's graph differs from torch float32 by 0.057 (fp8) and 0.046 (int8-dyn). Exact on the 2-layer test model.
-GRAPH_TOLERANCES = {"int8-wo": 1e-3, "int4": 1e-3, "int8-dyn": 0.1, "fp8": 0.1, "int8-sq": 0.1}
-TOLERANCES = {"fp32": 1e-3, "int8-wo": 0.05, "fp8": 0.1, "int8-sq": 0.15, "int8-dyn": 0.1, "int4": 0.08}
+#             it must match the (fake-quant) torch model closely for every format.
+#  "ort_cpu": ONNX Runtime with all optimizations (what runtime.Engine runs). ORT rewrites
+#             DequantizeLinear -> MatMul into MatMulNBits, whose fast CPU kernel quantizes activations to int8
+#             per block, so weight-only formats get a looser tolerance there.
+# Activation quantization (static per-tensor, per-token) turns last-bit float differences between torch and
+# ORT kernels into whole-code flips that compound over the layers; the same happens between torch float32
+# and float64 on the same fake-quant checkpoint (benchmarks/parity_floor.py), which sets these tolerances.
+# The figures behind them are in docs/QUANTIZATION.md. A checkpoint mixing formats takes the loosest of its
+# Linears'.
+def tolerances(spec: LayerSpec) -> tuple[float, float]:
+    """(graph tolerance, ort_cpu tolerance) of one quantized Linear's LayerSpec."""
+    if spec.static_act:
+        return 0.1, (0.15 if spec.act == "int8" else 0.1)
+    if spec.dynamic_act:
+        return 0.1, 0.1
+    if spec.weight == "fp8":
+        return 1e-3, 0.1
+    return 1e-3, (0.08 if spec.weight == "int4" else 0.05)
+
+
+FLOAT_TOLERANCE = 1e-3  # a float graph against its torch model: ORT's float32 kernels only
+
+
+def checkpoint_tolerances(specs: dict) -> tuple[float | None, float]:
+    """(graph, ort_cpu) tolerances of a checkpoint: the loosest of its quantized Linears; a float model has
+    no separate graph check (None) and FLOAT_TOLERANCE."""
+    tols = [tolerances(s) for s in specs.values() if s.quantized]
+    if not tols:
+        return None, FLOAT_TOLERANCE
+    return max(t[0] for t in tols), max(t[1] for t in tols)
 
 
 @dataclass(frozen=True)
@@ -62,8 +80,8 @@ def _feeds(ids: np.ndarray, past: list[np.ndarray] | None, arch) -> dict:
 
 
 def ort_session(path, threads: int | None = None, basic: bool = False):
-    """``basic``: the graph as written. Otherwise the graph as runtime.Engine loads it (its load-time edits,
-    all optimizations)."""
+    """``basic``: the graph's own math (basic optimizations only). Otherwise as runtime.Engine runs it (all
+    optimizations)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -72,21 +90,10 @@ def ort_session(path, threads: int | None = None, basic: bool = False):
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    model = str(path)
-    if not basic:
-        from runtime.backends.ort_graph import edited_graph
-
-        edited = edited_graph(path)
-        if edited is not None:
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                        str(Path(path).parent))
-            model = edited
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def run_ort(sess, ids, past, arch):
-    from runtime.backends.ort_graph import POSITIONS
-
     feeds = _feeds(ids, past, arch)
     if any(i.name == POSITIONS for i in sess.get_inputs()):
         feeds[POSITIONS] = np.arange(ids.shape[1], dtype=np.int64)  # logits for every position
@@ -100,11 +107,14 @@ def _rel(a: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return d, d / rng
 
 
-def validate(model, tokenizer, onnx_path, arch, scheme: str, cfg: ValidationConfig = ValidationConfig()) -> dict:
-    """Compare ORT and torch; returns the kiln.json ``validation`` block, raises ExportError when out of tolerance."""
+def validate(model, tokenizer, onnx_path, arch, specs: dict,
+             cfg: ValidationConfig = ValidationConfig()) -> Validation:
+    """Compare ORT and torch; returns the kiln.json ``validation`` record, raises ExportError when out of
+    tolerance. ``specs``: the checkpoint's LayerSpecs (tolerances and checks follow from them)."""
     import torch
 
-    tol = TOLERANCES[scheme]
+    graph_tol, tol = checkpoint_tolerances(specs)
+    is_float = graph_tol is None
     ids = tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"][: cfg.max_prompt_tokens]
     ids = np.asarray([ids], dtype=np.int64) % arch.vocab
     S = ids.shape[1]
@@ -112,19 +122,19 @@ def validate(model, tokenizer, onnx_path, arch, scheme: str, cfg: ValidationConf
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids)).logits.float().numpy()  # [1,S,V]
 
-    def compare(sess) -> dict:
+    def compare(sess, optimization: str, tolerance: float) -> LogitCheck:
         full, _ = run_ort(sess, ids, None, arch)
         abs0, rel0 = _rel(full, ref)
         _, past = run_ort(sess, ids[:, :k], None, arch)
         tail, _ = run_ort(sess, ids[:, k:], past, arch)
         abs1, rel1 = _rel(tail, ref[:, k:])
-        return {"no_past": {"max_abs": abs0, "value": rel0},
-                "with_past": {"past_tokens": int(k), "max_abs": abs1, "value": rel1},
-                "value": max(rel0, rel1), "top1_agreement": float(np.mean(full.argmax(-1) == ref.argmax(-1)))}
+        return LogitCheck(optimization=optimization, value=max(rel0, rel1), tolerance=tolerance,
+                          no_past=Diff(abs0, rel0), with_past=Diff(abs1, rel1, past_tokens=int(k)),
+                          top1_agreement=float(np.mean(full.argmax(-1) == ref.argmax(-1))))
 
-    graph = compare(ort_session(onnx_path, basic=True)) if scheme != "fp32" else None
+    graph = None if is_float else compare(ort_session(onnx_path, basic=True), "ORT_ENABLE_BASIC", graph_tol)
     sess = ort_session(onnx_path)
-    cpu = compare(sess)
+    cpu = compare(sess, "ORT_ENABLE_ALL", tol)
 
     # greedy decoding on ORT with its KV cache; torch then reads prompt + generated tokens in one forward and
     # must pick the same token at every step (identical to running torch greedy, at the cost of one forward)
@@ -140,28 +150,20 @@ def validate(model, tokenizer, onnx_path, arch, scheme: str, cfg: ValidationConf
         t_logits = model(input_ids=torch.from_numpy(seq[:, :-1])).logits[0, S - 1:].float().numpy()
     t_tokens = t_logits.argmax(-1).tolist()
     same = next((i for i, (a, b) in enumerate(zip(ort_tokens, t_tokens)) if a != b), len(t_tokens))
-    result = {
-        "reference": "torch model of the same checkpoint" + ("" if scheme == "fp32" else " (fake-quant)"),
-        "runtime": "onnxruntime CPUExecutionProvider",
-        "prompt_tokens": int(S),
-        "metric": "max |logits_ort - logits_torch| / (max - min of logits_torch)",
-        "value": cpu["value"],
-        "tolerance": tol,
-        "ort_cpu": cpu | {"optimization": "ORT_ENABLE_ALL", "tolerance": tol},
-        "greedy_tokens": cfg.greedy_tokens,
-        "greedy_identical_prefix": int(same),
-        "greedy_required": scheme == "fp32",
-        "passed": True,
-    }
-    if graph is not None:
-        result["graph"] = graph | {"optimization": "ORT_ENABLE_BASIC", "tolerance": GRAPH_TOLERANCES[scheme]}
+    result = Validation(
+        passed=True,
+        reference="torch model of the same checkpoint" + ("" if is_float else " (fake-quant)"),
+        runtime="onnxruntime CPUExecutionProvider",
+        metric="max |logits_ort - logits_torch| / (max - min of logits_torch)",
+        prompt_tokens=int(S), value=cpu.value, tolerance=tol, ort_cpu=cpu, graph=graph,
+        greedy_tokens=cfg.greedy_tokens, greedy_identical_prefix=int(same), greedy_required=is_float)
     problems = []
-    if graph is not None and not graph["value"] <= GRAPH_TOLERANCES[scheme]:
-        problems.append(f"the graph's own math differs from the torch model by {graph['value']:.3g} of the logit "
-                        f"range (tolerance {GRAPH_TOLERANCES[scheme]:g})")
-    if not cpu["value"] <= tol:
-        problems.append(f"logits differ by {cpu['value']:.3g} of the logit range (tolerance {tol:g})")
-    if scheme == "fp32" and same != cfg.greedy_tokens:
+    if graph is not None and not graph.value <= graph_tol:
+        problems.append(f"the graph's own math differs from the torch model by {graph.value:.3g} of the logit "
+                        f"range (tolerance {graph_tol:g})")
+    if not cpu.value <= tol:
+        problems.append(f"logits differ by {cpu.value:.3g} of the logit range (tolerance {tol:g})")
+    if is_float and same != cfg.greedy_tokens:
         problems.append(f"greedy tokens diverge at step {same} of {cfg.greedy_tokens}")
     if problems:
         raise ExportError(f"self-validation failed on ONNX Runtime CPU: {'; '.join(problems)}; "

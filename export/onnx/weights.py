@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.layerspec import LayerSpec
+
 from ..errors import ExportError
 
-SUPPORTED_SCHEMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4")
-SPEC_WEIGHTS = ("int8", "fp8", "int4")
-SPEC_ACTS = (None, "fp8", "int8", "int8-dyn")
 
 
 def to_numpy(t) -> np.ndarray:
@@ -32,33 +31,12 @@ def to_numpy(t) -> np.ndarray:
 
 
 class Weights:
-    """``get(name, shape)`` -> numpy array; ``spec(module)`` -> the quantize SPEC of a Linear or None."""
+    """``get(name, shape)`` -> numpy array; ``spec(module)`` -> the LayerSpec of a quantized Linear or None."""
 
-    def __init__(self, source_desc: str, tensors, quant_pass: dict | None = None):
+    def __init__(self, source_desc: str, tensors, specs: dict[str, LayerSpec] | None = None):
         self.desc = source_desc
         self._t = tensors  # mapping-like: name -> torch tensor (state_dict or a safetensors handle wrapper)
-        self.quant = quant_pass
-        self.layers: dict = (quant_pass or {}).get("layers", {}) if quant_pass else {}
-        self.scheme = (quant_pass or {}).get("config", {}).get("scheme") if quant_pass else None
-        if quant_pass is not None:
-            self._check_pass()
-
-    def _check_pass(self) -> None:
-        if self.scheme not in SUPPORTED_SCHEMES:
-            raise ExportError(
-                f"{self.desc}: quantization scheme {self.scheme!r} is not supported by the ONNX exporter; "
-                f"supported: {', '.join(SUPPORTED_SCHEMES)}"
-            )
-        if not isinstance(self.layers, dict):
-            raise ExportError(f"{self.desc}: kiln.json quantize pass has no 'layers' object")
-        for mod, spec in self.layers.items():
-            if not isinstance(spec, dict) or spec.get("weight") not in SPEC_WEIGHTS or spec.get("act") not in SPEC_ACTS:
-                raise ExportError(
-                    f"{self.desc}: kiln.json layer {mod} has an unsupported spec {spec!r}; weight must be one of "
-                    f"{', '.join(SPEC_WEIGHTS)} and act one of {', '.join(map(str, SPEC_ACTS))}"
-                )
-            if spec["weight"] == "int4" and not isinstance(spec.get("group_size"), int):
-                raise ExportError(f"{self.desc}: kiln.json layer {mod}: int4 needs an integer group_size")
+        self.layers = {n: s for n, s in (specs or {}).items() if s.quantized}
 
     def has(self, name: str) -> bool:
         return name in self._t
@@ -76,7 +54,7 @@ class Weights:
             arr = arr.astype(np.float32)
         return arr
 
-    def spec(self, module: str) -> dict | None:
+    def spec(self, module: str) -> LayerSpec | None:
         return self.layers.get(module)
 
 
@@ -106,7 +84,7 @@ def _float_linears(arch) -> dict:
     return mods
 
 
-def expected_shapes(arch, layers: dict | None) -> dict:
+def expected_shapes(arch, layers: dict[str, LayerSpec] | None) -> dict:
     """name -> shape of every tensor the graph reads (docs/FORMATS.md layouts for quantized modules)."""
     layers = layers or {}
     V, H = arch.vocab, arch.hidden
@@ -119,28 +97,28 @@ def expected_shapes(arch, layers: dict | None) -> dict:
         mods["lm_head"] = (V, H)
     for mod, (o, i) in mods.items():
         spec = layers.get(mod)
-        if spec is None:
+        if spec is None or not spec.quantized:
             shapes[f"{mod}.weight"] = (o, i)
-        elif spec.get("weight") == "int4":
-            g = spec.get("group_size") or 1
-            shapes[f"{mod}.weight"] = (o, i // 2)
-            shapes[f"{mod}.weight_scale"] = (o, i // g)
         else:
-            shapes[f"{mod}.weight"] = (o, i)
-            shapes[f"{mod}.weight_scale"] = (o,)
+            shapes |= _quant_shapes(mod, spec, o, i)
     head = layers.get("lm_head")
-    if arch.tied_embeddings and head is not None:
-        g = head.get("group_size") or 1
-        shapes["model.embed_tokens.weight"] = (V, H // 2) if head.get("weight") == "int4" else (V, H)
-        shapes["model.embed_tokens.weight_scale"] = (V, H // g) if head.get("weight") == "int4" else (V,)
+    if arch.tied_embeddings and head is not None and head.quantized:
+        shapes |= _quant_shapes("model.embed_tokens", head, V, H)
     return shapes
+
+
+def _quant_shapes(mod: str, spec: LayerSpec, o: int, i: int) -> dict:
+    """Stored shapes of a quantized weight [o, i] (docs/FORMATS.md): int4 packs two codes per byte."""
+    g = spec.group_size
+    return {f"{mod}.weight": (o, i // 2) if spec.weight == "int4" else (o, i),
+            f"{mod}.weight_scale": (o, i // g) if g else (o,)}
 
 
 def _arch_of(path: Path):
     """The architecture from config.json alone when it spells every field out, else through transformers."""
     import json
 
-    from compress.loading import architecture_from_config
+    from compress.hfdir import architecture_from_config
 
     from .direct import config_namespace
 
@@ -168,9 +146,7 @@ def precheck(info) -> None:
         raise
     except Exception:
         return  # the loader reports an unreadable config in its own words
-    qp = info.manifest.quant_pass() if info.manifest is not None else None
-    if qp is not None:
-        Weights(str(info.path), {}, qp)  # scheme and layer specs first
+    specs = info.manifest.layer_specs() if info.manifest is not None else {}
     have = {}
     for f in files:
         try:
@@ -179,7 +155,7 @@ def precheck(info) -> None:
                     have[k] = tuple(h.get_slice(k).get_shape())
         except Exception:
             return  # corrupt file: the loader says so
-    for name, shape in expected_shapes(arch, (qp or {}).get("layers")).items():
+    for name, shape in expected_shapes(arch, specs).items():
         if name not in have:
             raise ExportError(f"{info.path}: tensor {name} is missing from the safetensors files; "
                               "the checkpoint is incomplete")
@@ -191,11 +167,11 @@ def precheck(info) -> None:
 def weights_for(model, info) -> Weights:
     """Weights of a loaded model: a quantized checkpoint reads its safetensors, anything else the state dict."""
     desc = str(info.path) if info is not None else "model"
-    qp = info.manifest.quant_pass() if info is not None and info.manifest is not None else None
-    if qp is not None:
+    m = info.manifest if info is not None else None
+    if m is not None and m.quantized:
         files = sorted(Path(info.path).glob("*.safetensors"))
         if not files:
             raise ExportError(f"{desc}: no *.safetensors in the checkpoint")
-        return Weights(desc, _SafetensorsMap(files), qp)
+        return Weights(desc, _SafetensorsMap(files), m.layer_specs())
     state = model.state_dict()
     return Weights(desc, state)

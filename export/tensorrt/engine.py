@@ -17,6 +17,8 @@ from pathlib import Path
 
 from runtime.fsutil import atomic_dir
 from runtime.manifest import Manifest, read_manifest, verify_files
+from runtime.records import BuildRecord, EngineInfo, SourceArtifact
+from runtime.strict import to_json
 
 from ..errors import ExportError
 from .build import build_plan, device_info, load_tensorrt
@@ -46,7 +48,7 @@ def source_hash(manifest: Manifest) -> str:
     """sha256 over the (name, sha256) of every file of the source artifact, as verified against kiln.json."""
     h = hashlib.sha256()
     for name in sorted(manifest.files):
-        h.update(f"{name}\0{manifest.files[name]['sha256']}\n".encode())
+        h.update(f"{name}\0{manifest.files[name].sha256}\n".encode())
     return h.hexdigest()
 
 
@@ -100,7 +102,7 @@ def export_tensorrt(artifact: str | Path, out: str | Path, flags: ProfileFlags |
     profiles = derive_profiles(graph_inputs(graph), flags, layers=a.layers, kv_heads=a.kv_heads,
                                head_dim=a.head_dim)
     del graph
-    settings = select_settings(source.passes, version_compatible=options.version_compatible)
+    settings = select_settings(source.layer_specs(), version_compatible=options.version_compatible)
     cc = tuple(int(x) for x in dev["compute_capability"].split("."))
     check_device(settings, cc, dev["gpu_name"])
     cache_in = None
@@ -113,22 +115,21 @@ def export_tensorrt(artifact: str | Path, out: str | Path, flags: ProfileFlags |
     plan, cache_out = build_plan(trt, str(artifact / "model.onnx"), settings, profiles, timing_cache=cache_in,
                                  workspace_bytes=workspace, log_level=os.environ.get("KILN_TRT_LOG", "WARNING"))
     seconds = round(time.perf_counter() - t0, 1)
-    engine_block = {
-        "tensorrt_version": trt.__version__,
-        "gpu_name": dev["gpu_name"],
-        "compute_capability": dev["compute_capability"],
-        "settings": settings.to_dict(),
-        "build": {"max_batch": flags.max_batch, "max_seq": flags.max_seq, "opt_seq": flags.opt_seq,
-                  "workspace_gb": options.workspace_gb, "version_compatible": options.version_compatible,
-                  "seconds": seconds},
-        "profiles": [p.to_dict() for p in profiles],
-        "timing_cache_sha256": hashlib.sha256(cache_out).hexdigest(),
-        "source_artifact": {"path": str(artifact.resolve()), "sha256": source_hash(source),
-                            "onnx_check": {k: v for k, v in summary.items() if k != "path"}},
-    }
-    io = dict(source.io or {})
+    engine_block = EngineInfo(
+        tensorrt_version=trt.__version__,
+        gpu_name=dev["gpu_name"],
+        compute_capability=dev["compute_capability"],
+        settings=settings.record(),
+        build=BuildRecord(max_batch=flags.max_batch, max_seq=flags.max_seq, opt_seq=flags.opt_seq,
+                          workspace_gb=options.workspace_gb, version_compatible=options.version_compatible,
+                          seconds=seconds),
+        profiles=tuple(p.record() for p in profiles),
+        timing_cache_sha256=hashlib.sha256(cache_out).hexdigest(),
+        source_artifact=SourceArtifact(path=str(artifact.resolve()), sha256=source_hash(source),
+                                       onnx_check=to_json({k: v for k, v in summary.items() if k != "path"})),
+    )
     manifest = Manifest(kind="engine", architecture=source.architecture, source=source.source,
-                        passes=source.passes, io=io, engine=engine_block)
+                        passes=source.passes, io=source.io, engine=engine_block)
     with atomic_dir(out, force=force, error=ExportError) as tmp:
         (tmp / PLAN_NAME).write_bytes(plan)
         for name in sorted(source.files):

@@ -1,15 +1,18 @@
-"""Builder settings per artifact: pure functions of kiln.json ``passes`` and the command-line flags.
+"""Builder settings per artifact: pure functions of the checkpoint's LayerSpecs and the command-line flags.
 
 Precision is never a builder flag: the network is strongly typed (TensorRT 10.x:
 ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; TensorRT 11.x: always on, the flag accepted and ignored), so
 every tensor's type comes from the graph — FP32 compute, INT8 / FP8 E4M3 / INT4 only where the ONNX has
 explicit Q/DQ. ``BuilderFlag.FP16``/``INT8``/``FP8``/``INT4`` are not used (TensorRT 11 removed them).
-The only builder flags this stage sets are ``SPARSE_WEIGHTS`` (when a 2:4 prune pass is recorded) and
+The only builder flags this stage sets are ``SPARSE_WEIGHTS`` (when a LayerSpec carries 2:4 sparsity) and
 ``VERSION_COMPATIBLE`` (on request).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from runtime.layerspec import summarize
+from runtime.records import BuildSettingsRecord
 
 from ..errors import ExportError
 
@@ -17,66 +20,53 @@ from ..errors import ExportError
 # 2:4 structured-sparse kernels need Ampere (8.0) or later.
 MIN_CC_FP8 = (8, 9)
 MIN_CC_SPARSE = (8, 0)
-# Schemes whose activations are quantized at run time with computed scales: TensorRT Q/DQ needs
-# build-time constant scales, so these graphs cannot be built (check_onnx reports the exact nodes).
-DYNAMIC_ACT_SCHEMES = ("int8-dyn",)
 
 
 @dataclass(frozen=True)
 class BuildSettings:
     strongly_typed: bool
     builder_flags: tuple[str, ...]  # names of tensorrt.BuilderFlag members
-    scheme: str | None  # the quantize scheme, None for a float model
+    formats: dict  # LayerSpec label -> how many Linears (empty for a float model)
     sparse_2_4: bool
     min_compute_capability: tuple[int, int] | None  # what the precision/sparsity needs, None when anything goes
 
-    def to_dict(self) -> dict:
-        return {"strongly_typed": self.strongly_typed, "builder_flags": list(self.builder_flags),
-                "scheme": self.scheme, "sparse_2_4": self.sparse_2_4,
-                "min_compute_capability": ".".join(map(str, self.min_compute_capability))
-                if self.min_compute_capability else None}
+    def record(self) -> BuildSettingsRecord:
+        return BuildSettingsRecord(strongly_typed=self.strongly_typed, builder_flags=self.builder_flags,
+                                   formats=dict(self.formats), sparse_2_4=self.sparse_2_4,
+                                   min_compute_capability=".".join(map(str, self.min_compute_capability))
+                                   if self.min_compute_capability else None)
 
 
-def is_2_4_prune(p: dict) -> bool:
-    """Whether a kiln.json pass is a 2:4 (N:M with N=2, M=4) semi-structured prune.
-
-    Accepts the serializations an N:M config can take: ``{"pattern": "2:4"}``, ``{"n": 2, "m": 4}``, or a
-    method/name of ``"2:4"``.
-    """
-    if p.get("kind") != "prune":
-        return False
-    c = p.get("config") or {}
-    for key in ("pattern", "sparsity_pattern", "method", "name"):
-        v = c.get(key)
-        if isinstance(v, str) and v.replace(" ", "").lower() in ("2:4", "nm2:4", "nm(2,4)"):
-            return True
-    n, m = c.get("n", c.get("N")), c.get("m", c.get("M"))
-    return n == 2 and m == 4
+def _dynamic(specs: dict) -> list[str]:
+    return sorted(n for n, s in specs.items() if s.dynamic_act)
 
 
-def quant_scheme(passes: list[dict]) -> str | None:
-    qs = [p for p in passes if p.get("kind") == "quantize"]
-    return (qs[-1].get("config") or {}).get("scheme") if qs else None
+def tensorrt_blockers(specs: dict, arch) -> list[str]:
+    """Why TensorRT cannot build the portable graph of a checkpoint with these LayerSpecs (empty: it can).
+    Pure: what ``kiln export onnx`` says before writing and ``kiln export tensorrt`` refuses."""
+    out = []
+    dyn = _dynamic(specs)
+    if dyn:
+        out.append(f"{len(dyn)} Linear(s) quantize activations per token with scales computed at run time "
+                   f"(e.g. {dyn[0]}), and TensorRT needs calibrated static scales (quantize with --scheme int8-sq "
+                   "or fp8)")
+    head = specs.get("lm_head")
+    if arch.tied_embeddings and head is not None and head.quantized:
+        out.append(f"the tied lm_head / embedding table is quantized ({head.label()}) and the embedding "
+                   "Gather reads it, which TensorRT does not take (quantize with --ignore lm_head)")
+    return out
 
 
-def uses_fp8(passes: list[dict]) -> bool:
-    qs = [p for p in passes if p.get("kind") == "quantize"]
-    if not qs:
-        return False
-    layers = qs[-1].get("layers") or {}
-    return quant_scheme(passes) == "fp8" or any(
-        isinstance(s, dict) and "fp8" in (s.get("weight"), s.get("act")) for s in layers.values())
-
-
-def select_settings(passes: list[dict], *, version_compatible: bool = False) -> BuildSettings:
-    """Builder settings for an artifact whose kiln.json records ``passes``."""
-    scheme = quant_scheme(passes)
-    if scheme in DYNAMIC_ACT_SCHEMES:
+def select_settings(specs: dict, *, version_compatible: bool = False) -> BuildSettings:
+    """Builder settings for an artifact whose Linears have these LayerSpecs (kiln.json, ``layer_specs()``)."""
+    dyn = _dynamic(specs)
+    if dyn:
         raise ExportError(
-            f"scheme {scheme} quantizes activations with scales computed at run time; TensorRT needs "
-            "calibrated static scales. Quantize with --scheme int8-sq (static INT8) or fp8 for a TensorRT engine"
+            f"{len(dyn)} Linear(s) quantize activations with scales computed at run time (e.g. {dyn[0]}); "
+            "TensorRT needs calibrated static scales. Quantize with --scheme int8-sq (static INT8) or fp8 for a "
+            "TensorRT engine"
         )
-    sparse = any(is_2_4_prune(p) for p in passes)
+    sparse = any(s.sparsity == "2:4" for s in specs.values())
     flags = []
     if sparse:
         flags.append("SPARSE_WEIGHTS")
@@ -85,9 +75,10 @@ def select_settings(passes: list[dict], *, version_compatible: bool = False) -> 
     need = None
     if sparse:
         need = MIN_CC_SPARSE
-    if uses_fp8(passes):
+    if any("fp8" in (s.weight, s.act) for s in specs.values()):
         need = max(need or (0, 0), MIN_CC_FP8)
-    return BuildSettings(strongly_typed=True, builder_flags=tuple(flags), scheme=scheme, sparse_2_4=sparse,
+    return BuildSettings(strongly_typed=True, builder_flags=tuple(flags),
+                         formats=summarize(s for s in specs.values() if s.quantized), sparse_2_4=sparse,
                          min_compute_capability=need)
 
 

@@ -1,10 +1,12 @@
 """Optimization profiles derived from the build flags: pure, and covering every dynamic input.
 
-The graph contract (DESIGN.md) is fixed: ``input_ids``/``position_ids [B, S]``, ``attention_mask [B, T]`` and
-``past_key_values.{i}.key|value [B, kv_heads, P, head_dim]`` with ``T = P + S``. Two profiles:
+The graph contract (docs/CONTRACTS.md) is fixed: ``input_ids``/``position_ids [B, S]``, ``attention_mask
+[B, T]``, ``logits_positions [K]`` and ``past_key_values.{i}.key|value [B, kv_heads, P, head_dim]`` with
+``T = P + S``. Two profiles:
 
-- ``prefill`` (profile 0): S in 1..max_seq tuned at opt_seq, P in 0..max_seq-1 tuned at 0 (a fresh prompt);
-- ``decode``  (profile 1): S = 1, P in 0..max_seq-1 tuned at opt_seq (one token against a long cache).
+- ``prefill`` (profile 0): S in 1..max_seq tuned at opt_seq, P in 0..max_seq-1 tuned at 0 (a fresh prompt),
+  K in 1..max_seq tuned at 1 (generation asks for the last position, scoring for all);
+- ``decode``  (profile 1): S = 1, K = 1, P in 0..max_seq-1 tuned at opt_seq (one token against a long cache).
 
 Batch is 1..max_batch, tuned at 1. ``T`` always stays within 1..max_seq. An input the rules do not cover is
 an error here, not a TensorRT build failure an hour later (the classic one: a KV input left out).
@@ -14,10 +16,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from runtime.records import POSITIONS, ProfileRecord
+
 from ..errors import ExportError
 
 KV_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-ROLES = {"input_ids": ("B", "S"), "position_ids": ("B", "S"), "attention_mask": ("B", "T")}
+ROLES = {"input_ids": ("B", "S"), "position_ids": ("B", "S"), "attention_mask": ("B", "T"),
+         POSITIONS: ("K",)}
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class Profile:
     def to_dict(self) -> dict:
         return {"name": self.name, "shapes": {k: [list(s) for s in v] for k, v in self.shapes.items()}}
 
+    def record(self) -> ProfileRecord:
+        return ProfileRecord(name=self.name, shapes={k: tuple(tuple(d) for d in v) for k, v in self.shapes.items()})
+
 
 def _axis_ranges(flags: ProfileFlags) -> dict[str, dict[str, tuple[int, int, int]]]:
     """(min, opt, max) of each symbolic axis, per profile."""
@@ -67,8 +75,9 @@ def _axis_ranges(flags: ProfileFlags) -> dict[str, dict[str, tuple[int, int, int
     opt = min(flags.opt_seq, L - 1)  # the decode cache must leave room for the new token
     b = (1, 1, flags.max_batch)
     return {
-        "prefill": {"B": b, "S": (1, flags.opt_seq, L), "P": (0, 0, L - 1), "T": (1, flags.opt_seq, L)},
-        "decode": {"B": b, "S": (1, 1, 1), "P": (0, opt, L - 1), "T": (1, opt + 1, L)},
+        "prefill": {"B": b, "S": (1, flags.opt_seq, L), "P": (0, 0, L - 1), "T": (1, flags.opt_seq, L),
+                    "K": (1, 1, L)},
+        "decode": {"B": b, "S": (1, 1, 1), "P": (0, opt, L - 1), "T": (1, opt + 1, L), "K": (1, 1, 1)},
     }
 
 
@@ -81,7 +90,8 @@ def _roles(spec: InputSpec, kv_heads: int, head_dim: int) -> tuple:
     else:
         raise ExportError(
             f"graph input {spec.name!r} is dynamic and has no optimization-profile rule; the engine would "
-            "fail to build. Expected input_ids, attention_mask, position_ids and past_key_values.N.key|value"
+            "fail to build. Expected input_ids, attention_mask, position_ids, logits_positions and "
+            "past_key_values.N.key|value"
         )
     if len(roles) != len(spec.dims):
         raise ExportError(f"graph input {spec.name} has rank {len(spec.dims)}, expected {len(roles)} "

@@ -15,7 +15,8 @@ from ..errors import EngineError
 from .base import Backend, KVCache, step_inputs
 from .hostcache import HostKVCache
 from .sharedcache import SharedKVCache
-from .ort_graph import POSITIONS, edited_graph
+from ..records import POSITIONS
+from .ort_binding import c_binding, fast_binding
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 _ONNX_CODE = {np.float32: 1, np.float16: 10, np.int64: 7}  # TensorProto data types (cheaper to bind than dtypes)
@@ -30,7 +31,7 @@ class _Bound:
 
     def _bind_to(self, sess):
         self.binding = sess.io_binding()
-        self.cbinding = getattr(self.binding, "_iobinding", None)
+        self.cbinding = c_binding(self.binding)
         self.logits = np.zeros(0, dtype=np.float32)  # reused output buffer, grown on demand
 
     def logits_buffer(self, n: int, dtype) -> np.ndarray:
@@ -82,28 +83,14 @@ class OnnxRuntimeBackend(Backend):
             raise EngineError(f"ONNX Runtime provider(s) {', '.join(missing)} not available here "
                               f"(available: {', '.join(avail)})")
         try:
-            edited = edited_graph(model)
-        except Exception as e:  # protobuf / onnx errors for a damaged file
-            msg = " ".join(str(e).split())[:200]
-            raise EngineError(f"{model}: ONNX Runtime cannot load it (not a readable ONNX model: {msg}); "
-                              "re-export the artifact") from None
-        try:
-            self.sess = ort.InferenceSession(edited if edited is not None else str(model), so, providers=providers)
+            self.sess = ort.InferenceSession(str(model), so, providers=providers)
         except Exception as e:  # ORT raises its own exception types for a corrupt or unsupported graph
             msg = " ".join(str(e).split())[:300]
             raise EngineError(f"{model}: ONNX Runtime cannot load it ({msg}); re-export the artifact") from None
         self.providers = providers
-        self.shared_kv = (manifest.io or {}).get("form") == "ort"
+        self.shared_kv = manifest.io is not None and manifest.io.form == "ort"
         self._check_io()
-        # The per-step binding of 2 x layers KV tensors is the Python hot path: call the C++ binding directly
-        # with a device object made once (the public wrappers rebuild it on every call).
-        try:
-            from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
-
-            self._cdev = OrtDevice.make("cpu", 0)._get_c_device()
-            self._csess = self.sess._sess
-        except Exception:
-            self._cdev = self._csess = None
+        self._cdev, self._csess = fast_binding(self.sess)
 
     # ---- IO contract ---------------------------------------------------------------------------------
     def _check_io(self) -> None:

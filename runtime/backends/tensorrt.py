@@ -21,6 +21,7 @@ from ..errors import EngineError
 from .base import Backend, KVCache, step_inputs
 from .cuda_mem import INSTALL_HINT, Cuda, DeviceBuffer, load_cudart
 from .devicecache import DeviceKVCache
+from ..records import POSITIONS
 from .tensorrt_compat import check_engine_block, compatibility
 
 log = logging.getLogger("llmkiln.tensorrt")
@@ -51,14 +52,14 @@ class TensorRTBackend(Backend):
             log.warning(w)
         arch = manifest.architecture
         self.layers, self.kv_heads, self.head_dim, self.vocab = arch.layers, arch.kv_heads, arch.head_dim, arch.vocab
-        build = engine_block.get("build") or {}
-        self.max_batch, self.max_seq = int(build.get("max_batch", 1)), int(build.get("max_seq", 2))
+        build = engine_block.build
+        self.max_batch, self.max_seq = build.max_batch, build.max_seq
         plan = root / PLAN
         if not plan.is_file():
             raise EngineError(f"{root}: {PLAN} is missing; rebuild the engine with kiln export tensorrt")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self._logger)
-        if build.get("version_compatible"):
+        if build.version_compatible:
             self.runtime.engine_host_code_allowed = True  # the plan carries its lean runtime (trusted: built by us)
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
@@ -71,7 +72,8 @@ class TensorRTBackend(Backend):
             if ctx is None or not ctx.set_optimization_profile_async(k, self.cuda.stream_handle):
                 raise EngineError(f"{plan}: could not create an execution context for profile {k}")
             self.contexts.append(ctx)
-        self._bufs = {n: DeviceBuffer(self.cuda) for n in ("input_ids", "attention_mask", "position_ids", "logits")}
+        self._bufs = {n: DeviceBuffer(self.cuda) for n in ("input_ids", "attention_mask", "position_ids", POSITIONS,
+                                                            "logits")}
         self._host_logits = np.zeros(0, dtype=self.logits_dtype)
 
     # ---- IO contract -------------------------------------------------------------------------------------
@@ -93,6 +95,7 @@ class TensorRTBackend(Backend):
         if any(dt[n] != np.int64 for n in need_in[:3]):
             raise EngineError("the engine's token inputs are not int64; rebuild it from a current ONNX artifact")
         self.kv_dtype, self.logits_dtype = dt["past_key_values.0.key"], dt["logits"]
+        self.positions = mode.get(POSITIONS) == trt.TensorIOMode.INPUT
         self._names = [(f"past_key_values.{i}.{w}", f"present.{i}.{w}") for i in range(self.layers)
                        for w in ("key", "value")]
 
@@ -122,27 +125,32 @@ class TensorRTBackend(Backend):
         for j, (pin, pout) in enumerate(self._names):
             shapes[pin] = (b, self.kv_heads, p, self.head_dim)
             addrs[pin], addrs[pout] = cache.ptr(src, j), cache.ptr(dst, j)
+        k = 1 if last_only else s
+        out_s = s
+        if self.positions:  # the graph computes logits only for the positions asked for
+            shapes[POSITIONS] = (k,)
+            addrs[POSITIONS] = self._upload(POSITIONS, np.arange(s - k, s, dtype=np.int64))
+            out_s = k
         isz = self.logits_dtype.itemsize
-        addrs["logits"] = self._bufs["logits"].reserve(b * s * self.vocab * isz)
+        addrs["logits"] = self._bufs["logits"].reserve(b * out_s * self.vocab * isz)
         for name, shape in shapes.items():
             if not ctx.set_input_shape(name, shape):
                 raise EngineError(f"the engine refused shape {list(shape)} for {name}")
-        if tuple(ctx.get_tensor_shape("logits")) != (b, s, self.vocab):
+        if tuple(ctx.get_tensor_shape("logits")) != (b, out_s, self.vocab):
             raise EngineError(f"the engine computes logits of shape {tuple(ctx.get_tensor_shape('logits'))}, "
-                              f"expected {(b, s, self.vocab)}")
+                              f"expected {(b, out_s, self.vocab)}")
         for name, ptr in addrs.items():
             if not ctx.set_tensor_address(name, ptr):
                 raise EngineError(f"the engine refused the device address of {name}")
         if not ctx.execute_async_v3(self.cuda.stream_handle):
             raise EngineError("TensorRT failed to run the engine (execute_async_v3 returned False)")
-        k = 1 if last_only else s
         n = b * k * self.vocab
         if self._host_logits.size < n:
             self._host_logits = np.empty(max(n, int(self._host_logits.size * 1.5)), dtype=self.logits_dtype)
         host = self._host_logits[:n]
         row = self.vocab * isz
-        # rows (b, s-k .. s-1) of the [b, s, vocab] device logits -> [b, k, vocab] on the host
-        self.cuda.copy2d(host.ctypes.data, k * row, addrs["logits"] + (s - k) * row, s * row, k * row, b,
+        # rows (b, out_s-k .. out_s-1) of the [b, out_s, vocab] device logits -> [b, k, vocab] on the host
+        self.cuda.copy2d(host.ctypes.data, k * row, addrs["logits"] + (out_s - k) * row, out_s * row, k * row, b,
                          kind=self.cuda.D2H)
         self.cuda.sync()
         cache.advance(b, s)

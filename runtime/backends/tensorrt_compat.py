@@ -13,9 +13,8 @@ from __future__ import annotations
 import shlex
 
 from ..errors import EngineError
+from ..records import EngineInfo
 
-ENGINE_KEYS = ("tensorrt_version", "gpu_name", "compute_capability", "profiles", "build", "source_artifact",
-               "timing_cache_sha256", "settings")
 INSTALL_HINT = "pip install 'llmkiln[gpu]' (TensorRT and cuda-python; needs an NVIDIA GPU)"
 
 
@@ -36,57 +35,51 @@ def parse_cc(cc) -> tuple[int, int]:
         raise EngineError(f"compute capability {cc!r} is not of the form MAJOR.MINOR") from None
 
 
-def rebuild_command(engine: dict, engine_dir: str) -> str:
+def rebuild_command(engine: EngineInfo, engine_dir: str) -> str:
     """The ``kiln export tensorrt`` command that rebuilds this engine with the same flags, here."""
-    src = (engine.get("source_artifact") or {}).get("path", "ONNX_ARTIFACT")
-    b = engine.get("build") or {}
-    args = ["kiln", "export", "tensorrt", str(src), "-o", str(engine_dir), "--force"]
-    for key in ("max_batch", "max_seq", "opt_seq"):
-        if b.get(key) is not None:
-            args += [f"--{key.replace('_', '-')}", str(b[key])]
-    if b.get("workspace_gb") is not None:
-        args += ["--workspace-gb", str(b["workspace_gb"])]
-    if b.get("version_compatible"):
+    src = engine.source_artifact.path if engine.source_artifact else "ONNX_ARTIFACT"
+    b = engine.build
+    args = ["kiln", "export", "tensorrt", str(src), "-o", str(engine_dir), "--force",
+            "--max-batch", str(b.max_batch), "--max-seq", str(b.max_seq), "--opt-seq", str(b.opt_seq)]
+    if b.workspace_gb is not None:
+        args += ["--workspace-gb", str(b.workspace_gb)]
+    if b.version_compatible:
         args.append("--version-compatible")
     return " ".join(shlex.quote(a) for a in args)
 
 
-def check_engine_block(engine: dict | None, where: str) -> dict:
-    """The ``engine`` block of an engine artifact's kiln.json, with its required keys present."""
-    if not isinstance(engine, dict):
+def check_engine_block(engine: EngineInfo | None, where: str) -> EngineInfo:
+    """The ``engine`` record of an engine artifact's kiln.json (strictly parsed when it was read)."""
+    if not isinstance(engine, EngineInfo):
         raise EngineError(f"{where}: kiln.json of kind 'engine' has no 'engine' block; re-create the engine "
-                          "with kiln export tensorrt")
-    missing = [k for k in ("tensorrt_version", "compute_capability", "gpu_name") if k not in engine]
-    if missing:
-        raise EngineError(f"{where}: kiln.json 'engine' block lacks {', '.join(missing)}; re-create the engine "
                           "with kiln export tensorrt")
     return engine
 
 
-def compatibility(engine: dict, *, trt_version: str, compute_capability, gpu_name: str,
+def compatibility(engine: EngineInfo, *, trt_version: str, compute_capability, gpu_name: str,
                   engine_dir: str) -> list[str]:
     """Raise EngineError when the engine cannot run here; return warnings when it can but may be slower."""
     engine = check_engine_block(engine, engine_dir)
-    built, here = parse_version(engine["tensorrt_version"]), parse_version(trt_version)
-    cc_built, cc_here = parse_cc(engine["compute_capability"]), parse_cc(compute_capability)
-    vc = bool((engine.get("build") or {}).get("version_compatible"))
+    built, here = parse_version(engine.tensorrt_version), parse_version(trt_version)
+    cc_built, cc_here = parse_cc(engine.compute_capability), parse_cc(compute_capability)
+    vc = engine.build.version_compatible
     problems = []
     if vc:
         if here < built:
-            problems.append(f"it was built with TensorRT {engine['tensorrt_version']} (version-compatible: runs "
+            problems.append(f"it was built with TensorRT {engine.tensorrt_version} (version-compatible: runs "
                             f"on that version or newer) and this machine has older TensorRT {trt_version}")
     elif here != built:
-        problems.append(f"it was built with TensorRT {engine['tensorrt_version']} and this machine has "
+        problems.append(f"it was built with TensorRT {engine.tensorrt_version} and this machine has "
                         f"TensorRT {trt_version} (engines run only on the version that built them unless built "
                         "with --version-compatible)")
     if cc_here != cc_built:
         problems.append(f"it was built for compute capability {cc_built[0]}.{cc_built[1]} "
-                        f"({engine['gpu_name']}) and this GPU ({gpu_name}) is {cc_here[0]}.{cc_here[1]}")
+                        f"({engine.gpu_name}) and this GPU ({gpu_name}) is {cc_here[0]}.{cc_here[1]}")
     if problems:
         raise EngineError(f"{engine_dir}: this TensorRT engine cannot run here: {'; '.join(problems)}. "
                           f"Rebuild it on this machine: {rebuild_command(engine, engine_dir)}")
     warnings = []
-    if gpu_name != engine["gpu_name"]:
-        warnings.append(f"{engine_dir}: built on {engine['gpu_name']}, running on {gpu_name} (same compute "
+    if gpu_name != engine.gpu_name:
+        warnings.append(f"{engine_dir}: built on {engine.gpu_name}, running on {gpu_name} (same compute "
                         f"capability; rebuild here for best speed: {rebuild_command(engine, engine_dir)})")
     return warnings

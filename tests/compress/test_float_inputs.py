@@ -18,12 +18,12 @@ def test_float_inputs_are_weight_only(tiny_dir, scheme):
     model, tok, _ = load_model(str(tiny_dir))
     ref, _, _ = load_model(str(tiny_dir))  # the float model, for the weights
     calib = calibration_batches(tok, samples=2, seq_len=64)
-    rec = quantize_(model, config_for(scheme, float_inputs=("down_proj",), gptq=False), calib=calib)  # RTN weights
-    for name, spec in rec["layers"].items():
+    rec = quantize_(model, config_for(scheme, float_inputs=("down_proj",), method="rtn"), calib=calib)  # RTN weights
+    for name, spec in rec.layers.items():
         if name.endswith("down_proj"):
-            assert spec["act"] is None and spec["weight"] == ("int8" if scheme == "int8-sq" else "fp8")
+            assert spec.act is None and spec.weight == ("int8" if scheme == "int8-sq" else "fp8")
         elif name != "lm_head":
-            assert spec["act"] == ("int8" if scheme == "int8-sq" else "fp8")
+            assert spec.act == ("int8" if scheme == "int8-sq" else "fp8")
     down = model.get_submodule("model.layers.0.mlp.down_proj")
     assert isinstance(down, QuantLinear) and down.input_scale is None
     # the weight-only layer applies its dequantized weights to the float input (no rounding of x), and those
@@ -34,7 +34,7 @@ def test_float_inputs_are_weight_only(tiny_dir, scheme):
     torch.testing.assert_close(down(x), x @ P.dequantize(down.codes, down.weight_scale).T)
     w = ref.get_submodule("model.layers.0.mlp.down_proj").weight
     assert (down.weight - w).norm() / w.norm() < (0.01 if scheme == "int8-sq" else 0.05)
-    assert rec["config"]["float_inputs"] == ["down_proj"]
+    assert rec.config.float_inputs == ("down_proj",)
 
 
 def test_float_inputs_bad_pattern_and_cli(tiny_dir, tmp_path):
@@ -58,4 +58,4 @@ def test_float_inputs_bad_pattern_and_cli(tiny_dir, tmp_path):
     from export.onnx import export_onnx
 
     m = export_onnx(str(out), tmp_path / "art")  # the portable graph: int8 weight-only down_proj, QDQ elsewhere
-    assert m.validation["passed"] and m.validation["graph"]["value"] <= 1e-4
+    assert m.validation.passed and m.validation.graph.value <= 1e-4

@@ -76,8 +76,18 @@ def test_unsupported_architecture(tiny_copy):
     cfg = json.loads((tiny_copy / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (tiny_copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CompressError, match="supports Llama-style decoders: llama"):
+    with pytest.raises(CompressError, match=r"supports Llama-style decoders \(model_type: llama\)"):
         load_model(str(tiny_copy))
+
+
+@pytest.mark.parametrize("mt,why", [("mistral", "sliding-window attention"), ("qwen2", "q/k/v biases")])
+def test_llama_like_architectures_are_refused_in_one_line(tiny_copy, mt, why):
+    cfg = json.loads((tiny_copy / "config.json").read_text())
+    cfg["model_type"] = mt
+    (tiny_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CompressError, match=f"unsupported architecture '{mt}' \\(llmkiln does not handle its .*{why}") as e:
+        load_model(str(tiny_copy))
+    assert "\n" not in str(e.value)
 
 
 def test_corrupt_gguf(tmp_path):

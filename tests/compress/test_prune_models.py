@@ -141,8 +141,8 @@ def test_depth_checkpoint_loads_in_plain_transformers(tiny_copy, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=x).logits, ours(input_ids=x).logits)
     p = info.manifest.passes
-    assert [q["kind"] for q in p] == ["prune"] and p[0]["config"]["method"] == "depth"
-    assert p[0]["config"]["calibration"]["text"] == "builtin:pydoc" and len(p[0]["stats"]["removed_layers"]) == 1
+    assert [q.kind for q in p] == ["prune"] and p[0].config["method"] == "depth" and p[0].pattern is None
+    assert p[0].config["calibration"]["text"] == "builtin:pydoc" and len(p[0].stats["removed_layers"]) == 1
     assert info.manifest.architecture.layers == 1
 
 
@@ -232,7 +232,8 @@ def test_cli_bad_values_are_one_line(tiny_dir, tmp_path, args, msg):
 
 
 def test_stored_pass_rebuilds_the_config(tiny_dir, tmp_path):
-    from kiln.recipe import prune_config_from_dict, split_calibration
+    from compress.prune.config import config_from_dict as prune_config_from_dict
+    from kiln.recipe import split_calibration
 
     out = tmp_path / "o"
     cfg, rec = StructuredWidth(mlp=0.25, kv_groups=1), Recover(steps=2, seq_len=64, seed=5)

@@ -13,6 +13,8 @@ from compress.quant.modules import QuantLinear
 from compress.quant.smooth import smooth_factors
 from compress.quant.transforms import fold_smoothing
 from runtime.fsutil import sha256_file
+from runtime.layerspec import LayerSpec
+from runtime.records import PrunePass
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,12 @@ def test_smoothing_alone_leaves_outputs_unchanged(tiny_dir, calib):
     assert float((out - ref).abs().max()) <= 1e-5
 
 
+# relative logit error of each preset on the tiny model (measured 0.0108, 0.0396, 0.0387, 0.0106, 0.0995,
+# 0.0104; deterministic): a bound per scheme, about 1.5x its own figure
+REL_BOUND = {"int8-wo": 0.016, "fp8": 0.06, "int8-sq": 0.06, "int8-dyn": 0.016, "int4": 0.15, "int8-group": 0.016}
+CONFIG_KW = {"int8-group": {"group_size": 32}}  # 32 < the tiny model's input dims: really per group
+
+
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_scheme_round_trip_is_exact(scheme, tiny_copy, calib, tmp_path):
     before = {p.name: sha256_file(p) for p in tiny_copy.iterdir() if p.is_file()}
@@ -51,14 +59,16 @@ def test_scheme_round_trip_is_exact(scheme, tiny_copy, calib, tmp_path):
     x = _ids()
     with torch.no_grad():
         ref = model(input_ids=x).logits
-    rec = quantize_(model, config_for(scheme), calib=forward_loop(calib))
-    assert len(rec["layers"]) == 2 * 7 + 1 and rec["layers"]["lm_head"]["act"] is None
+    rec = quantize_(model, config_for(scheme, **CONFIG_KW.get(scheme, {})), calib=forward_loop(calib))
+    tensorrt = scheme in ("fp8", "int8-sq")  # presets for TensorRT keep the tied lm_head float
+    assert len(rec.layers) == 2 * 7 + (0 if tensorrt else 1)
+    assert tensorrt or rec.layers["lm_head"].act is None
     with torch.no_grad():
         y = model(input_ids=x).logits
     rel = float((y - ref).norm() / ref.norm())
-    assert 0 < rel < 0.2, rel  # quantized, and still the same model
+    assert 1e-3 < rel < REL_BOUND[scheme], rel  # quantized, and still the same model
     out = tmp_path / "q"
-    save_quantized(model, tok, out, source={"id": "tiny"}, earlier_passes=[{"kind": "prune", "config": {"x": 1}}])
+    save_quantized(model, tok, out, source={"id": "tiny"}, earlier_passes=[PrunePass(config={"x": 1})])
     man = json.loads((out / "kiln.json").read_text())
     assert [p["kind"] for p in man["passes"]] == ["prune", "quantize"]
     m2, _, _ = load_model(str(out))
@@ -69,15 +79,17 @@ def test_scheme_round_trip_is_exact(scheme, tiny_copy, calib, tmp_path):
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         dt = f.get_slice("model.layers.0.mlp.down_proj.weight").get_dtype()
-        assert dt == {"int8-wo": "I8", "fp8": "F8_E4M3", "int8-sq": "I8", "int8-dyn": "I8", "int4": "U8"}[scheme]
-        assert "lm_head.weight" not in f.keys() and f.get_slice("model.embed_tokens.weight").get_dtype() in ("I8",)
+        assert dt == {"int8-wo": "I8", "fp8": "F8_E4M3", "int8-sq": "I8", "int8-dyn": "I8", "int4": "U8",
+                      "int8-group": "I8"}[scheme]
+        assert "lm_head.weight" not in f.keys()
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == ("F32" if tensorrt else "I8")
         if scheme in ("fp8", "int8-sq"):
             assert f.get_tensor("model.layers.1.self_attn.o_proj.input_scale").shape == ()
             assert f.get_tensor("model.layers.1.mlp.up_proj.smooth_factor").shape == (64,) or \
-                rec["stats"]["groups"][2]["alpha"] is None
+                rec.stats["groups"][2]["alpha"] is None
     assert {p.name: sha256_file(p) for p in tiny_copy.iterdir() if p.is_file()} == before
-    with pytest.raises(CompressError, match="already quantized"):
-        quantize_(m2, Int8WeightOnly(method="rtn"))
+    with pytest.raises(CompressError, match="already quantized"):  # every selected Linear is quantized already
+        quantize_(m2, Int8WeightOnly(method="rtn", ignore=("lm_head",)))
 
 
 def test_ignore_patterns(tiny_dir, calib):
@@ -85,14 +97,14 @@ def test_ignore_patterns(tiny_dir, calib):
     emb = model.get_input_embeddings().weight.detach().clone()
     rec = quantize_(model, Int4(ignore=("down_proj", "re:model\\.layers\\.1\\.self_attn\\..*", "lm_head")),
                     calib=forward_loop(calib))
-    names = set(rec["layers"])
+    names = set(rec.layers)
     assert "lm_head" not in names and not any("down_proj" in n for n in names)
     assert not any(n.startswith("model.layers.1.self_attn") for n in names)
     assert "model.layers.0.self_attn.q_proj" in names and "model.layers.1.mlp.up_proj" in names
     assert isinstance(model.get_submodule("model.layers.0.mlp.gate_proj"), QuantLinear)
     assert not isinstance(model.get_submodule("model.layers.0.mlp.down_proj"), QuantLinear)
     assert torch.equal(model.get_input_embeddings().weight, emb)
-    assert rec["layers"]["model.layers.0.self_attn.q_proj"] == {"weight": "int4", "act": None, "group_size": 64}
+    assert rec.layers["model.layers.0.self_attn.q_proj"] == LayerSpec("int4", group_size=64)
 
 
 def test_gptq_beats_round_to_nearest(tiny_dir, calib):
@@ -109,7 +121,7 @@ def test_gptq_beats_round_to_nearest(tiny_dir, calib):
 
 
 def test_bad_configs_say_what_to_do():
-    with pytest.raises(CompressError, match="valid schemes: int8-wo, fp8, int8-sq, int8-dyn, int4"):
+    with pytest.raises(CompressError, match="valid schemes: int8-wo, fp8, int8-sq, int8-dyn, int4, int8-group"):
         config_for("int3")
     with pytest.raises(CompressError, match="not a valid regular expression"):
         Int8WeightOnly(ignore=("re:(",))

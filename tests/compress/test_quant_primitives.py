@@ -89,13 +89,13 @@ def test_int4_codes_groups_and_packing_order():
     assert torch.equal(P.unpack_int4(P.pack_int4(full)), full)
 
 
-def test_int4_group_size_rule():
-    assert P.int4_group_size(1536) == 128
-    assert P.int4_group_size(576) == 64
-    assert P.int4_group_size(96) == 32
-    assert P.int4_group_size(1536, 64) == 64
+def test_group_size_for_rule():
+    assert P.group_size_for(1536) == 128
+    assert P.group_size_for(576) == 64
+    assert P.group_size_for(96) == 32
+    assert P.group_size_for(1536, 64) == 64
     with pytest.raises(ValueError):
-        P.int4_group_size(100)
+        P.group_size_for(100)
 
 
 def test_dynamic_per_token():
@@ -112,3 +112,42 @@ def test_dequantize_layouts():
     codes = torch.tensor([[1, -2, 3, 4]], dtype=torch.int8)
     assert P.dequantize(codes, torch.tensor([0.5])).tolist() == [[0.5, -1.0, 1.5, 2.0]]
     assert P.dequantize(codes, torch.tensor([[1.0, 2.0]])).tolist() == [[1.0, -2.0, 6.0, 8.0]]
+
+
+# ---- GPTQ against direct oracles ----------------------------------------------------------------------------
+def _w(out=48, inn=128, seed=0):
+    return torch.randn(out, inn, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int8", 32), ("fp8", 0), ("int4", 32)])
+def test_gptq_with_an_identity_hessian_is_round_to_nearest(fmt, group):
+    from compress.quant.gptq import gptq
+
+    w = _w()
+    codes, scale = gptq(w, torch.eye(w.shape[1]), fmt, group)
+    if fmt == "int8":  # GPTQ's own scale rule is the plain max: the codes must be exactly RTN's
+        ref_scale = P.int8_group_scale(w, group) if group else P.int8_weight_scale(w)
+        assert torch.equal(scale, ref_scale)
+        assert torch.equal(codes, P.quantize_int8(w, ref_scale))
+    elif fmt == "fp8":
+        assert torch.equal(scale, P.fp8_weight_scale(w))
+        assert torch.equal(codes.float(), P.quantize_fp8(w, scale).float())
+    else:  # int4 searches its clip; with no error feedback the codes are RTN at that scale
+        assert scale.shape == (48, 128 // group)
+        assert torch.equal(codes, P.quantize_int4(w, scale))
+
+
+def test_gptq_block_size_changes_nothing_but_float_rounding():
+    from compress.quant.gptq import gptq
+
+    w = _w(seed=1)
+    x = torch.randn(512, 128, generator=torch.Generator().manual_seed(2))
+    x[:, :4] *= 10  # uneven input scales, so act-order and the error feedback matter
+    h = x.T @ x / 512
+    for fmt, group in (("int4", 32), ("int8", 0)):
+        a, sa = gptq(w, h, fmt, group, block=128)
+        b, sb = gptq(w, h, fmt, group, block=16)
+        assert torch.equal(sa, sb)
+        assert (a == b).float().mean() >= 0.999
+        rtn = P.quantize_int4(w, sa) if fmt == "int4" else P.quantize_int8(w, sa)
+        assert (a != rtn).any()  # the feedback really changed codes

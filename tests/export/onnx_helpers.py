@@ -7,7 +7,7 @@ import numpy as np
 
 # int8-sq with every input quantized: the full QDQ pattern TensorRT gets (its default keeps down_proj inputs float)
 SCHEME_KW = {"int8-wo": {"method": "rtn"}, "fp8": {}, "int8-sq": {"float_inputs": ()}, "int8-dyn": {},
-             "int4": {"method": "rtn", "group_size": 32}}
+             "int4": {"method": "rtn", "group_size": 32}, "int8-group": {"method": "rtn", "group_size": 32}}
 
 
 def make_quantized(src: Path, out: Path, scheme: str) -> Path:
@@ -33,7 +33,8 @@ def feeds(arch, ids: np.ndarray, mask: np.ndarray | None = None, past: list | No
     if pos is None:
         pos = np.broadcast_to(np.arange(P, P + S), (B, S))
     f = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
-         "position_ids": np.ascontiguousarray(pos, dtype=np.int64)}
+         "position_ids": np.ascontiguousarray(pos, dtype=np.int64),
+         "logits_positions": np.arange(S, dtype=np.int64)}  # logits for every position
     for i in range(arch.layers):
         for j, kind in enumerate(("key", "value")):
             f[f"past_key_values.{i}.{kind}"] = (np.zeros((B, arch.kv_heads, 0, arch.head_dim), np.float32)

@@ -41,21 +41,24 @@ def _torch_logits(tiny_dir, ids, mask=None):
 def test_artifact_contract(art, sess):
     m = read_manifest(art)
     verify_files(art, m, full=True)
-    assert m.kind == "onnx" and m.io["scheme"] == "fp32" and m.io["form"] == "portable"
+    assert m.kind == "onnx" and m.preset() == "fp32" and m.io.form == "portable" and m.io.version == 2
     assert {"model.onnx", "model.onnx.data", "tokenizer.json"} <= set(m.files)
     v = m.validation
-    assert v["passed"] and v["value"] <= 1e-3 and v["greedy_identical_prefix"] == 32
+    assert v.passed and v.value <= 1e-3 and v.greedy_identical_prefix == 32 and v.graph is None
     a = m.architecture
     ins = {i.name: i for i in sess.get_inputs()}
     outs = {o.name: o for o in sess.get_outputs()}
-    assert [i.name for i in sess.get_inputs()][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert [i.name for i in sess.get_inputs()][:4] == ["input_ids", "attention_mask", "position_ids",
+                                                       "logits_positions"]
+    assert ins["logits_positions"].type == "tensor(int64)" and ins["logits_positions"].shape == ["logits_positions"]
     assert ins["input_ids"].type == ins["attention_mask"].type == ins["position_ids"].type == "tensor(int64)"
     for i in range(a.layers):
         for k in ("key", "value"):
             assert ins[f"past_key_values.{i}.{k}"].shape[1:] == [a.kv_heads, "past_seq", a.head_dim]
             assert outs[f"present.{i}.{k}"].type == "tensor(float)"
-    assert outs["logits"].shape == ["batch", "seq", a.vocab]
-    assert [x["name"] for x in m.io["inputs"]] == [i.name for i in sess.get_inputs()]
+    assert outs["logits"].shape == ["batch", "logits_positions", a.vocab]
+    assert [x.name for x in m.io.inputs] == [i.name for i in sess.get_inputs()]
+    assert [x.name for x in m.io.outputs] == [o.name for o in sess.get_outputs()]
     onnx.checker.check_model(str(art / "model.onnx"), full_check=True)  # incl. shape inference
     g = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
     names = {t.name for t in g.initializer}
@@ -64,6 +67,17 @@ def test_artifact_contract(art, sess):
     assert any(n.name == "/model/layers.0/attn/q_proj/MatMul" for n in g.node)
     big = [t for t in g.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert big and all(e.value == "model.onnx.data" for t in big for e in t.external_data if e.key == "location")
+
+
+def test_logits_positions_pick_the_rows_asked_for(art, sess):
+    a = read_manifest(art).architecture
+    ids = np.array([[5, 17, 99, 3, 250, 41, 8]], np.int64)
+    f = feeds(a, ids)
+    full = sess.run(["logits"], f)[0]  # every position
+    f["logits_positions"] = np.array([6, 0], np.int64)
+    part = sess.run(["logits"], f)[0]
+    assert part.shape == (1, 2, a.vocab)
+    np.testing.assert_allclose(part[0], full[0, [6, 0]], atol=1e-6)
 
 
 def test_parity_with_torch_and_kv_invariance(art, sess, tiny_dir):
@@ -108,7 +122,7 @@ def test_plain_opset_and_llama3_rope(tmp_path):
                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     for opset in (21, 23):
         m = export_onnx(str(src), tmp_path / f"a{opset}", opset=opset)
-        assert m.io["opset"] == opset and m.validation["passed"]
+        assert m.io.opset == opset and m.validation.passed
         assert m.architecture.rope_scaling["rope_type"] == "llama3"
     ops21 = {n.op_type for n in onnx.load(str(tmp_path / "a21/model.onnx"), load_external_data=False).graph.node}
     assert not ops21 & {"Attention", "RotaryEmbedding", "RMSNormalization"}
@@ -122,7 +136,8 @@ def test_existing_out_refused_and_forced(art, tiny_dir, tmp_path):
         export_onnx(str(tiny_dir), out, validate=False)
     assert (out / "keep").read_text() == "x"
     export_onnx(str(tiny_dir), out, validate=False, force=True)
-    assert not (out / "keep").exists() and read_manifest(out).validation == {"skipped": True, "passed": None}
+    v = read_manifest(out).validation
+    assert not (out / "keep").exists() and v.skipped and v.passed is None
 
 
 def test_interrupted_export_leaves_nothing(tiny_copy, tmp_path):
@@ -169,7 +184,7 @@ def test_cli(tiny_dir, tmp_path):
     r = CliRunner().invoke(cli, ["export", "onnx", str(tiny_dir), "-o", str(out), "--no-validate", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout.strip().splitlines()[-1])
-    assert d["kind"] == "onnx" and d["scheme"] == "fp32" and (out / "model.onnx").is_file()
+    assert d["kind"] == "onnx" and d["preset"] == "fp32" and d["formats"] == {} and (out / "model.onnx").is_file()
     r = CliRunner().invoke(cli, ["export", "onnx", str(tiny_dir), "-o", str(out)])
     assert r.exit_code == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
     shutil.rmtree(out)

@@ -36,8 +36,8 @@ def test_same_artifact_as_the_torch_road(tiny_dir, tmp_path, monkeypatch):
 
 def test_validated_export_reads_the_files_too(tiny_dir, tmp_path):
     m = export_onnx(str(tiny_dir), tmp_path / "v")
-    assert m.timings["weights_from"] == "safetensors files" and m.validation["passed"]
-    assert m.validation["greedy_identical_prefix"] == 32
+    assert m.timings["weights_from"] == "safetensors files" and m.validation.passed
+    assert m.validation.greedy_identical_prefix == 32
 
 
 def test_no_validate_export_never_imports_torch(tiny_dir, tmp_path):
@@ -92,7 +92,7 @@ def test_bf16_checkpoint_exports_from_the_files(tiny_dir, tmp_path):
     model.to(torch.bfloat16).save_pretrained(str(src), safe_serialization=True)
     tok.save_pretrained(str(src))
     m = export_onnx(str(src), tmp_path / "a")
-    assert m.timings["weights_from"] == "safetensors files" and m.validation["passed"]
+    assert m.timings["weights_from"] == "safetensors files" and m.validation.passed
 
 
 def test_declined_sources_take_the_torch_road(tiny_copy, tmp_path):

@@ -74,31 +74,31 @@ def _sess(art):
 @needs_optimum
 def test_artifact_contract(opt_run):
     art, line = opt_run
-    assert line["exporter"] == "optimum" and line["scheme"] == "fp32" and line["form"] == "portable"
+    assert line["exporter"] == "optimum" and line["preset"] == "fp32" and line["form"] == "portable"
     m = read_manifest(art)
     verify_files(art, m, full=True)
     assert m.kind == "onnx" and m.passes == []
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "generation_config.json"} <= set(m.files)
     assert not any(n.startswith(".") for n in m.files)  # optimum's work dir is gone
     io = m.io
-    assert (io["exporter"], io["form"], io["scheme"], io["external_data"]) == ("optimum", "portable", "fp32",
-                                                                               "model.onnx.data")
+    assert (io.exporter, io.form, m.preset(), io.external_data) == ("optimum", "portable", "fp32",
+                                                                     "model.onnx.data")
     g = onnx.load(str(art / "model.onnx"), load_external_data=False)
-    assert io["opset"] == next(o.version for o in g.opset_import if o.domain in ("", "ai.onnx"))
+    assert io.opset == next(o.version for o in g.opset_import if o.domain in ("", "ai.onnx"))
     assert {p.key: p.value for p in g.metadata_props}["exporter"] == "optimum"
     big = [t for t in g.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert big and all(e.value == "model.onnx.data" for t in big for e in t.external_data if e.key == "location")
     v = m.validation
-    assert v["passed"] and v["value"] <= 1e-5 and v["greedy_identical_prefix"] == v["greedy_tokens"] == 32
+    assert v.passed and v.value <= 1e-5 and v.greedy_identical_prefix == v.greedy_tokens == 32
     # IO exactly as kiln.json states it (names, order of outputs, contract dim names)
     sess = _sess(art)
     ins = {i.name: i for i in sess.get_inputs()}
-    assert {x["name"] for x in io["inputs"]} == set(ins)
-    assert [x["name"] for x in io["outputs"]] == [o.name for o in sess.get_outputs()]
-    for x, o in zip(io["outputs"], sess.get_outputs()):
-        assert o.shape == x["shape"] and o.type == "tensor(float)"
-    for x in io["inputs"]:
-        assert ins[x["name"]].shape == x["shape"]
+    assert {x.name for x in io.inputs} == set(ins) and "logits_positions" in ins
+    assert [x.name for x in io.outputs] == [o.name for o in sess.get_outputs()]
+    for x, o in zip(io.outputs, sess.get_outputs()):
+        assert o.shape == list(x.shape) and o.type == "tensor(float)"
+    for x in io.inputs:
+        assert ins[x.name].shape == list(x.shape)
     a = m.architecture
     assert ins["past_key_values.1.value"].shape == ["batch", a.kv_heads, "past_seq", a.head_dim]
     assert ins["attention_mask"].shape == ["batch", "total_seq"]
@@ -170,8 +170,8 @@ def test_fallback_for_a_model_the_builder_refuses(tmp_path):
     m = export_onnx(str(ckpt), tmp_path / "art", exporter="optimum", optimum_python=PY)
     assert (ckpt / "config.json").read_bytes() == cfg
     assert m.architecture.layers == 1 and m.architecture.hidden_act == "gelu_pytorch_tanh"
-    assert [p["kind"] for p in m.passes] == ["prune"]
-    assert m.validation["passed"] and m.validation["value"] <= 1e-5
+    assert [p.kind for p in m.passes] == ["prune"]
+    assert m.validation.passed and m.validation.value <= 1e-5
     assert "past_key_values.1.key" not in {i.name for i in _sess(tmp_path / "art").get_inputs()}
 
 

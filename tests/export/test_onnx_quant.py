@@ -12,10 +12,11 @@ import pytest
 from export.errors import ExportError
 from export.onnx import export_onnx
 from export.onnx.qdq import pack_int4, unpack_int4
-from runtime.manifest import read_manifest
+from runtime.manifest import ManifestError, read_manifest
 from tests.export.onnx_helpers import feeds, make_quantized
 
-SCHEMES = ["int8-wo", "fp8", "int8-sq", "int8-dyn", "int4"]
+SCHEMES = ["int8-wo", "fp8", "int8-sq", "int8-dyn", "int4", "int8-group"]
+GROUPED = ("int4", "int8-group")
 T = onnx.TensorProto
 
 
@@ -42,16 +43,18 @@ def test_scheme_export_parity(scheme, ckpts, tmp_path):
     m = export_onnx(str(ckpts[scheme]), out)
     v = m.validation
     # the QDQ graph computes the fake-quant numerics; per-token rounding can flip a code on float noise
-    assert v["passed"] and v["graph"]["value"] <= (2e-3 if scheme == "int8-dyn" else 1e-4), v
-    assert v["ort_cpu"]["value"] <= v["tolerance"]
-    assert m.io["scheme"] == scheme and m.passes[-1]["kind"] == "quantize"
+    assert v.passed and v.graph.value <= (2e-3 if scheme == "int8-dyn" else 1e-4), v
+    assert v.ort_cpu.value <= v.tolerance
+    assert m.preset() == scheme and m.passes[-1].kind == "quantize"
+    assert m.io.weight_block == (32 if scheme in GROUPED else None)
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     g = _graph(out)
     init = {t.name: t for t in g.initializer}
     prod = {o: n for n in g.node for o in n.output}
     mm = next(n for n in g.node if n.name == "/model/layers.0/mlp/down_proj/MatMul")
     w = init["model.layers.0.mlp.down_proj.weight"]
-    want = {"int8-wo": T.INT8, "fp8": T.FLOAT8E4M3FN, "int8-sq": T.INT8, "int8-dyn": T.INT8, "int4": T.INT4}
+    want = {"int8-wo": T.INT8, "fp8": T.FLOAT8E4M3FN, "int8-sq": T.INT8, "int8-dyn": T.INT8, "int4": T.INT4,
+            "int8-group": T.INT8}
     assert w.data_type == want[scheme] and list(w.dims) == [128, 64]  # [in, out]: feeds MatMul input 1
     dq = prod[mm.input[1]]
     assert dq.op_type == "DequantizeLinear" and dq.input[0] == w.name and len(dq.input) == 2  # zero point 0
@@ -59,16 +62,19 @@ def test_scheme_export_parity(scheme, ckpts, tmp_path):
         fq = prod[mm.input[0]]
         assert fq.op_type == "Mul" and prod[fq.input[0]].op_type == "Round"
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
-    assert attrs.get("axis") == (0 if scheme == "int4" else 1)
-    if scheme == "int4":
-        assert attrs["block_size"] == m.passes[-1]["layers"]["model.layers.0.mlp.down_proj"]["group_size"]
+    assert attrs.get("axis") == (0 if scheme in GROUPED else 1)
+    if scheme in GROUPED:
+        assert attrs["block_size"] == m.passes[-1].layers["model.layers.0.mlp.down_proj"].group_size == 32
     act = prod[mm.input[0]]
     if scheme in ("fp8", "int8-sq"):
         assert act.op_type == "DequantizeLinear" and prod[act.input[0]].op_type == "QuantizeLinear"
         assert "model.layers.0.mlp.down_proj.input_scale" in act.input
     # tied lm_head quantized: codes stored once (the head's initializer aliases the embedding's bytes) and
-    # gathered as codes, never dequantized whole for the embedding
-    if scheme != "int4":
+    # gathered as codes, never dequantized whole for the embedding; the TensorRT presets keep it float
+    if scheme in ("fp8", "int8-sq"):
+        assert "lm_head" not in m.layer_specs() and init["model.embed_tokens.weight"].data_type == T.FLOAT
+        assert prod[prod["logits"].input[0]].op_type == "Gemm"
+    elif scheme != "int4":
         ext = {n: {e.key: e.value for e in init[n].external_data} for n in ("lm_head.weight",
                                                                             "model.embed_tokens.weight")}
         assert ext["lm_head.weight"] == ext["model.embed_tokens.weight"]
@@ -108,20 +114,25 @@ def test_int4_lm_head(tiny_dir, tmp_path):
     quantize_(model, Int4(method="rtn", group_size=32, lm_head="int4"), calib=calibration_batches(tok, samples=2, seq_len=64))
     save_quantized(model, tok, tmp_path / "ck", source=source_record(info))
     m = export_onnx(str(tmp_path / "ck"), tmp_path / "art")
-    assert m.validation["passed"] and m.validation["graph"]["value"] <= 1e-4
+    assert m.validation.passed and m.validation.graph.value <= 1e-4
     init = {t.name: t for t in _graph(tmp_path / "art").initializer}
     assert init["model.embed_tokens.weight"].data_type == T.INT4
 
 
-def test_unknown_scheme_refused(ckpts, tmp_path):
+def test_unknown_layer_format_refused_naming_the_field(ckpts, tmp_path):
     ck = tmp_path / "ck"
     shutil.copytree(ckpts["int8-wo"], ck)
     kj = json.loads((ck / "kiln.json").read_text())
-    kj["passes"][-1]["config"]["scheme"] = "int3"
+    kj["passes"][-1]["layers"]["model.layers.0.mlp.up_proj"]["weight"] = "int3"
     (ck / "kiln.json").write_text(json.dumps(kj))
-    with pytest.raises(ExportError, match="'int3' is not supported.*int8-wo, fp8, int8-sq, int8-dyn, int4"):
+    with pytest.raises(ManifestError, match=r"passes\[0\]\.layers\.model\.layers\.0\.mlp\.up_proj\.weight: "
+                                            r"must be one of 'float', 'int8', 'fp8', 'int4', got 'int3'"):
         export_onnx(str(ck), tmp_path / "o")
     assert not (tmp_path / "o").exists()
+    kj["passes"][-1]["layers"]["model.layers.0.mlp.up_proj"] = {"weight": "fp8", "group_size": 32}
+    (ck / "kiln.json").write_text(json.dumps(kj))
+    with pytest.raises(ManifestError, match="up_proj: group_size applies to int8 and int4 weights, not fp8"):
+        export_onnx(str(ck), tmp_path / "o")
 
 
 def test_missing_quantized_tensor_named(ckpts, tmp_path):

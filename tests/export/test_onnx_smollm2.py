@@ -17,7 +17,7 @@ def test_smollm2_fp32_export_greedy_identical(smollm2, tmp_path):
     model, tok, info = smollm2
     m = export_onnx(info, tmp_path / "art")
     v = m.validation
-    assert v["passed"] and v["value"] <= 1e-3 and v["greedy_identical_prefix"] == 32
+    assert v.passed and v.value <= 1e-3 and v.greedy_identical_prefix == 32
     a = m.architecture
     assert (a.layers, a.heads, a.kv_heads, a.head_dim, a.vocab) == (30, 9, 3, 64, 49152)
     # a plain InferenceSession written from the contract alone, on a chat prompt
@@ -45,7 +45,7 @@ def test_smollm2_ort_form_greedy_identical(smollm2, tmp_path):
     model, tok, info = smollm2
     m = export_onnx(info, tmp_path / "art", form="ort")
     v = m.validation
-    assert m.io["form"] == "ort" and v["passed"] and v["value"] <= 1e-3 and v["greedy_identical_prefix"] == 32
+    assert m.io.form == "ort" and v.passed and v.value <= 1e-3 and v.greedy_identical_prefix == 32
     eng = Engine.load(tmp_path / "art", threads=2)
     prompts = ["def fibonacci(n):", "The capital of France is"]
     batch = eng.generate(prompts, max_new_tokens=12, ignore_eos=True)

@@ -21,7 +21,9 @@ from export.tensorrt import (
     select_settings,
 )
 from export.tensorrt.build import build_plan, device_info
+from runtime.layerspec import LayerSpec
 from runtime.manifest import read_manifest
+from runtime.records import QuantPass
 from tests.export.trt_double import DoubleError, RecordingCudart, RecordingTensorRT
 from tests.export.trt_fixtures import HD, KV, LAYERS, contract_artifact, contract_model
 
@@ -39,8 +41,7 @@ def _profiles(flags=None, model=None):
 @pytest.mark.parametrize("version", ["10.15.1", "11.1.0"])
 def test_build_call_sequence_matches_the_documented_api(artifact, version):
     trt = RecordingTensorRT(version)
-    settings = select_settings([{"kind": "prune", "config": {"method": "wanda", "pattern": "2:4"}}],
-                               version_compatible=True)
+    settings = select_settings({"model.layers.0.mlp.up_proj": LayerSpec(sparsity="2:4")}, version_compatible=True)
     plan, cache = build_plan(trt, str(artifact / "model.onnx"), settings, _profiles(), timing_cache=b"old",
                              workspace_bytes=2 << 30)
     names = trt.names()
@@ -51,8 +52,8 @@ def test_build_call_sequence_matches_the_documented_api(artifact, version):
     assert [a[0].name for a in trt.args("IBuilderConfig.set_flag")] == ["SPARSE_WEIGHTS", "VERSION_COMPATIBLE"]
     assert trt.args("IBuilderConfig.create_timing_cache") == [(b"old",)]
     assert trt.args("IBuilderConfig.set_timing_cache")[0][1] is False
-    # every dynamic input (3 + 2 per layer) gets shapes in both profiles, then the build, then the cache
-    assert len(trt.args("IOptimizationProfile.set_shape")) == 2 * (3 + 2 * LAYERS)
+    # every dynamic input (4 + 2 per layer) gets shapes in both profiles, then the build, then the cache
+    assert len(trt.args("IOptimizationProfile.set_shape")) == 2 * (4 + 2 * LAYERS)
     assert names.count("IBuilderConfig.add_optimization_profile") == 2
     assert names.index("Builder.build_serialized_network") > max(
         i for i, n in enumerate(names) if n == "IBuilderConfig.add_optimization_profile")
@@ -65,9 +66,9 @@ def test_build_call_sequence_matches_the_documented_api(artifact, version):
 
 def test_no_precision_flags_ever_reach_the_builder(artifact):
     trt = RecordingTensorRT("11.1.0")  # 11.x has no FP16/INT8/FP8/INT4 BuilderFlag at all
-    for passes in ([], [{"kind": "quantize", "config": {"scheme": "fp8"}, "layers": {}}],
-                   [{"kind": "quantize", "config": {"scheme": "int4"}, "layers": {}}]):
-        build_plan(trt, str(artifact / "model.onnx"), select_settings(passes), _profiles())
+    for specs in ({}, {"m": LayerSpec("fp8", act="fp8", act_granularity="tensor")},
+                  {"m": LayerSpec("int4", group_size=128)}):
+        build_plan(trt, str(artifact / "model.onnx"), select_settings(specs), _profiles())
     assert trt.args("IBuilderConfig.set_flag") == []
     assert trt.args("IBuilderConfig.set_memory_pool_limit") == []
 
@@ -77,19 +78,19 @@ def test_profile_missing_a_kv_input_is_caught_before_the_build(artifact):
     del profiles[1].shapes["past_key_values.1.key"]
     trt = RecordingTensorRT()
     with pytest.raises(ExportError, match=r"profile 'decode'.*past_key_values\.1\.key"):
-        build_plan(trt, str(artifact / "model.onnx"), select_settings([]), profiles)
+        build_plan(trt, str(artifact / "model.onnx"), select_settings({}), profiles)
     assert "Builder.build_serialized_network" not in trt.names()
 
 
 def test_parser_and_build_failures_are_one_line_errors(artifact, tmp_path):
     (artifact / "model.onnx.data").rename(tmp_path / "elsewhere")
     with pytest.raises(ExportError, match="could not parse.*model.onnx.data not found"):
-        build_plan(RecordingTensorRT(), str(artifact / "model.onnx"), select_settings([]), _profiles())
+        build_plan(RecordingTensorRT(), str(artifact / "model.onnx"), select_settings({}), _profiles())
     (tmp_path / "elsewhere").rename(artifact / "model.onnx.data")
     with pytest.raises(ExportError, match="failed to build an engine"):
-        build_plan(RecordingTensorRT(fail_build=True), str(artifact / "model.onnx"), select_settings([]), _profiles())
+        build_plan(RecordingTensorRT(fail_build=True), str(artifact / "model.onnx"), select_settings({}), _profiles())
     with pytest.raises(ExportError, match="refused the timing cache"):
-        build_plan(RecordingTensorRT(timing_cache_ok=False), str(artifact / "model.onnx"), select_settings([]),
+        build_plan(RecordingTensorRT(timing_cache_ok=False), str(artifact / "model.onnx"), select_settings({}),
                    _profiles())
 
 
@@ -119,16 +120,16 @@ def test_export_writes_an_engine_dir_with_provenance(artifact, tmp_path):
     again = read_manifest(out)
     assert again.kind == "engine" and again.to_dict() == m.to_dict()
     e = again.engine
-    assert (e["tensorrt_version"], e["gpu_name"], e["compute_capability"]) == ("10.15.1", "NVIDIA H100 80GB HBM3",
-                                                                                "9.0")
-    assert [p["name"] for p in e["profiles"]] == ["prefill", "decode"]
-    assert e["profiles"][0]["shapes"]["input_ids"] == [[1, 1], [1, 32], [2, 128]]
-    assert e["timing_cache_sha256"] == hashlib.sha256(cache.read_bytes()).hexdigest()
+    assert (e.tensorrt_version, e.gpu_name, e.compute_capability) == ("10.15.1", "NVIDIA H100 80GB HBM3", "9.0")
+    assert [p.name for p in e.profiles] == ["prefill", "decode"]
+    assert e.profiles[0].shapes["input_ids"] == ((1, 1), (1, 32), (2, 128))
+    assert e.profiles[0].shapes["logits_positions"] == ((1,), (1,), (128,))
+    assert e.timing_cache_sha256 == hashlib.sha256(cache.read_bytes()).hexdigest()
     src = read_manifest(artifact)
-    assert e["source_artifact"]["sha256"] == hashlib.sha256("".join(
-        f"{n}\0{src.files[n]['sha256']}\n" for n in sorted(src.files)).encode()).hexdigest()
-    assert e["settings"]["strongly_typed"] and e["build"]["max_seq"] == 128
-    assert m.files["model.plan"]["size"] == (out / "model.plan").stat().st_size
+    assert e.source_artifact.sha256 == hashlib.sha256("".join(
+        f"{n}\0{src.files[n].sha256}\n" for n in sorted(src.files)).encode()).hexdigest()
+    assert e.settings.strongly_typed and e.build.max_seq == 128
+    assert m.files["model.plan"].size == (out / "model.plan").stat().st_size
     assert again.architecture == src.architecture and again.io == src.io
     # the timing cache written by the first build is read by the second
     export_tensorrt(artifact, out, ProfileFlags(2, 128, 32), TensorRTExport(timing_cache=str(cache)),
@@ -153,8 +154,8 @@ def test_no_gpu_fails_before_reading_the_artifact(tmp_path):
 
 
 def test_fp8_artifact_on_an_older_gpu_is_refused(tmp_path, tiny_dir):
-    art = contract_artifact(tmp_path / "a", tiny_dir, passes=[
-        {"kind": "quantize", "config": {"scheme": "fp8"}, "layers": {"lm_head": {"weight": "fp8", "act": "fp8"}}}])
+    art = contract_artifact(tmp_path / "a", tiny_dir, passes=[QuantPass(
+        config={"scheme": "fp8"}, layers={"lm_head": LayerSpec("fp8", act="fp8", act_granularity="tensor")})])
     with pytest.raises(ExportError, match="FP8 E4M3.*8.9"):
         export_tensorrt(art, tmp_path / "e", trt=RecordingTensorRT(),
                         cudart=RecordingCudart(devices=((b"NVIDIA A100-SXM4-80GB", 8, 0),)))
@@ -177,4 +178,4 @@ def test_wrong_kind_and_tampered_artifact_are_refused(artifact, tmp_path, tiny_d
 @pytest.mark.gpu
 def test_real_build_of_the_contract_artifact(artifact, tmp_path):
     m = export_tensorrt(artifact, tmp_path / "engine", ProfileFlags(2, 64, 16))
-    assert (tmp_path / "engine" / "model.plan").stat().st_size > 0 and m.engine["profiles"]
+    assert (tmp_path / "engine" / "model.plan").stat().st_size > 0 and m.engine.profiles

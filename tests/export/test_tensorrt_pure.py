@@ -10,9 +10,12 @@ from export.tensorrt import (
     check_device,
     derive_profiles,
     graph_inputs,
-    is_2_4_prune,
     select_settings,
+    tensorrt_blockers,
 )
+from runtime.layerspec import LayerSpec
+from runtime.records import EngineInfo
+from runtime.strict import from_json
 from runtime.backends.tensorrt_compat import compatibility, rebuild_command
 from runtime.errors import EngineError
 from tests.export.trt_fixtures import HD, KV, LAYERS, contract_model
@@ -20,7 +23,7 @@ from tests.export.trt_fixtures import HD, KV, LAYERS, contract_model
 
 def contract_inputs(layers=LAYERS):
     specs = [InputSpec("input_ids", ("batch", "seq")), InputSpec("attention_mask", ("batch", "total")),
-             InputSpec("position_ids", ("batch", "seq"))]
+             InputSpec("position_ids", ("batch", "seq")), InputSpec("logits_positions", ("k",))]
     specs += [InputSpec(f"past_key_values.{i}.{kv}", ("batch", KV, "past", HD)) for i in range(layers)
               for kv in ("key", "value")]
     return specs
@@ -37,6 +40,8 @@ def test_profiles_cover_every_dynamic_input_including_each_kv_tensor():
     assert decode.shapes["input_ids"] == ((1, 1), (1, 1), (8, 1))
     assert decode.shapes["past_key_values.0.key"] == ((1, KV, 0, HD), (1, KV, 512, HD), (8, KV, 2047, HD))
     assert decode.shapes["attention_mask"] == ((1, 1), (1, 513), (8, 2048))
+    assert prefill.shapes["logits_positions"] == ((1,), (1,), (2048,))
+    assert decode.shapes["logits_positions"] == ((1,), (1,), (1,))
     for p in (prefill, decode):  # T = P + S holds at min, opt and max
         for k in range(3):
             s = p.shapes["input_ids"][k][1]
@@ -47,7 +52,7 @@ def test_profiles_cover_every_dynamic_input_including_each_kv_tensor():
 
 def test_profiles_from_the_real_graph_inputs():
     specs = graph_inputs(contract_model())
-    assert len(specs) == 3 + 2 * LAYERS and all(s.dynamic for s in specs)
+    assert len(specs) == 4 + 2 * LAYERS and all(s.dynamic for s in specs)
     profiles = derive_profiles(specs, ProfileFlags(2, 64, 16), layers=LAYERS, kv_heads=KV, head_dim=HD)
     assert [p.name for p in profiles] == ["prefill", "decode"]
     assert profiles[1].shapes["past_key_values.1.key"] == ((1, KV, 0, HD), (1, KV, 16, HD), (2, KV, 63, HD))
@@ -79,61 +84,76 @@ def test_profile_flags_validated(kw, msg):
         ProfileFlags(**kw)
 
 
-def _quant(scheme, **spec):
-    return {"kind": "quantize", "config": {"scheme": scheme},
-            "layers": {"model.layers.0.mlp.up_proj": {"weight": spec.get("weight", "int8"), "act": spec.get("act")}}}
+UP = "model.layers.0.mlp.up_proj"
+INT8, INT4 = LayerSpec("int8"), LayerSpec("int4", group_size=128)
+SQ = LayerSpec("int8", act="int8", act_granularity="tensor")
+FP8 = LayerSpec("fp8", act="fp8", act_granularity="tensor")
+DYN = LayerSpec("int8", act="int8", act_granularity="token")
+SPARSE, SPARSE_HALF = LayerSpec(sparsity="2:4"), LayerSpec(sparsity="unstructured")
 
 
-def _prune(**config):
-    return {"kind": "prune", "config": config}
-
-
-@pytest.mark.parametrize("passes,flags,need", [
-    ([], (), None),
-    ([_quant("int8-wo")], (), None),
-    ([_quant("int8-sq", act="int8")], (), None),
-    ([_quant("fp8", weight="fp8", act="fp8")], (), (8, 9)),
-    ([_quant("int4", weight="int4")], (), None),
-    ([_prune(method="wanda", pattern="2:4")], ("SPARSE_WEIGHTS",), (8, 0)),
-    ([_prune(method="sparsegpt", pattern="2:4"), _quant("fp8", weight="fp8", act="fp8")], ("SPARSE_WEIGHTS",), (8, 9)),
-    ([_prune(method="wanda", sparsity=0.5)], (), None),
-    ([_prune(method="magnitude", pattern="4:8")], (), None),
-    ([_prune(method="width", mlp=0.25, kv_groups=None)], (), None),
+@pytest.mark.parametrize("specs,flags,need", [
+    ({}, (), None),
+    ({UP: INT8}, (), None),
+    ({UP: SQ}, (), None),
+    ({UP: FP8}, (), (8, 9)),
+    ({UP: LayerSpec("fp8")}, (), (8, 9)),
+    ({UP: INT4}, (), None),
+    ({UP: SPARSE}, ("SPARSE_WEIGHTS",), (8, 0)),
+    ({UP: LayerSpec("fp8", act="fp8", act_granularity="tensor", sparsity="2:4")}, ("SPARSE_WEIGHTS",), (8, 9)),
+    ({UP: SPARSE_HALF}, (), None),
+    ({UP: INT4, "model.layers.1.mlp.up_proj": FP8, "model.layers.0.self_attn.q_proj": SQ}, (), (8, 9)),
 ])
-def test_settings_per_scheme_are_strongly_typed_without_precision_flags(passes, flags, need):
-    s = select_settings(passes)
+def test_settings_come_from_layer_specs_strongly_typed_without_precision_flags(specs, flags, need):
+    s = select_settings(specs)
     assert s.strongly_typed and s.builder_flags == flags and s.min_compute_capability == need
     assert not {"FP16", "INT8", "FP8", "INT4", "BF16"} & set(s.builder_flags)
-    assert select_settings(passes, version_compatible=True).builder_flags == flags + ("VERSION_COMPATIBLE",)
+    assert select_settings(specs, version_compatible=True).builder_flags == flags + ("VERSION_COMPATIBLE",)
+    assert sum(s.formats.values()) == sum(1 for v in specs.values() if v.quantized)
 
 
-def test_prune_serialization_of_compress_prune_is_recognised():
+def test_prune_pattern_of_compress_configs_reaches_the_specs():
     from compress.prune.config import NM, Wanda
 
-    assert is_2_4_prune({"kind": "prune", "config": Wanda(sparsity=NM(2, 4)).to_dict()})
-    assert not is_2_4_prune({"kind": "prune", "config": Wanda(sparsity=0.5).to_dict()})
-    assert not is_2_4_prune({"kind": "quantize", "config": {"pattern": "2:4"}})
+    assert Wanda(sparsity=NM(2, 4)).pattern == "2:4"
+    assert Wanda(sparsity=NM(4, 8)).pattern == "unstructured"
+    assert Wanda(sparsity=0.5).pattern == "unstructured"
 
 
-def test_dynamic_activation_scheme_is_refused_with_what_to_do():
-    with pytest.raises(ExportError, match="int8-dyn.*--scheme int8-sq"):
-        select_settings([_quant("int8-dyn", act="int8-dyn")])
+def test_dynamic_activations_are_refused_with_what_to_do():
+    with pytest.raises(ExportError, match="per token|run time.*--scheme int8-sq"):
+        select_settings({UP: DYN})
+
+
+def test_tensorrt_blockers_name_dynamic_scales_and_a_quantized_tied_table():
+    assert tensorrt_blockers({UP: FP8, "lm_head": INT8}, _arch(False)) == []  # an untied head is a Linear
+    assert tensorrt_blockers({UP: INT8}, _arch(True)) == []
+    b = tensorrt_blockers({UP: DYN, "lm_head": INT8}, _arch(True))
+    assert len(b) == 2 and "per token" in b[0] and "--ignore lm_head" in b[1]
+
+
+def _arch(tied):
+    from dataclasses import replace
+
+    from tests.export.trt_fixtures import arch
+
+    return replace(arch(), tied_embeddings=tied)
 
 
 def test_device_requirements():
-    fp8 = select_settings([_quant("fp8", weight="fp8", act="fp8")])
+    fp8 = select_settings({UP: FP8})
     check_device(fp8, (9, 0), "NVIDIA H100 80GB HBM3")
     with pytest.raises(ExportError, match=r"A100.*8\.0.*FP8.*8\.9"):
         check_device(fp8, (8, 0), "NVIDIA A100-SXM4-80GB")
-    sparse = select_settings([_prune(method="wanda", pattern="2:4")])
+    sparse = select_settings({UP: SPARSE})
     with pytest.raises(ExportError, match="2:4 sparse"):
         check_device(sparse, (7, 5), "Tesla T4")
 
 
-ENGINE = {"tensorrt_version": "10.15.1", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
-          "build": {"max_batch": 4, "max_seq": 1024, "opt_seq": 256, "workspace_gb": None,
-                    "version_compatible": False},
-          "source_artifact": {"path": "/art/onnx-fp8"}}
+ENGINE_JSON = {"tensorrt_version": "10.15.1", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+               "build": {"max_batch": 4, "max_seq": 1024, "opt_seq": 256, "version_compatible": False},
+               "source_artifact": {"path": "/art/onnx-fp8", "sha256": "0" * 64}}
+ENGINE = from_json(EngineInfo, ENGINE_JSON, "engine")
 
 
 def test_compatible_engine_loads_without_warnings():
@@ -160,17 +180,19 @@ def test_compute_capability_mismatch_and_gpu_name_warning():
 
 
 def test_version_compatible_engine_runs_on_newer_not_older():
-    vc = dict(ENGINE, build=dict(ENGINE["build"], version_compatible=True))
-    assert compatibility(vc, trt_version="11.1.0", compute_capability="9.0", gpu_name=vc["gpu_name"],
+    vc = from_json(EngineInfo, dict(ENGINE_JSON, build=dict(ENGINE_JSON["build"], version_compatible=True)), "e")
+    assert compatibility(vc, trt_version="11.1.0", compute_capability="9.0", gpu_name=vc.gpu_name,
                          engine_dir="/e") == []
     with pytest.raises(EngineError, match="older TensorRT 10.14.0"):
-        compatibility(vc, trt_version="10.14.0", compute_capability="9.0", gpu_name=vc["gpu_name"], engine_dir="/e")
+        compatibility(vc, trt_version="10.14.0", compute_capability="9.0", gpu_name=vc.gpu_name, engine_dir="/e")
     assert rebuild_command(vc, "/e").endswith("--version-compatible")
 
 
 def test_engine_block_must_be_complete():
     with pytest.raises(EngineError, match="no 'engine' block"):
         compatibility(None, trt_version="10.15.1", compute_capability="9.0", gpu_name="x", engine_dir="/e")
-    with pytest.raises(EngineError, match="lacks compute_capability"):
-        compatibility({"tensorrt_version": "10.1.0", "gpu_name": "x"}, trt_version="10.15.1",
-                      compute_capability="9.0", gpu_name="x", engine_dir="/e")
+    from runtime.strict import RecordError
+
+    with pytest.raises(RecordError, match="engine: missing compute_capability"):
+        from_json(EngineInfo, {"tensorrt_version": "10.1.0", "gpu_name": "x", "build": ENGINE_JSON["build"]},
+                  "engine")

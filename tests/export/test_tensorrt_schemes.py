@@ -62,7 +62,7 @@ def test_dynamic_int8_is_refused_with_what_to_do(exports, tmp_path):
     """int8-dyn computes its activation scales in the graph (ReduceMax per token): no build-time constant
     scale for TensorRT, so the engine build refuses it from kiln.json before touching TensorRT."""
     trt = RecordingTensorRT("10.15.1")
-    with pytest.raises(ExportError, match=r"int8-dyn.*--scheme int8-sq"):
+    with pytest.raises(ExportError, match=r"scales computed at run time.*--scheme int8-sq"):
         export_tensorrt(exports["int8-dyn"], tmp_path / "engine", ProfileFlags(1, 64, 16), trt=trt,
                         cudart=RecordingCudart())
     assert not (tmp_path / "engine").exists()
@@ -94,8 +94,8 @@ def test_engine_pipeline_on_a_real_fp8_export(exports, tmp_path):
     m = export_tensorrt(exports["fp8"], tmp_path / "engine", ProfileFlags(2, 64, 16), trt=trt,
                         cudart=RecordingCudart())
     layers = m.architecture.layers
-    assert len(trt.args("IOptimizationProfile.set_shape")) == 2 * (3 + 2 * layers)
-    assert m.engine["settings"]["scheme"] == "fp8" and m.engine["settings"]["min_compute_capability"] == "8.9"
+    assert len(trt.args("IOptimizationProfile.set_shape")) == 2 * (4 + 2 * layers)
+    assert m.engine.settings.formats == {"fp8 x fp8": 14} and m.engine.settings.min_compute_capability == "8.9"
     # and the engine publishes on Triton with the IO the exporter recorded in kiln.json
     from export.triton import export_triton
     from tests.export.triton_proto import enum_name, parse_model_config
@@ -105,7 +105,7 @@ def test_engine_pipeline_on_a_real_fp8_export(exports, tmp_path):
     a = m.architecture
     ins = {i.name: (enum_name(i, "data_type"), list(i.dims)) for i in cfg.input}
     assert ins["past_key_values.0.key"] == ("TYPE_FP32", [-1, a.kv_heads, -1, a.head_dim])
-    assert ins["position_ids"] == ("TYPE_INT64", [-1, -1]) and len(ins) == 3 + 2 * layers
+    assert ins["position_ids"] == ("TYPE_INT64", [-1, -1]) and len(ins) == 4 + 2 * layers
     assert [(o.name, list(o.dims)) for o in cfg.output][0] == ("logits", [-1, -1, a.vocab])
 
 
@@ -169,4 +169,5 @@ def test_real_2_4_pruned_checkpoint_builds_with_sparse_weights(tiny_dir, tmp_pat
     m = export_tensorrt(tmp_path / "onnx", tmp_path / "engine", ProfileFlags(2, 64, 16), trt=trt,
                         cudart=RecordingCudart())
     assert [a[0].name for a in trt.args("IBuilderConfig.set_flag")] == ["SPARSE_WEIGHTS"]
-    assert m.engine["settings"]["sparse_2_4"] and m.passes[0]["kind"] == "prune"
+    assert m.engine.settings.sparse_2_4 and m.passes[0].kind == "prune" and m.passes[0].pattern == "2:4"
+    assert len(m.passes[0].layers) == 14 and m.engine.settings.formats == {}

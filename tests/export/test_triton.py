@@ -35,13 +35,14 @@ def test_onnx_artifact_becomes_an_onnxruntime_model(artifact, tmp_path):
     assert ins["input_ids"] == ("TYPE_INT64", [-1, -1]) and ins["attention_mask"] == ("TYPE_INT64", [-1, -1])
     assert ins["past_key_values.1.value"] == ("TYPE_FP32", [-1, KV, -1, HD])
     assert outs["logits"] == ("TYPE_FP32", [-1, -1, VOCAB]) and outs["present.0.key"] == ("TYPE_FP32", [-1, KV, -1, HD])
-    assert len(ins) == 3 + 2 * LAYERS and len(outs) == 1 + 2 * LAYERS
+    assert ins["logits_positions"] == ("TYPE_INT64", [-1])
+    assert len(ins) == 4 + 2 * LAYERS and len(outs) == 1 + 2 * LAYERS
     (group,) = cfg.instance_group
     assert group.count == 2 and enum_name(group, "kind") == "KIND_AUTO" and list(group.profile) == []
     # the version dir is loadable the way Triton's onnxruntime backend loads it: <dir>/model.onnx
     sess = ort.InferenceSession(str(mdir / "3" / "model.onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     feed = {"input_ids": np.array([[1, 2]]), "attention_mask": np.ones((1, 2), np.int64),
-            "position_ids": np.array([[0, 1]])}
+            "position_ids": np.array([[0, 1]]), "logits_positions": np.array([0, 1])}
     feed |= {f"past_key_values.{i}.{k}": np.zeros((1, KV, 0, HD), np.float32) for i in range(LAYERS)
              for k in ("key", "value")}
     assert sess.run(["logits"], feed)[0].shape == (1, 2, VOCAB)
@@ -59,8 +60,8 @@ def test_engine_dir_becomes_a_tensorrt_plan_model(artifact, tmp_path):
     (group,) = cfg.instance_group
     assert enum_name(group, "kind") == "KIND_GPU" and list(group.profile) == ["0", "1"]
     assert dict(cfg.cc_model_filenames) == {"9.0": "model.plan"}
-    assert [i.name for i in cfg.input][:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert [list(i.dims) for i in cfg.input][3] == [-1, KV, -1, HD]
+    assert [i.name for i in cfg.input][:4] == ["input_ids", "attention_mask", "position_ids", "logits_positions"]
+    assert [list(i.dims) for i in cfg.input][3:5] == [[-1], [-1, KV, -1, HD]]
     assert {o.name for o in cfg.output} == {"logits"} | {f"present.{i}.{k}" for i in range(LAYERS)
                                                          for k in ("key", "value")}
     with pytest.raises(ExportError, match="GPU only"):

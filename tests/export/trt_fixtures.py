@@ -2,7 +2,7 @@
 
 ``contract_artifact`` writes an ONNX artifact dir (model.onnx + model.onnx.data + tokenizer + kiln.json kind
 "onnx") whose graph follows the llmkiln IO contract exactly (input_ids, attention_mask, position_ids,
-past_key_values.{i}.key|value -> logits, present.{i}.key|value) with an INT8 Q/DQ weight, so the engine
+logits_positions, past_key_values.{i}.key|value -> logits, present.{i}.key|value) with an INT8 Q/DQ weight, so the engine
 build pipeline can be driven end to end; ONNX Runtime runs it. It is not a language model.
 ``qdq_matmul`` builds one quantized MatMul in each of the weight formats (int8, fp8, int4 blocked).
 """
@@ -15,7 +15,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from export.onnx.decoder import io_spec
 from runtime.manifest import Architecture, Manifest
+from runtime.records import POSITIONS
 
 LAYERS, KV, HD, HIDDEN, VOCAB = 2, 2, 16, 32, 64
 OPSET = 23
@@ -42,7 +44,8 @@ def contract_model(seed: int = 0) -> onnx.ModelProto:
               helper.make_node("Add", ["pos_f", "mask_sum"], ["aux"], name="/use/Add"),
               helper.make_node("Unsqueeze", ["aux", "last_axis"], ["aux3"], name="/use/Unsqueeze"),
               helper.make_node("Mul", ["aux3", "zero"], ["aux0"], name="/use/Mul"),
-              helper.make_node("Add", ["h0", "aux0"], ["h"], name="/use/AddHidden")]
+              helper.make_node("Add", ["h0", "aux0"], ["hall"], name="/use/AddHidden"),
+              helper.make_node("Gather", ["hall", POSITIONS], ["h"], axis=1, name="/model/logits_positions/Gather")]
     # lm_head: INT8 weight [HIDDEN, VOCAB], per-channel scale, DQ -> MatMul input 1; activation Q/DQ pair
     w = rng.integers(-127, 128, (HIDDEN, VOCAB)).astype(np.int8)
     inits += [numpy_helper.from_array(w, "lm_head.w"),
@@ -63,8 +66,9 @@ def contract_model(seed: int = 0) -> onnx.ModelProto:
               helper.make_node("Transpose", ["h4"], ["kvnew"], perm=[0, 2, 1, 3], name="/kv/Transpose")]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", VOCAB])]
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info(POSITIONS, TensorProto.INT64, [POSITIONS])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", POSITIONS, VOCAB])]
     for i in range(LAYERS):
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", TensorProto.FLOAT,
@@ -79,11 +83,8 @@ def contract_model(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-def io_block() -> dict:
-    names_in = ["input_ids", "attention_mask", "position_ids"] + [
-        f"past_key_values.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
-    names_out = ["logits"] + [f"present.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
-    return {"inputs": names_in, "outputs": names_out, "kv_layout": "[batch, kv_heads, seq, head_dim]"}
+def io_block():
+    return io_spec(arch(), form="portable", opset=OPSET)
 
 
 def contract_artifact(out: Path, tokenizer_src: Path, passes: list | None = None, model=None) -> Path:

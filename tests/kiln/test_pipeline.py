@@ -38,10 +38,10 @@ def test_pipeline_tiny_end_to_end_and_resume(tiny_dir, tmp_path):
     # target cpu exports the ONNX Runtime form; a recipe that asks for the portable one gets it, not the reuse
     from runtime.manifest import read_manifest
 
-    assert read_manifest(out / "onnx").io["form"] == "ort"
+    assert read_manifest(out / "onnx").io.form == "ort"
     recipe.write_text(recipe.read_text() + "export: {form: portable}\n")
     r3 = CliRunner().invoke(cli, args + ["--no-bench"])
     assert r3.exit_code == 0, r3.output
     rep3 = {s["name"]: s for s in json.loads(r3.stdout.strip().splitlines()[-1])["stages"]}
     assert rep3["quantized"]["reused"] and not rep3["onnx"]["reused"]
-    assert read_manifest(out / "onnx").io["form"] == "portable"
+    assert read_manifest(out / "onnx").io.form == "portable"

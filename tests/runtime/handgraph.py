@@ -61,14 +61,16 @@ def build(path: Path, vocab: int, layers: int = 2, heads: int = 2, head_dim: int
         att = n("MatMul", [n("Softmax", [sc], f"{pre}.p", axis=-1), pv], f"{pre}.att")  # [B, H, S, hd]
         o = n("Reshape", [n("Transpose", [att], f"{pre}.att_t", perm=[0, 2, 1, 3]), "shape_bsh"], f"{pre}.o0")
         x = n("Add", [x, n("MatMul", [o, w(f"{pre}.wo", hidden, hidden, scale=0.2)], f"{pre}.o")], f"{pre}.x")
+    x = n("Gather", [x, "logits_positions"], "picked", axis=1)  # only the positions asked for
     n("MatMul", [x, w("lm_head", hidden, vocab, scale=1.0)], "logits")
 
     kv = [f"past_key_values.{i}.{t}" for i in range(layers) for t in ("key", "value")]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["B", "S"])]
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["B", "S"]),
+              helper.make_tensor_value_info("logits_positions", TensorProto.INT64, ["K"])]
     inputs += [helper.make_tensor_value_info(k_, TensorProto.FLOAT, ["B", heads, "P", head_dim]) for k_ in kv]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "S", vocab])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "K", vocab])]
     outputs += [helper.make_tensor_value_info(k_.replace("past_key_values", "present"), TensorProto.FLOAT,
                                               ["B", heads, "T", head_dim]) for k_ in kv]
     graph = helper.make_graph(nodes, "handgraph", inputs, outputs, inits)
@@ -76,6 +78,20 @@ def build(path: Path, vocab: int, layers: int = 2, heads: int = 2, head_dim: int
     onnx.checker.check_model(model)
     onnx.save_model(model, str(path / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=1024)
+
+
+def io_record(layers: int, heads: int, head_dim: int, vocab: int):
+    """The kiln.json ``io`` record of the hand-built graph (the contract's names, its own dim names)."""
+    from runtime.records import IO_VERSION, IOSpec, TensorSpec
+
+    ins = [TensorSpec("input_ids", "int64", ("B", "S")), TensorSpec("attention_mask", "int64", ("B", "T")),
+           TensorSpec("position_ids", "int64", ("B", "S")), TensorSpec("logits_positions", "int64", ("K",))]
+    outs = [TensorSpec("logits", "float32", ("B", "K", vocab))]
+    for i in range(layers):
+        for t in ("key", "value"):
+            ins.append(TensorSpec(f"past_key_values.{i}.{t}", "float32", ("B", heads, "P", head_dim)))
+            outs.append(TensorSpec(f"present.{i}.{t}", "float32", ("B", heads, "T", head_dim)))
+    return IOSpec(version=IO_VERSION, form="portable", opset=21, inputs=tuple(ins), outputs=tuple(outs))
 
 
 def make_artifact(out: Path, tokenizer_dir: Path, layers: int = 2, heads: int = 2, head_dim: int = 8,
@@ -97,8 +113,8 @@ def make_artifact(out: Path, tokenizer_dir: Path, layers: int = 2, heads: int = 
     arch = Architecture(model_type="llama", layers=layers, hidden=heads * head_dim, intermediate=0, heads=heads,
                         kv_heads=heads, head_dim=head_dim, vocab=vocab, max_position=max_pos, rope_theta=1e4,
                         rms_eps=1e-5, tied_embeddings=False, bos_token_id=1, eos_token_id=2)
-    m = Manifest(kind="onnx", architecture=arch, source={"model": "handgraph"},
-                 io={"inputs": ["input_ids", "attention_mask", "position_ids"], "kv_layout": "BHSD"})
+    m = Manifest(kind="onnx", architecture=arch, source={"model": "handgraph"}, io=io_record(layers, heads, head_dim,
+                                                                                             vocab))
     m.record_files(out)
     m.save(out)
     return out

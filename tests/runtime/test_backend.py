@@ -31,11 +31,12 @@ def test_last_only_equals_last_row_of_all(be):
     assert c.length == 5
 
 
-def test_graph_edit_changes_nothing_but_the_positions(hand_art):
+def test_all_positions_equal_a_plain_onnxruntime_run(hand_art):
     import onnxruntime as ort
 
     ids = np.array([[5, 9, 30, 7]])
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(4)[None]}
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(4)[None],
+             "logits_positions": np.arange(4)}
     feeds |= {f"past_key_values.{i}.{w}": np.zeros((1, 2, 0, 8), np.float32) for i in range(2) for w in ("key", "value")}
     plain = ort.InferenceSession(str(hand_art / "model.onnx")).run(["logits"], feeds)[0]
     b = load_backend(hand_art, read_manifest(hand_art), threads=1)

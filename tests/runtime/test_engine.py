@@ -183,8 +183,8 @@ def test_truncated_weights(tiny_onnx_copy):
 
 
 def test_other_schema_version(tiny_onnx_copy):
-    _edit_manifest(tiny_onnx_copy, schema_version=2)
-    with pytest.raises(EngineError, match="schema_version 2 is not supported"):
+    _edit_manifest(tiny_onnx_copy, schema_version=1)
+    with pytest.raises(EngineError, match="schema_version 1 is not supported"):
         Engine.load(tiny_onnx_copy)
 
 

@@ -55,11 +55,11 @@ def test_prefill_and_decode_match_onnxruntime_with_the_cache_on_the_device(built
         a, b = _step(ref, rc, nxt, m, p), _step(be, tc, nxt, m, p)
         assert b.shape == (2, 1, VOCAB) and np.array_equal(a, b)
     assert tc.length == rc.length == 7
-    # during the 4 steps the KV cache never went through the host: per step 3 uploads (ids, mask, positions)
-    # and 1 download (the logits rows asked for); no device-to-device traffic either (ping-pong sides)
+    # during the 4 steps the KV cache never went through the host: per step 4 uploads (ids, mask, positions,
+    # logits_positions) and 1 download (the logits rows asked for); no device-to-device traffic (ping-pong sides)
     H2D, D2H = cud.cudaMemcpyKind.cudaMemcpyHostToDevice, cud.cudaMemcpyKind.cudaMemcpyDeviceToHost
     copies = [c[1][-1] for c in cud.calls if c[0] in ("cudaMemcpyAsync", "cudaMemcpy2DAsync")]
-    assert copies.count(H2D) == 3 * 4 and copies.count(D2H) == 4 and len(copies) == 16
+    assert copies.count(H2D) == 4 * 4 and copies.count(D2H) == 4 and len(copies) == 20
     for i in range(LAYERS):
         for x, y in zip(rc.layer(i), tc.layer(i)):
             assert x.shape == (2, KV, 7, HD) and np.array_equal(x, y)

@@ -1,0 +1,177 @@
+"""The typed records inside kiln.json (docs/CONTRACTS.md): passes, the ONNX IO contract, the validation
+record, the TensorRT engine block and file entries. All frozen and strictly parsed by ``runtime.strict``.
+
+Free-form objects remain only where nothing downstream reads them (a pass's ``stats``, the compress config a
+pass was made with, the ONNX checker summary): they are checked to be JSON objects and kept as they are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .layerspec import LayerSpec
+
+IO_VERSION = 2  # 2: the graph takes ``logits_positions`` [K] and returns logits [B, K, vocab]
+POSITIONS = "logits_positions"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+    def __post_init__(self):
+        if self.size < 0:
+            raise ValueError(f"size must be >= 0, got {self.size}")
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise ValueError("sha256 must be 64 lowercase hex digits")
+
+
+# ---- passes -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantPass:
+    """One quantize pass: the compress config it was made with (a preset and its options, read back only by
+    compress) and the LayerSpec of every Linear it quantized (``lm_head`` included when it did)."""
+
+    config: dict
+    layers: dict[str, LayerSpec]
+    stats: dict = field(default_factory=dict)
+    kind: Literal["quantize"] = "quantize"
+
+    @property
+    def preset(self) -> str:
+        return str(self.config.get("scheme", "custom"))
+
+
+@dataclass(frozen=True)
+class PrunePass:
+    """One prune pass: the compress config, the sparsity ``pattern`` it left in the weights (``2:4``,
+    ``unstructured``; None for structured width/depth, which leave a smaller dense model) and the Linears
+    that carry it."""
+
+    config: dict
+    pattern: Literal["2:4", "unstructured"] | None = None
+    layers: tuple[str, ...] = ()
+    stats: dict = field(default_factory=dict)
+    kind: Literal["prune"] = "prune"
+
+
+Pass = QuantPass | PrunePass
+
+
+# ---- the ONNX IO contract --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """The graph's inputs and outputs (names, dtypes, symbolic shapes) and how it was built."""
+
+    version: int
+    form: Literal["portable", "ort"]
+    opset: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    kv_layout: str = "[batch, kv_heads, seq, head_dim]"
+    kv_dtype: str = "float32"
+    external_data: str | None = "model.onnx.data"
+    exporter: Literal["kiln", "optimum"] = "kiln"
+    weight_block: int | None = None  # inputs per scale in the graph's blocked DequantizeLinear (grouped weights)
+
+    def __post_init__(self):
+        if self.version != IO_VERSION:
+            raise ValueError(f"IO contract version {self.version} is not supported (this llmkiln reads "
+                             f"{IO_VERSION}); re-export the artifact")
+
+    @property
+    def logits_positions(self) -> bool:
+        return any(t.name == POSITIONS for t in self.inputs)
+
+
+# ---- validation ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Diff:
+    max_abs: float
+    value: float  # max_abs / (max - min) of the reference logits
+    past_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class LogitCheck:
+    """ONNX Runtime logits against the reference, without and with a past KV, at one optimization level."""
+
+    optimization: str
+    value: float
+    tolerance: float
+    no_past: Diff
+    with_past: Diff
+    top1_agreement: float
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What export compared and what came out. ``passed`` is None when validation was skipped."""
+
+    passed: bool | None
+    skipped: bool = False
+    reference: str | None = None
+    runtime: str | None = None
+    metric: str | None = None
+    prompt_tokens: int | None = None
+    value: float | None = None
+    tolerance: float | None = None
+    ort_cpu: LogitCheck | None = None
+    graph: LogitCheck | None = None
+    greedy_tokens: int | None = None
+    greedy_identical_prefix: int | None = None
+    greedy_required: bool | None = None
+
+
+# ---- TensorRT engines ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuildSettingsRecord:
+    strongly_typed: bool
+    builder_flags: tuple[str, ...]
+    formats: dict[str, int]  # LayerSpec label -> number of Linears
+    sparse_2_4: bool
+    min_compute_capability: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    max_batch: int
+    max_seq: int
+    opt_seq: int
+    version_compatible: bool = False
+    workspace_gb: float | None = None
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    name: str
+    shapes: dict[str, tuple[tuple[int, ...], ...]]  # input -> (min, opt, max) dims
+
+
+@dataclass(frozen=True)
+class SourceArtifact:
+    path: str
+    sha256: str
+    onnx_check: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    build: BuildRecord
+    settings: BuildSettingsRecord | None = None
+    profiles: tuple[ProfileRecord, ...] = ()
+    timing_cache_sha256: str | None = None
+    source_artifact: SourceArtifact | None = None
+

@@ -1,0 +1,65 @@
+"""Grouped weights are written at blocks of 32 inputs (each scale repeated): the same weights, and ONNX
+Runtime's fused int8-activation kernel (MatMulNBits, which quantizes activations per weight block) stays
+closer to the exact math than at the checkpoint's groups of 64/128."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from runtime.manifest import read_manifest
+
+
+@pytest.fixture(scope="module")
+def int4_ckpt(tiny_dir, tmp_path_factory):
+    import torch
+
+    from compress.calib import calibration_batches
+    from compress.checkpoint import source_record
+    from compress.loading import load_model
+    from compress.quant import config_for, quantize_, save_quantized
+
+    root = tmp_path_factory.mktemp("int4blocks")
+    model, tok, info = load_model(str(tiny_dir))
+    with torch.no_grad():  # a few outlier channels, as trained LLMs have: they set the activation blocks' scales
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:2] *= 30
+            layer.post_attention_layernorm.weight[:2] *= 30
+    quantize_(model, config_for("int4", method="rtn"), calib=calibration_batches(tok, samples=2, seq_len=32))
+    save_quantized(model, tok, root / "ck", source=source_record(info))
+    return root
+
+
+def _blocks(path) -> list[int]:
+    g = onnx.load(str(path), load_external_data=False).graph
+    return sorted({a.i for n in g.node if n.op_type == "DequantizeLinear" for a in n.attribute
+                   if a.name == "block_size"})
+
+
+def _logits(path, level, f):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(["logits"], f)[0]
+
+
+def test_grouped_weights_are_written_at_blocks_of_32(int4_ckpt, monkeypatch):
+    from export.onnx import export_onnx, qdq
+    from tests.export.onnx_helpers import feeds
+
+    export_onnx(str(int4_ckpt / "ck"), int4_ckpt / "b32", validate=False)
+    m = read_manifest(int4_ckpt / "b32")
+    assert {s.group_size for s in m.layer_specs().values() if s.weight == "int4"} == {64, 128}  # the checkpoint's
+    assert m.io.weight_block == 32 and _blocks(int4_ckpt / "b32" / "model.onnx") == [32]
+    monkeypatch.setattr(qdq, "GRAPH_BLOCK", 128)  # the graph at the checkpoint's own groups, to compare
+    export_onnx(str(int4_ckpt / "ck"), int4_ckpt / "native", validate=False)
+    assert _blocks(int4_ckpt / "native" / "model.onnx") == [64, 128]
+
+    arch = m.architecture
+    f = feeds(arch, np.random.default_rng(0).integers(0, arch.vocab, (1, 48)))
+    basic, every = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    exact = _logits(int4_ckpt / "native" / "model.onnx", basic, f)
+    np.testing.assert_allclose(_logits(int4_ckpt / "b32" / "model.onnx", basic, f), exact, atol=1e-5)
+    err_native = np.abs(_logits(int4_ckpt / "native" / "model.onnx", every, f) - exact).mean()
+    err32 = np.abs(_logits(int4_ckpt / "b32" / "model.onnx", every, f) - exact).mean()
+    assert err32 < 0.8 * err_native
