@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BANDWIDTH_GBS = 47.0  # measured read bandwidth of the 2-core reference box (DESIGN.md)
+BANDWIDTH_GBS = 47.0  # read bandwidth of the 2-core reference box (docs/BENCHMARKS.md)
 
 
 # ---- workers (run in a subprocess; print one JSON line) ------------------------------------------------------

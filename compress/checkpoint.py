@@ -10,7 +10,7 @@ from runtime.manifest import Manifest
 from runtime.records import Pass
 
 from .errors import CompressError
-from .hfdir import architecture_from_config, state_for_saving
+from .hfdir import architecture_from_config, quiet_transformers, state_for_saving
 
 
 def source_record(info) -> dict:
@@ -28,7 +28,7 @@ def save_checkpoint(model, tokenizer, out, *, source: dict, passes: list[Pass], 
     from safetensors.torch import save_file
 
     arch = architecture_from_config(model.config)
-    with atomic_dir(out, force=force, error=CompressError) as tmp:
+    with atomic_dir(out, force=force, error=CompressError) as tmp, quiet_transformers():
         save_file(tensors if tensors is not None else state_for_saving(model), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         model.config.save_pretrained(str(tmp))

@@ -1,4 +1,4 @@
-"""Perplexity of a torch model with the protocol in DESIGN.md (windows of seq_len, stride seq_len, float64)."""
+"""Perplexity of a torch model with the protocol in docs/BENCHMARKS.md (windows of seq_len, stride seq_len, float64)."""
 from __future__ import annotations
 
 import numpy as np

@@ -3,7 +3,9 @@ architecture block from a config, config.json and safetensors checks, and the st
 Imports nothing else of compress but its error type, so loading and saving can both use it."""
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 from runtime.manifest import Architecture
@@ -88,3 +90,22 @@ def state_for_saving(model) -> dict:
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Inside: no per-tensor progress bars, warnings or info logs from transformers (its rope and loading
+    chatter); outside, its settings as they were. llmkiln shows its own per-layer progress."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

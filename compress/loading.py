@@ -1,6 +1,6 @@
 """compress.load_model(source) -> (model, tokenizer, SourceInfo) for HF dirs, GGUF files, aliases and checkpoints.
 
-A GGUF is de-quantized by transformers' GGUF loader once (about half a minute for SmolLM2) and the result is
+A GGUF is de-quantized by transformers' GGUF loader once and the result is
 cached as an ordinary safetensors checkpoint under the cache dir, keyed by the GGUF's sha256, so later loads
 take a second or two.
 """
@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
 from runtime.fsutil import atomic_dir, sha256_file
 
 from .errors import CompressError
 from .hfdir import (SUPPORTED_ARCHITECTURES, architecture_from_config, check_config, check_safetensors,
-                    state_for_saving, unsupported)
+                    quiet_transformers, state_for_saving, unsupported)
 from .sources import ALIASES, SourceInfo, cache_dir, resolve
 
 __all__ = ["load_model", "architecture_from_config", "cached_conversion", "gguf_sha256"]
@@ -27,8 +26,7 @@ def _load_hf_dir(path: Path, allow_pickle: bool = False):
     check_config(path)
     files = sorted(path.glob("*.safetensors"))
     check_safetensors(files)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_transformers():
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=torch.float32, use_safetensors=bool(files) or not allow_pickle,
@@ -85,8 +83,7 @@ def _convert_gguf(gguf: Path, sha: str, quiet: bool) -> Path:
     if not quiet:
         print(f"llmkiln: converting {gguf.name} to float32 safetensors (once; cached in {out})",
               file=sys.stderr, flush=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_transformers():
         try:
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

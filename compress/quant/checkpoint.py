@@ -2,7 +2,6 @@
 LayerSpecs in the kiln.json quantize passes; ``load_quantized`` rebuilds the exact fake-quant torch model."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ from runtime.records import QuantPass
 
 from ..checkpoint import save_checkpoint
 from ..errors import CompressError
-from ..hfdir import check_config, check_safetensors, state_for_saving
+from ..hfdir import check_config, check_safetensors, quiet_transformers, state_for_saving
 from . import primitives as P
 from .api import STATE_ATTR, quant_state
 from .modules import QuantLinear, is_tied, set_module
@@ -98,8 +97,7 @@ def load_quantized(path, manifest):
         raise CompressError(f"{path}: model.safetensors is missing")
     check_safetensors([f])
     tensors = load_file(str(f))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_transformers():
         cfg = AutoConfig.from_pretrained(str(path))
         with torch.device("cpu"):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -82,3 +82,17 @@ def test_shape_errors_and_threads(be, hand_art):
         load_backend(hand_art, read_manifest(hand_art), threads=0)
     with pytest.raises(EngineError, match="provider"):
         load_backend(hand_art, read_manifest(hand_art), providers=["NoSuchExecutionProvider"])
+
+
+def test_private_binding_is_available_and_the_public_fallback_agrees(hand_art):
+    """ONNX Runtime's C++ binding objects (runtime/backends/ort_binding.py) exist in the installed release:
+    if this fails, a release moved them and the backend silently runs the slower public API. Both paths give
+    the same logits."""
+    b = load_backend(hand_art, read_manifest(hand_art), threads=1)
+    assert b._cdev is not None and b._csess is not None
+    ids = np.array([[5, 9, 30, 7, 100, 3]])
+    mask, pos = np.ones_like(ids), np.arange(6)[None]
+    fast = b.forward(b.allocate(1, 8), ids, mask, pos, last_only=False).copy()
+    b._cdev = b._csess = None  # the public IOBinding API
+    public = b.forward(b.allocate(1, 8), ids, mask, pos, last_only=False)
+    np.testing.assert_array_equal(fast, public)
