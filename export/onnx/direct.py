@@ -10,56 +10,17 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I64": np.int64}
 _REQUIRED = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
              "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
 DIRECT_ROPE = (None, "default", "linear", "llama3")
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
               "chat_template.json", "generation_config.json")
-
-
-class SafetensorsFiles:
-    """name -> numpy view of the memory-mapped file (bf16 widened to float32); header parsed by hand because
-    safetensors' numpy reader has no bfloat16."""
-
-    def __init__(self, files: list[Path]):
-        self._where: dict[str, tuple] = {}
-        for f in files:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-            header.pop("__metadata__", None)
-            mm = np.memmap(f, dtype=np.uint8, mode="r")
-            for name, meta in header.items():
-                if meta["dtype"] not in _DTYPES:
-                    raise ValueError(f"{f.name}: {name} has dtype {meta['dtype']}")
-                a, b = meta["data_offsets"]
-                if not 0 <= a <= b <= mm.size - 8 - n:
-                    raise ValueError(f"{f.name}: {name} lies outside the file")
-                self._where[name] = (mm, 8 + n + a, 8 + n + b, meta["dtype"], tuple(meta["shape"]))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def keys(self):
-        return self._where.keys()
-
-    def shape(self, name: str) -> tuple:
-        return self._where[name][4]
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        mm, a, b, dt, shape = self._where[name]
-        arr = mm[a:b].view(_DTYPES[dt]).reshape(shape)
-        if dt == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr
 
 
 def config_namespace(cfg: dict) -> SimpleNamespace | None:
@@ -107,7 +68,7 @@ def rope_tables_numpy(arch) -> tuple[np.ndarray, np.ndarray]:
 class DirectSource:
     root: Path  # the dir holding config.json, *.safetensors and the tokenizer files
     arch: object
-    tensors: SafetensorsFiles
+    tensors: object  # compress.tensorfile.SafetensorsFiles
 
     def copy_side_files(self, dest: Path) -> None:
         for name in SIDE_FILES:
@@ -120,7 +81,7 @@ def _float_root(info) -> Path | None:
     if info.kind == "hf":
         return Path(info.path)
     if info.kind == "checkpoint":
-        return None if info.manifest is None or info.manifest.quant_pass() is not None else Path(info.path)
+        return None if info.manifest is None or info.manifest.quantized else Path(info.path)
     if info.kind == "gguf":
         from compress.loading import cached_conversion
 
@@ -130,7 +91,8 @@ def _float_root(info) -> Path | None:
 
 def direct_source(info) -> DirectSource | None:
     """A torch-free reader for ``info``, or None when the exporter should load the torch model instead."""
-    from compress.loading import architecture_from_config
+    from compress.hfdir import architecture_from_config
+    from compress.tensorfile import SafetensorsFiles, checkpoint_files
 
     try:
         root = _float_root(info)
@@ -142,7 +104,7 @@ def direct_source(info) -> DirectSource | None:
         arch = architecture_from_config(ns)
         if rope_type(arch) not in DIRECT_ROPE or (arch.rope_scaling or {}).get("partial_rotary_factor", 1) != 1:
             return None
-        files = sorted(root.glob("*.safetensors"))
+        files = checkpoint_files(root)
         if not files:
             return None
         return DirectSource(root, arch, SafetensorsFiles(files))

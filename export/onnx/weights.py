@@ -58,20 +58,6 @@ class Weights:
         return self.layers.get(module)
 
 
-class _SafetensorsMap:
-    def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
-        self._h = [safe_open(str(f), framework="pt") for f in files]
-        self._where = {k: h for h in self._h for k in h.keys()}
-
-    def __contains__(self, name):
-        return name in self._where
-
-    def __getitem__(self, name):
-        return self._where[name].get_tensor(name)
-
-
 def _float_linears(arch) -> dict:
     """Every Linear the graph reads: module -> (out, in)."""
     H, I, hd = arch.hidden, arch.intermediate, arch.head_dim
@@ -133,11 +119,14 @@ def _arch_of(path: Path):
 def precheck(info) -> None:
     """Before any model is loaded: every tensor the graph needs is in the safetensors files with its shape.
     (Transformers would silently re-initialize a missing tensor and reports a wrong shape without its name.)"""
-    from safetensors import safe_open
-
     if info.kind not in ("hf", "checkpoint"):
         return
-    files = sorted(Path(info.path).glob("*.safetensors"))
+    from compress.tensorfile import SafetensorsFiles, TensorFileError, checkpoint_files
+
+    try:
+        files = checkpoint_files(Path(info.path))
+    except TensorFileError as e:
+        raise ExportError(str(e)) from None
     if not files:
         return
     try:
@@ -147,14 +136,11 @@ def precheck(info) -> None:
     except Exception:
         return  # the loader reports an unreadable config in its own words
     specs = info.manifest.layer_specs() if info.manifest is not None else {}
-    have = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="np") as h:
-                for k in h.keys():
-                    have[k] = tuple(h.get_slice(k).get_shape())
-        except Exception:
-            return  # corrupt file: the loader says so
+    try:
+        st = SafetensorsFiles(files)
+    except TensorFileError as e:
+        raise ExportError(str(e)) from None
+    have = {k: st.shape(k) for k in st.keys()}
     for name, shape in expected_shapes(arch, specs).items():
         if name not in have:
             raise ExportError(f"{info.path}: tensor {name} is missing from the safetensors files; "
@@ -169,9 +155,11 @@ def weights_for(model, info) -> Weights:
     desc = str(info.path) if info is not None else "model"
     m = info.manifest if info is not None else None
     if m is not None and m.quantized:
-        files = sorted(Path(info.path).glob("*.safetensors"))
+        from compress.tensorfile import SafetensorsFiles, checkpoint_files
+
+        files = checkpoint_files(Path(info.path))
         if not files:
             raise ExportError(f"{desc}: no *.safetensors in the checkpoint")
-        return Weights(desc, _SafetensorsMap(files), m.layer_specs())
+        return Weights(desc, SafetensorsFiles(files), m.layer_specs())
     state = model.state_dict()
     return Weights(desc, state)

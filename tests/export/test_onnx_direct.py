@@ -11,7 +11,8 @@ import pytest
 
 import export.onnx.direct as direct
 from export.onnx import export_onnx
-from export.onnx.direct import SafetensorsFiles, direct_source, rope_tables_numpy
+from compress.tensorfile import SafetensorsFiles
+from export.onnx.direct import direct_source, rope_tables_numpy
 from runtime.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
