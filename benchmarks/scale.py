@@ -71,7 +71,7 @@ STEPS = [
          (_q("--scheme", "int4", "--method", "gptq", "--calib-samples", "4", "-o", INT4, "--eval-windows", "0"),
           _q("--scheme", "int4", "--method", "gptq", "--calib-windows", "4", "-o", INT4, "--eval-windows", "0"),
           _q("--scheme", "int4", "--calib-samples", "4", "-o", INT4, "--eval-windows", "0")),
-         output=INT4, note="no --method: int4's default method is GPTQ"),
+         output=INT4, note="int4's default method is GPTQ"),
     Step("export-int8", "export", (("export", "onnx", INT8, "-o", ONNX8),), needs=(INT8,), output=ONNX8),
     Step("export-int4", "export", (("export", "onnx", INT4, "-o", ONNX4),), needs=(INT4,), output=ONNX4),
     Step("eval-int8-ckpt", "eval", (("eval", "ppl", INT8, "--windows", "2", "--json"),), needs=(INT8,)),
@@ -82,7 +82,7 @@ STEPS = [
     Step("pipeline", "pipeline",
          (("pipeline", "{model}", "-o", "{out}/pipeline", "--no-bench", "--max-memory", "{mem}"),
           ("pipeline", "{model}", "-o", "{out}/pipeline", "--no-bench")),
-         output="{out}/pipeline", note="no --max-memory on this code"),
+         output="{out}/pipeline", note="this code has no memory budget"),
 ]
 STEP_NAMES = [s.name for s in STEPS]
 
@@ -146,7 +146,7 @@ def run_step(step: Step, sub: dict, env: dict, logs: Path, limit: int, timeout_s
         with open(out, "w") as fo, open(err, "w") as fe:
             m = run_measured(kiln_argv() + argv, env=env, cwd=sub["work"], limit_bytes=limit, timeout_s=timeout_s,
                              stdout=fo, stderr=fe)
-        rec = {"argv": "kiln " + " ".join(argv), "wall_s": round(m.wall_s, 2),
+        rec = {"argv": "kiln " + " ".join(argv), "wall_s": round(m.wall_s, 2), "cpu_s": round(m.cpu_s, 1),
                "peak_rss_gib": round(m.peak_rss_bytes / GIB, 3), "rc": m.rc, "log": str(err),
                "load": [round(load0, 2), round(os.getloadavg()[0], 2)]}  # 1-min load average before / after
         text = err.read_text(errors="replace")
@@ -154,7 +154,11 @@ def run_step(step: Step, sub: dict, env: dict, logs: Path, limit: int, timeout_s
             refusals.append(_last_line(err, "Error:"))
             continue
         if k:
-            rec["note"] = f"{step.note} (first spelling refused: {refusals[0]})"
+            first = [fill(x) for x in step.variants[0]]
+            gone = [x for x in first if x.startswith("--") and x not in argv]
+            new = [x for x in argv if x.startswith("--") and x not in first]
+            rec["note"] = (f"ran without {' '.join(gone) or '-'} / with {' '.join(new) or '-'}: {step.note} "
+                           f"(first spelling refused: {refusals[0]})")
         if m.killed_at_bytes is not None:
             rec["status"] = f"killed at {m.killed_at_bytes / GIB:.1f} GiB"
         elif m.timed_out:
@@ -196,6 +200,7 @@ def run_build(shape: Shape, model: Path, seed: int, shard_bytes: int, logs: Path
         m = run_measured(argv, cwd=ROOT, limit_bytes=limit, stdout=fo, stderr=subprocess.STDOUT)
     ok = m.rc == 0 and is_complete(model, shape, seed)
     return {"argv": "python -m benchmarks.scale build --shape " + shape.name, "wall_s": round(m.wall_s, 2),
+            "cpu_s": round(m.cpu_s, 1),
             "peak_rss_gib": round(m.peak_rss_bytes / GIB, 3), "rc": m.rc,
             "status": "ok" if ok else f"failed (rc {m.rc}): {_last_line(logs / 'build.out')}"}
 
@@ -241,22 +246,26 @@ def table(res: dict) -> str:
              for i, r in enumerate(res["runs"][-6:])]
     lines += ["", ("Peak RSS: the step's process tree (0.2 s /proc poll of VmRSS sums and VmHWM, plus the "
                    "kernel's ru_maxrss). load: the box's 1-minute load average before / after the step (2 cores: "
-                   "above ~2 other work was competing). s / (param·in) is GPTQ's wall time per decoder-Linear parameter × its mean input dimension "
+                   "above ~2 other work was competing, and wall time stretches; CPU s, user + system, "
+                   "stretches less). s / (param·in) is GPTQ's wall time per decoder-Linear parameter × its mean input dimension "
                    "(Σ in²·out), in 1e-12 s."), "",
-              "| shape | params | code | step | wall s | s / B params | s / (param·in) | peak RSS GiB | load | status |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              ("| shape | params | code | step | wall s | CPU s | s / B params | s / (param·in) | peak RSS GiB | load "
+              "| status |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {s: i for i, s in enumerate(["tiny", "1b", "3b", "8b"])}
     for r in sorted(res["steps"], key=lambda r: (order.get(r["shape"], 9), r["code"], STEP_NAMES.index(r["step"])
                                                  if r["step"] in STEP_NAMES else 99)):
         status = r["status"] + (f"; {r['detail']}" if r.get("detail") else "") + (f"; {r['note']}" if r.get("note") else "")
         lines.append(f"| {r['shape']} | {_params(r['params'])} | {r['code']} | {r['step']} | {_fmt(r.get('wall_s'), 1)} "
+                     f"| {_fmt(r.get('cpu_s'), 0)} "
                      f"| {_fmt(r.get('s_per_bparam'))} | {_fmt(r.get('s_per_tparam_in'), 3)} "
                      f"| {_fmt(r.get('peak_rss_gib'))} | {'/'.join(f'{x:.1f}' for x in r.get('load', []))} "
                      f"| {status.replace('|', '/')} |")
     growth = growth_rows(res["steps"])
     if growth:
         lines += ["", "Growth from 1B to 8B (gate ≤ 1.3×): s / param for rtn, export, eval; s / (param·in) for GPTQ.",
-                  "", "| code | step | 1b | 8b | 8b / 1b |", "|---|---|---|---|---|"] + growth
+                  "", "| code | step | 1b | 8b | 8b / 1b (wall) | 8b / 1b (CPU s) |", "|---|---|---|---|---|---|"]
+        lines += growth
     if res.get("decode"):
         lines += ["", decode_table(res["decode"])]
     return "\n".join(lines) + "\n"
@@ -270,7 +279,9 @@ def growth_rows(steps: list[dict]) -> list[str]:
         if shape != "1b" or not big or r["kind"] not in ("rtn", "gptq", "export", "eval"):
             continue
         key = "s_per_tparam_in" if r["kind"] == "gptq" else "s_per_bparam"
-        out.append(f"| {code} | {step} ({key}) | {r[key]:.3f} | {big[key]:.3f} | {big[key] / r[key]:.2f} |")
+        cpu = (f"{(big['cpu_s'] / big['wall_s']) / (r['cpu_s'] / r['wall_s']) * big[key] / r[key]:.2f}"
+               if r.get("cpu_s") and big.get("cpu_s") else "")
+        out.append(f"| {code} | {step} ({key}) | {r[key]:.3f} | {big[key]:.3f} | {big[key] / r[key]:.2f} | {cpu} |")
     return out
 
 

@@ -27,6 +27,7 @@ class Measured:
     peak_rss_bytes: int
     killed_at_bytes: int | None = None  # set when the memory limit killed it
     timed_out: bool = False
+    cpu_s: float = 0.0  # user + system CPU seconds of the child and the descendants it waited for
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -108,4 +109,4 @@ def run_measured(argv: list[str], env: dict | None = None, cwd: str | Path | Non
     p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
     kernel = ru.ru_maxrss * 1024
     return Measured(rc=p.returncode, wall_s=wall, peak_rss_bytes=max(peak, kernel if kernel > own_hwm else 0),
-                    killed_at_bytes=killed, timed_out=timed_out)
+                    killed_at_bytes=killed, timed_out=timed_out, cpu_s=ru.ru_utime + ru.ru_stime)
