@@ -1,7 +1,7 @@
 """Checks a request passes before any of its content is used: Host and Content-Type headers, a body size
 limit and read timeout, and a JSON parser that refuses what Python's own would accept or choke on (nesting
 past ``MAX_DEPTH``, NaN / Infinity, numbers that overflow, integers past 64 bits, lone surrogates, invalid
-UTF-8)."""
+UTF-8, more than ``MAX_CONTAINERS`` objects and arrays)."""
 from __future__ import annotations
 
 import asyncio
@@ -15,8 +15,9 @@ import numpy as np
 from .errors import EngineError
 
 MAX_DEPTH = 32  # nesting of JSON arrays/objects an OpenAI request needs is 4 or 5
+MAX_CONTAINERS = 20_000  # objects + arrays in one body: a chat of thousands of messages fits
 MAX_INT_DIGITS = 20  # 2**64 has 20 digits
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \ud800-\udfff escape may be in the body
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _LOOPBACK_NAMES = ("localhost",)
 
@@ -102,11 +103,24 @@ async def read_body(request, limit: int, timeout: float) -> bytes:
 
 
 # ---- JSON --------------------------------------------------------------------------------------------
-def json_depth(raw: bytes) -> int:
-    """Deepest nesting of arrays/objects in ``raw`` (brackets inside strings do not count)."""
-    a = np.frombuffer(_STRING.sub(b'""', raw), dtype=np.uint8)
-    step = ((a == ord("[")) | (a == ord("{"))).astype(np.int32) - ((a == ord("]")) | (a == ord("}")))
-    return int(np.cumsum(step).max(initial=0))
+def json_shape(raw: bytes) -> tuple[int, int]:
+    """(deepest nesting, number of arrays and objects) of the JSON in ``raw``; brackets inside strings do not
+    count. In numpy: no Python loop and no regex holding the GIL over a large body."""
+    a = np.frombuffer(raw, dtype=np.uint8)
+    if a.size == 0:
+        return 0, 0
+    idx = np.arange(a.size, dtype=np.int64)
+    # backslashes right before each byte: a quote after an odd number of them is escaped
+    last_other = np.maximum.accumulate(np.where(a != ord("\\"), idx, -1))
+    run = np.empty(a.size, dtype=np.int64)
+    run[0] = 0
+    run[1:] = idx[:-1] - last_other[:-1]
+    quotes = (a == ord('"')) & (run % 2 == 0)
+    outside = np.cumsum(quotes) % 2 == 0
+    opens = ((a == ord("[")) | (a == ord("{"))) & outside
+    closes = ((a == ord("]")) | (a == ord("}"))) & outside
+    depth = np.cumsum(opens.astype(np.int64) - closes, dtype=np.int64)
+    return int(depth.max(initial=0)), int(np.count_nonzero(opens))
 
 
 def _bad(message: str):
@@ -143,15 +157,17 @@ def _check_strings(x, path="body") -> None:
             _check_strings(v, path)
 
 
-def parse_json(raw: bytes, max_depth: int = MAX_DEPTH):
+def parse_json(raw: bytes, max_depth: int = MAX_DEPTH, max_containers: int = MAX_CONTAINERS):
     """Parse a request body strictly; ``HttpError`` 400 (code ``invalid_json``) with one line otherwise."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         _bad(f"the request body is not UTF-8 ({e.reason} at byte {e.start})")
-    depth = json_depth(raw)
+    depth, containers = json_shape(raw)
     if depth > max_depth:
         _bad(f"the request body nests {depth} levels deep; at most {max_depth}")
+    if containers > max_containers:  # each is a Python object the garbage collector then walks, GIL held
+        _bad(f"the request body has {containers} JSON objects and arrays; at most {max_containers}")
     try:
         obj = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
     except HttpError:
@@ -160,5 +176,6 @@ def parse_json(raw: bytes, max_depth: int = MAX_DEPTH):
         _bad(f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
     except (ValueError, RecursionError) as e:
         _bad(f"the request body is not valid JSON ({' '.join(str(e).split())[:100]})")
-    _check_strings(obj)
+    if _SURROGATE_ESCAPE.search(raw):  # only then can a parsed string hold a lone surrogate (raw UTF-8 cannot)
+        _check_strings(obj)
     return obj

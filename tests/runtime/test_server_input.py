@@ -24,6 +24,7 @@ BAD_400 = [
     # (id, body, param, code)
     ("nested 100000 deep", b"[" * 100_000 + b"]" * 100_000, None, "invalid_json"),
     ("nested in a field", _raw('{"prompt": "hi", "x": ' + "[" * 50 + "]" * 50 + "}"), None, "invalid_json"),
+    ("20001 objects", _raw('{"prompt": "hi", "x": [' + ",".join(["{}"] * 20_000) + "]}"), None, "invalid_json"),
     ("5000-digit max_tokens", _raw('{"prompt": "hi", "max_tokens": ' + "9" * 5000 + "}"), None, "invalid_json"),
     ("21-digit seed", _raw('{"prompt": "hi", "seed": ' + "1" * 21 + "}"), None, "invalid_json"),
     ("seed -1", {"prompt": "hi", "seed": -1}, "seed", "invalid_value"),
