@@ -124,10 +124,10 @@ class Probes:
                  f"{data[9:12].decode() or 'none'} in {dt:.2f} s",
                  data.startswith(b"HTTP/1.1 408") and dt < self.args.body_timeout + 2)
         self.expect("3 MB prompt (beyond the context in characters)", {"prompt": "word " * 600_000}, 400,
-                    "context_length_exceeded", within=1.5)
+                    "context_length_exceeded")
         msgs = [{"role": "user", "content": "hi"}] * 100_000
         self.expect("100,000 chat messages (3.4 MB)", {"messages": msgs}, 400, "invalid_json",
-                    "/v1/chat/completions", within=1.0)
+                    "/v1/chat/completions")
         self.expect("3 MB of token ids", {"prompt": [5] * 1_000_000}, 400, "context_length_exceeded")
 
     # ---- item 3: KV memory and the max_tokens cap ---------------------------------------------------------
