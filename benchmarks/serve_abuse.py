@@ -145,6 +145,7 @@ class Probes:
         # max-batch requests that may each grow to the whole context: admitted by bytes, the rest wait
         pause.set()
         try:
+            self._settle()  # the well-behaved client's last request finishes first
             room = int(budget // ((len(ids) + longest) * per_tok)) if per_tok else self.args.max_batch
             fits = max(1, min(self.args.max_batch, room))
             socks = []
@@ -217,6 +218,7 @@ class Probes:
         srv, a = self.srv, self.args
         pause.set()
         try:
+            self._settle()
             body = json.dumps({"prompt": "The module", "max_tokens": 2000, "stream": True, "ignore_eos": True}).encode()
             head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n" % len(body))
