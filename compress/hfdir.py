@@ -109,3 +109,16 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def read_tensor(files, name: str):
+    """Tensor ``name`` of a compress.tensorfile.SafetensorsFiles as torch: floats as float32, codes in their
+    stored dtype (int8, uint8, float8_e4m3fn)."""
+    import torch
+
+    dt = files.dtype(name)
+    arr = files.get(name, raw=dt == "F8_E4M3")
+    if dt == "F8_E4M3":
+        return torch.from_numpy(arr).view(torch.float8_e4m3fn)
+    t = torch.from_numpy(arr)
+    return t.float() if t.is_floating_point() else t

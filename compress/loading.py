@@ -102,6 +102,13 @@ def _convert_gguf(gguf: Path, sha: str, quiet: bool) -> Path:
     return out
 
 
+def hf_dir_of_gguf(info: SourceInfo, quiet: bool = False) -> Path:
+    """The de-quantized safetensors dir of a GGUF source (converted and cached on first use)."""
+    conv = _convert_gguf(info.path, gguf_sha256(info), quiet)
+    info.extra["converted"] = str(conv)
+    return conv
+
+
 def load_model(source: str | SourceInfo, allow_pickle: bool = False, quiet: bool = False):
     """Load a model for the PyTorch stages.
 

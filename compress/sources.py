@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,12 @@ class SourceInfo:
     def weight_files(self) -> list[Path]:
         if self.kind == "gguf":
             return [self.path]
-        files = sorted(self.path.glob("*.safetensors"))
+        from .tensorfile import TensorFileError, checkpoint_files
+
+        try:
+            files = checkpoint_files(self.path)
+        except TensorFileError as e:
+            raise CompressError(str(e)) from None
         if not files and self.allow_pickle:
             files = sorted(self.path.glob("*.bin"))
         return files
@@ -59,12 +65,12 @@ class SourceInfo:
         if self.kind == "gguf" and self.alias:
             return ALIASES[self.alias].file_sha256
         if len(files) == 1:
-            return sha256_file(files[0])
+            return _file_sha256(files[0])
         import hashlib
 
         h = hashlib.sha256()
         for f in files:
-            h.update(f.name.encode() + b"\0" + sha256_file(f).encode())
+            h.update(f.name.encode() + b"\0" + _file_sha256(f).encode())
         return h.hexdigest()
 
     def to_dict(self) -> dict:
@@ -72,6 +78,48 @@ class SourceInfo:
         if self.alias:
             d["alias"] = self.alias
         return d
+
+
+def _file_sha256(f: Path) -> str:
+    """sha256 of a file; a Hugging Face cache snapshot links each weight file to blobs/<its sha256>, which is
+    used as it is instead of hashing gigabytes again."""
+    target = f.resolve()
+    name = target.name
+    if f.is_symlink() and target.parent.name == "blobs" and len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+        return name
+    return sha256_file(f)
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model"]
+
+
+def hub_snapshot(repo_id: str, quiet: bool = False) -> Path:
+    """The local snapshot dir of a Hugging Face Hub repo id: from huggingface_hub's cache (offline), else
+    downloaded (unless HF_HUB_OFFLINE=1). One line naming the id and the cache when neither works."""
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError:
+        raise CompressError(f"{repo_id}: looks like a Hub id, and resolving it needs huggingface_hub "
+                            "(pip install 'llmkiln[compress]')") from None
+    cache = constants.HF_HUB_CACHE
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        if not quiet:
+            print(f"llmkiln: downloading {repo_id} from the Hugging Face Hub into {cache} ...", file=sys.stderr,
+                  flush=True)
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        except Exception as e:
+            why = " ".join(str(e).split())[:160] or type(e).__name__
+    raise CompressError(f"{repo_id}: not in the Hugging Face cache ({cache}) and not downloadable ({why}); "
+                        f"fetch it where the Hub is reachable (hf download {repo_id}) and copy that cache dir, "
+                        "set HF_HUB_CACHE to it, or pass the checkpoint directory")
 
 
 def cache_dir() -> Path:
@@ -119,6 +167,8 @@ def resolve(source: str, allow_pickle: bool = False, quiet: bool = False) -> Sou
     if source in ALIASES:
         return SourceInfo(kind="gguf", path=fetch_alias(source, quiet=quiet), id=source, alias=source)
     p = Path(source)
+    if not p.exists() and HUB_ID.match(source):
+        return resolve_hub(source, allow_pickle, quiet)
     if not p.exists():
         known = ", ".join(ALIASES)
         raise CompressError(f"{source}: no such file or directory (and not a known alias: {known})")
@@ -146,3 +196,10 @@ def resolve(source: str, allow_pickle: bool = False, quiet: bool = False) -> Sou
         else:
             raise CompressError(f"{source}: no *.safetensors weights found")
     return SourceInfo(kind="hf", path=p, id=source, allow_pickle=allow_pickle)
+
+
+def resolve_hub(repo_id: str, allow_pickle: bool = False, quiet: bool = False) -> SourceInfo:
+    info = resolve(str(hub_snapshot(repo_id, quiet)), allow_pickle=allow_pickle, quiet=quiet)
+    info.id = repo_id
+    info.extra["hub_id"] = repo_id
+    return info

@@ -178,12 +178,33 @@ class ShardWriter:
         for name, (arr, dt) in tensors.items():
             if name in self.weight_map:
                 raise ValueError(f"tensor {name} written twice")
-            arr = np.ascontiguousarray(arr)
-            self._fh.write(memoryview(arr).cast("B"))
+            arr = arr if arr.flags.c_contiguous else arr.copy()  # (ascontiguousarray would make a scalar 1-D)
+            self._fh.write(arr.tobytes() if arr.ndim == 0 else memoryview(arr).cast("B"))
             self._header[name] = {"dtype": dt, "shape": list(arr.shape),
                                   "data_offsets": [self._used, self._used + arr.nbytes]}
             self._used += arr.nbytes
             self.weight_map[name] = len(self.shards) - 1
+
+    def add_chunks(self, name: str, dt: str, shape: tuple, chunks) -> None:
+        """One tensor written from an iterator of row blocks (numpy arrays whose bytes concatenate to it), in
+        the current shard, for tables too big to hold (a 128k-row embedding)."""
+        if name in self.weight_map:
+            raise ValueError(f"tensor {name} written twice")
+        itemsize = np.dtype(RAW[dt]).itemsize
+        size = int(np.prod(shape)) * itemsize
+        if self._fh is None or (self._used and self._used + size > self.max_bytes):
+            self._finish()
+            self._open()
+        written = 0
+        for c in chunks:
+            c = np.ascontiguousarray(c)
+            self._fh.write(memoryview(c).cast("B"))
+            written += c.nbytes
+        if written != size:
+            raise ValueError(f"{name}: wrote {written} bytes for a tensor of {size}")
+        self._header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [self._used, self._used + size]}
+        self._used += size
+        self.weight_map[name] = len(self.shards) - 1
 
     def close(self) -> list[str]:
         """Finish the last shard, give the shards their final names, write the index. Returns the file names."""

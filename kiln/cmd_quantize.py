@@ -5,7 +5,7 @@ import dataclasses
 
 import click
 
-from .common import emit_json
+from .common import emit_json, parse_size
 
 SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4", "int8-group")
 
@@ -22,8 +22,13 @@ SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4", "int8-group")
               help="Calibration corpus (builtin:pydoc, a text file, or JSONL with 'text'); windows from its end.")
 @click.option("--calib-samples", type=click.IntRange(1, None), default=16, show_default=True,
               help="Calibration windows.")
-@click.option("--seq-len", type=click.IntRange(2, 1 << 16), default=512, show_default=True,
-              help="Tokens per calibration / evaluation window.")
+@click.option("--calib-seq-len", "--seq-len", "seq_len", type=click.IntRange(2, 1 << 16), default=512,
+              show_default=True, help="Tokens per calibration (and evaluation) window.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where each decoder layer's forward, Hessians and GPTQ run (auto: cuda when torch sees a GPU); "
+                   "weights are read and written one layer at a time either way.")
+@click.option("--shard-size", default="2GB", show_default=True, metavar="SIZE",
+              help="Largest output shard (decoder layers are never split): e.g. 500MB, 2GB, 5GiB.")
 @click.option("--ignore", multiple=True, metavar="PATTERN",
               help="Keep matching layers float: a module name, a glob (model.layers.0.*), a last component "
                    "(down_proj, lm_head) or re:REGEX. Repeatable; added to the scheme's own (fp8 and int8-sq "
@@ -37,9 +42,13 @@ SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4", "int8-group")
                                                 "from its start).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object last on stdout.")
-def quantize(source, scheme, out, method, calib, calib_samples, seq_len, ignore, float_inputs, eval_windows,
-             eval_text, force, as_json):
+def quantize(source, scheme, out, method, calib, calib_samples, seq_len, device, shard_size, ignore, float_inputs,
+             eval_windows, eval_text, force, as_json):
     """Quantize SOURCE with a calibrated scheme and write a compressed checkpoint to OUT.
+
+    SOURCE is read one decoder layer at a time and each finished layer is written at once to OUT's shards,
+    so memory is about one layer, whatever the model's size. A Hub id (meta-llama/Llama-3.2-1B) is taken
+    from the Hugging Face cache (downloaded when the Hub is reachable and HF_HUB_OFFLINE is not set).
 
     \b
     int8-wo   INT8 weights per channel, float activations (CPU, memory)
@@ -67,7 +76,7 @@ def quantize(source, scheme, out, method, calib, calib_samples, seq_len, ignore,
     config = config_for(scheme, **kw)
     res = quantize_checkpoint(source, config, out, calib_text=calib, calib_samples=calib_samples, seq_len=seq_len,
                               eval_windows=eval_windows or None, eval_text=eval_text, force=force,
-                              progress=not as_json)
+                              progress=not as_json, device=device, shard_size=parse_size(shard_size, "--shard-size"))
     if as_json:
         emit_json(res)
         return

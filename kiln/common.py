@@ -93,3 +93,18 @@ def emit_json(obj) -> None:
 def stderr(msg: str) -> None:
     click.echo(msg, err=True)
     sys.stderr.flush()
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, option: str) -> int:
+    """'500MB', '2GB', '2.5GiB', '1048576' -> bytes; a click.BadParameter naming ``option`` otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 500MB, 2GB, 2.5GiB)", param_hint=option)
+    return int(float(m.group(1)) * _UNITS[unit])

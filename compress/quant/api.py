@@ -8,32 +8,17 @@ quantizes the selected Linears that are still float.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 import torch
 
 from ..errors import CompressError
 from ..passes import QuantReport
 from ..registry import QUANT_TRANSFORMS
 from . import schemes  # noqa: F401  (registers the transforms)
-from .calibrate import Group, layer_groups
 from .config import QuantConfig
 from .modules import QuantLinear, layer_linears
 from .transforms import quantize_lm_head
 
 STATE_ATTR = "kiln_quant"
-
-
-@dataclass
-class QuantContext:
-    """What a transform gets besides the model and its config."""
-
-    groups: list[Group]
-    targets: list[str]  # selected decoder Linears that are still float
-    loop: object | None  # forward_loop(model) or None
-    progress: bool = False
-    stats: dict = field(default_factory=dict)
 
 
 def _as_loop(calib):
@@ -62,40 +47,61 @@ def _head_is_float(model) -> bool:
 
 
 def quantize_(model, config: QuantConfig, calib=None, progress: bool = False) -> QuantReport:
-    """Quantize the selected, still float Linears of ``model`` in place; returns the pass report (also kept,
-    with the passes before it, in ``model.kiln_quant``)."""
-    if not isinstance(config, QuantConfig):
-        raise CompressError(f"config must be a quantization config (Int8WeightOnly, Fp8, ...), got {config!r}")
-    transform = QUANT_TRANSFORMS.get(config)
+    """Quantize the selected, still float Linears of ``model`` in place, decoder layer by decoder layer;
+    returns the pass report (also kept, with the passes before it, in ``model.kiln_quant``)."""
+    from ..sequential import InMemory
+
+    check(model.config, config, calib)
     loop = _as_loop(calib)
-    if config.needs_calibration and loop is None:
-        hint = "; pass calib= or use method='rtn'" if hasattr(config, "method") else ""
-        raise CompressError(f"scheme {config.scheme}{' with method gptq' if hint else ''} needs calibration data "
-                            f"(calib=forward_loop or token batches){hint}")
     sel = config.selection
-    linears = [n for n, _ in layer_linears(model)]
-    targets = [n for n in linears if sel(n)]
+    targets = {n for n, _ in layer_linears(model) if sel(n)}
     head = sel("lm_head") and _head_is_float(model)
     if not targets and not head:
         if is_quantized(model):
             raise CompressError("this model is already quantized where the config selects; quantize the float "
                                 "(or pruned) model, or select Linears that are still float")
         raise CompressError(f"no Linear matches targets {list(config.targets)} minus ignore {list(config.ignore)}")
-    t0 = time.perf_counter()
     before = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    ctx = QuantContext(groups=layer_groups(model), targets=targets, loop=loop, progress=progress)
+    stats = run_pass(InMemory(model), config, targets, loop, progress)
     head_rec = None
-    with torch.no_grad():
-        if targets:
-            transform(model, config, ctx)
-        if head:
+    if head:
+        with torch.no_grad():
             head_rec = quantize_lm_head(model, config.head_spec(model.config.hidden_size))
     layers = {n: m.spec for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in before}
     if head_rec is not None:
         layers["lm_head"] = head_rec["spec"]
-    ctx.stats["seconds"] = round(time.perf_counter() - t0, 1)
-    report = QuantReport(config=config, layers=layers, stats=ctx.stats)
+    report = QuantReport(config=config, layers=layers, stats=stats)
     state = quant_state(model)
     tied = head_rec if head_rec is not None and "codes" in head_rec else state["lm_head"]
     object.__setattr__(model, STATE_ATTR, {"passes": state["passes"] + [report], "lm_head": tied})
     return report
+
+
+def check(hf_config, config: QuantConfig, calib) -> None:
+    """Refuse what cannot run before any work: a non-config, a calibrated scheme without calibration data."""
+    if not isinstance(config, QuantConfig):
+        raise CompressError(f"config must be a quantization config (Int8WeightOnly, Fp8, ...), got {config!r}")
+    QUANT_TRANSFORMS.get(config)
+    if config.needs_calibration and calib is None:
+        hint = "; pass calib= or use method='rtn'" if getattr(config, "method", None) == "gptq" else ""
+        raise CompressError(f"scheme {config.scheme}{' with method gptq' if hint else ''} needs calibration data "
+                            f"(calib=forward_loop or token batches){hint}")
+
+
+def run_pass(source, config: QuantConfig, targets: set, loop, progress: bool, done=None) -> dict:
+    """Quantize ``targets`` of every decoder layer of ``source`` (compress.sequential). Returns the stats."""
+    from ..sequential import run_sequential
+    from .schemes import QuantContext, streams_for
+
+    cfg = source.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    ctx = QuantContext(targets=set(targets), head_dim=head_dim, calibrated=loop is not None)
+    transform = QUANT_TRANSFORMS.get(config)
+    streams = streams_for(config, loop is not None)
+    label = f"{'gptq' if 'quant' in streams else 'quantize'} {config.scheme}" if progress else None
+    run = run_sequential(source, lambda job: transform(job, config, ctx), loop=loop, streams=streams,
+                         rows=getattr(config, "rows_per_batch", 0), draw_seed=0, progress=label, done=done)
+    if run["calibration_tokens"]:
+        ctx.stats["calibration_tokens"] = run["calibration_tokens"]
+    ctx.stats["seconds"] = run["seconds"]
+    return ctx.stats

@@ -25,25 +25,36 @@ class Group:
     repeat: int = 1  # o_proj input = v_proj output channels repeated per query-head group (GQA)
 
 
-def layer_groups(model) -> list[Group]:
-    """The four input groups of each Llama-style decoder layer."""
-    cfg = model.config
+def _groups(cfg, i: int) -> list[Group]:
     rep = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-    out = []
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}"
-        out += [
-            Group(f"{p}.attn_in", [f"{p}.self_attn.{x}_proj" for x in "qkv"], f"{p}.input_layernorm", "norm"),
-            Group(f"{p}.o_in", [f"{p}.self_attn.o_proj"], f"{p}.self_attn.v_proj", "linear", rep),
-            Group(f"{p}.mlp_in", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.post_attention_layernorm", "norm"),
-            Group(f"{p}.down_in", [f"{p}.mlp.down_proj"], f"{p}.mlp.up_proj", "linear"),
-        ]
-    names = dict(model.named_modules())
-    for g in out:
+    p = f"model.layers.{i}"
+    return [
+        Group(f"{p}.attn_in", [f"{p}.self_attn.{x}_proj" for x in "qkv"], f"{p}.input_layernorm", "norm"),
+        Group(f"{p}.o_in", [f"{p}.self_attn.o_proj"], f"{p}.self_attn.v_proj", "linear", rep),
+        Group(f"{p}.mlp_in", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.post_attention_layernorm", "norm"),
+        Group(f"{p}.down_in", [f"{p}.mlp.down_proj"], f"{p}.mlp.up_proj", "linear"),
+    ]
+
+
+def _check_modules(groups: list[Group], names) -> None:
+    for g in groups:
         for n in g.linears + [g.prev]:
             if n not in names:
                 raise CompressError(f"module {n} not found; llmkiln quantizes Llama-style decoders "
                                     "(q/k/v/o_proj, gate/up/down_proj, input/post_attention_layernorm)")
+
+
+def layer_groups(model) -> list[Group]:
+    """The four input groups of each Llama-style decoder layer."""
+    out = [g for i in range(model.config.num_hidden_layers) for g in _groups(model.config, i)]
+    _check_modules(out, dict(model.named_modules()))
+    return out
+
+
+def layer_groups_of(cfg, i: int, layer: nn.Module) -> list[Group]:
+    """The four input groups of decoder layer ``i`` (full module names), checked against the layer module."""
+    out = _groups(cfg, i)
+    _check_modules(out, {f"model.layers.{i}.{n}" for n, _ in layer.named_modules()})
     return out
 
 
@@ -56,7 +67,9 @@ class InputStats:
     tokens: int = 0
     rows: list = field(default_factory=list)  # [r, in] chunks
 
-    def add(self, x: torch.Tensor, keep: int, gen: torch.Generator) -> None:
+    def add(self, x: torch.Tensor, keep: int, perm: torch.Tensor | None = None) -> None:
+        """Accumulate x [..., in]; keep ``keep`` rows: the first 4, then ``perm`` (a permutation of the rest,
+        drawn by the caller so that the order of draws does not depend on the order of layers)."""
         x = x.detach().reshape(-1, x.shape[-1]).float()  # [T, in]
         a = x.abs().amax(dim=0)
         self.amax = a if self.amax is None else torch.maximum(self.amax, a)
@@ -66,7 +79,7 @@ class InputStats:
         keep = min(keep, x.shape[0])
         if keep > 0:
             head = min(4, x.shape[0], keep)  # the first tokens often carry the largest activations
-            idx = torch.randperm(x.shape[0] - head, generator=gen)[: keep - head] + head
+            idx = perm[: keep - head] + head
             self.rows.append(torch.cat([x[:head], x[idx]]).clone())
 
     def sample(self) -> torch.Tensor:
@@ -85,7 +98,10 @@ def collect_stats(model, forward_loop, names: list[str], rows_per_batch: int = 0
 
     def hook(name):
         def f(_mod, args):
-            stats[name].add(args[0], rows_per_batch, gen)
+            t = args[0].numel() // args[0].shape[-1]
+            k = min(rows_per_batch, t)
+            perm = torch.randperm(t - min(4, t, k), generator=gen) if k > 0 else None
+            stats[name].add(args[0], rows_per_batch, perm)
         return f
 
     handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]

@@ -11,7 +11,7 @@ from runtime.records import QuantPass
 
 from ..checkpoint import save_checkpoint
 from ..errors import CompressError
-from ..hfdir import check_config, check_safetensors, quiet_transformers, state_for_saving
+from ..hfdir import check_config, quiet_transformers, read_tensor, state_for_saving
 from . import primitives as P
 from .api import STATE_ATTR, quant_state
 from .modules import QuantLinear, is_tied, set_module
@@ -54,20 +54,19 @@ def save_quantized(model, tokenizer, out, *, source: dict, earlier_passes: list 
                            tensors=quantized_tensors(model))
 
 
-def _take(tensors: dict, key: str, where: str) -> torch.Tensor:
-    if key not in tensors:
-        raise CompressError(f"{where}: tensor {key} is missing from model.safetensors; re-create the checkpoint")
-    return tensors.pop(key)
-
-
 def _check(cond: bool, where: str, msg: str) -> None:
     if not cond:
         raise CompressError(f"{where}: {msg}; the checkpoint is corrupt or from another tool — re-create it")
 
 
-def _read_codes(tensors: dict, prefix: str, spec: LayerSpec, where: str):
-    stored = _take(tensors, f"{prefix}.weight", where)
-    scale = _take(tensors, f"{prefix}.weight_scale", where).float()
+def read_codes(get, prefix: str, spec: LayerSpec, where: str):
+    """(codes, scale) of quantized weight ``prefix`` (int4 unpacked), checked against ``spec``.
+    ``get(name)`` returns a stored tensor or None."""
+    stored, scale = get(f"{prefix}.weight"), get(f"{prefix}.weight_scale")
+    for name, t in ((f"{prefix}.weight", stored), (f"{prefix}.weight_scale", scale)):
+        if t is None:
+            raise CompressError(f"{where}: tensor {name} is missing from the checkpoint; re-create it")
+    scale = scale.float()
     dtype = CODE_DTYPES[spec.weight]
     _check(stored.dtype == dtype and stored.dim() == 2, where,
            f"{prefix}.weight has dtype {stored.dtype}, expected {dtype} [out, in]")
@@ -82,21 +81,31 @@ def _read_codes(tensors: dict, prefix: str, spec: LayerSpec, where: str):
     return codes, scale
 
 
+def quant_linear_from(get, name: str, spec: LayerSpec, linear, where: str) -> QuantLinear:
+    """The QuantLinear of Linear ``name`` (shaped like ``linear``) from its stored tensors."""
+    codes, scale = read_codes(get, name, spec, where)
+    _check(tuple(codes.shape) == (linear.out_features, linear.in_features), where, f"{name}: weight shape mismatch")
+    inp = get(f"{name}.input_scale")
+    _check((inp is not None) == spec.static_act, where, f"{name}: input_scale present iff static act")
+    return QuantLinear(codes, scale, spec, inp, get(f"{name}.bias"), get(f"{name}.smooth_factor"))
+
+
 def load_quantized(path, manifest):
-    """(model, tokenizer) with QuantLinear modules reproducing the stored numerics."""
-    from safetensors.torch import load_file
+    """(model, tokenizer) with QuantLinear modules reproducing the stored numerics (the whole model in memory;
+    compress.lazy.LazyModel reads one layer at a time)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from ..tensorfile import SafetensorsFiles, TensorFileError, checkpoint_files
 
     path = Path(path)
     layers = {n: s for n, s in manifest.layer_specs().items() if s.quantized}
     if not layers:
         raise CompressError(f"{path}/kiln.json: the quantize passes list no layers; re-create the checkpoint")
     check_config(path)
-    f = path / "model.safetensors"
-    if not f.is_file():
-        raise CompressError(f"{path}: model.safetensors is missing")
-    check_safetensors([f])
-    tensors = load_file(str(f))
+    try:
+        files = SafetensorsFiles(checkpoint_files(path))
+    except TensorFileError as e:
+        raise CompressError(str(e)) from None
     with quiet_transformers():
         cfg = AutoConfig.from_pretrained(str(path))
         with torch.device("cpu"):
@@ -110,30 +119,33 @@ def load_quantized(path, manifest):
     where = str(path)
     tied = is_tied(model)
     head = None
-    quantized = set()
+    used = set()
+
+    def get(name):
+        if name not in files:
+            return None
+        used.add(name)
+        return read_tensor(files, name)
+
     for name, spec in layers.items():
         if name == "lm_head" and tied:
             _check(spec.act is None, where, "the tied lm_head can only be weight-only")
-            codes, scale = _read_codes(tensors, "model.embed_tokens", spec, where)
-            tensors["model.embed_tokens.weight"] = P.dequantize(codes, scale)
+            codes, scale = read_codes(get, "model.embed_tokens", spec, where)
             head = {"spec": spec, "codes": codes, "scale": scale}
             continue
         try:
             lin = model.get_submodule(name)
         except AttributeError:
             raise CompressError(f"{where}: kiln.json names layer {name}, which this architecture lacks") from None
-        codes, scale = _read_codes(tensors, name, spec, where)
-        _check(tuple(codes.shape) == (lin.out_features, lin.in_features), where, f"{name}: weight shape mismatch")
-        inp = tensors.pop(f"{name}.input_scale", None)
-        _check((inp is not None) == spec.static_act, where, f"{name}: input_scale present iff static act")
-        smooth = tensors.pop(f"{name}.smooth_factor", None)
-        bias = tensors.pop(f"{name}.bias", None)
-        set_module(model, name, QuantLinear(codes, scale, spec, inp, bias, smooth))
-        quantized.add(f"{name}.weight")
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+        set_module(model, name, quant_linear_from(get, name, spec, lin, where))
+    state = {n: read_tensor(files, n) for n in files.keys() if n not in used}
+    if head is not None:
+        state["model.embed_tokens.weight"] = P.dequantize(head["codes"], head["scale"])
+    quantized = {f"{n}.weight" for n in layers}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in quantized and not (tied and k == "lm_head.weight")]
     _check(not missing and not unexpected, where,
-           f"tensors missing {missing[:3]} / unexpected {unexpected[:3]} in model.safetensors")
+           f"tensors missing {missing[:3]} / unexpected {unexpected[:3]} in the safetensors files")
     if tied:
         model.tie_weights()
     model.eval()

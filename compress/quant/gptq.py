@@ -3,6 +3,8 @@ weighted MSE) and INT8 per output channel, run layer by layer: each decoder laye
 already-quantized layers before it."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import primitives as P
@@ -23,22 +25,49 @@ def int4_scale_search(w: torch.Tensor, group: int, h: torch.Tensor, clips=GROUP_
     return P.pick_lowest_error((base * c, err(base * c)) for c in clips)
 
 
+@dataclass
+class Factor:
+    """What GPTQ needs of a Hessian, computed once per group of Linears that share an input: the act-order
+    permutation, the upper Cholesky factor of the damped inverse (permuted), the diagonal (for int4's scale
+    search) and the dead (never active) inputs."""
+
+    perm: torch.Tensor
+    hinv: torch.Tensor  # float32 [n, n]
+    diag: torch.Tensor  # float32 [n], before damping, unpermuted
+    dead: torch.Tensor  # bool [n]
+
+
 @torch.no_grad()
-def gptq(w: torch.Tensor, hess: torch.Tensor, fmt: str = "int4", group: int = 128, damp: float = 0.01,
-         block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ for w [out, in] given H = E[x x^T] [in, in].
-    int4: (codes int8 [out, in] in [-8, 7], scale [out, in/group]); int8: (codes in [-127, 127], scale [out],
-    or [out, in/group] with a group); fp8: (codes float8_e4m3fn, scale [out]).  Codes are exactly the primitives' rounding of the updated weights."""
-    w = w.detach().float().clone()
-    h = hess.detach().double().clone()
-    n = w.shape[1]
-    zero = w == 0  # exact zeros (an earlier prune pass) stay zero: their error is compensated like any other
+def factor(hess: torch.Tensor, damp: float = 0.01) -> Factor:
+    """Factor H = E[x x^T] [in, in] (float32 or float64, consumed: the caller's tensor is modified and
+    dropped). At most two [in, in] matrices are alive at once."""
+    h = hess.detach()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    d = torch.diag(h).clone()
+    perm = torch.argsort(d, descending=True)
+    h = h[perm][:, perm]
+    h.diagonal().add_(damp * torch.mean(d))
+    h = torch.linalg.cholesky(h)
+    h = torch.cholesky_inverse(h)
+    h = torch.linalg.cholesky(h, upper=True)
+    return Factor(perm=perm, hinv=h.float(), diag=d.float(), dead=dead)
+
+
+@torch.no_grad()
+def gptq(w: torch.Tensor, hess: torch.Tensor | Factor, fmt: str = "int4", group: int = 128, damp: float = 0.01,
+         block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ for w [out, in] given H = E[x x^T] [in, in] or its ``factor``.
+    int4: (codes int8 [out, in] in [-8, 7], scale [out, in/group]); int8: (codes in [-127, 127], scale [out],
+    or [out, in/group] with a group); fp8: (codes float8_e4m3fn, scale [out]).  Codes are exactly the primitives' rounding of the updated weights."""
+    f = hess if isinstance(hess, Factor) else factor(hess.detach().double().clone(), damp)
+    w = w.detach().float().clone()
+    n = w.shape[1]
+    zero = w == 0  # exact zeros (an earlier prune pass) stay zero: their error is compensated like any other
+    w[:, f.dead] = 0.0
     grouped = fmt == "int4" or (fmt == "int8" and 0 < group < n)
     if fmt == "int4":
-        scale = int4_scale_search(w, group, torch.diag(h).float())
+        scale = int4_scale_search(w, group, f.diag)
         lo, hi = P.INT4_MIN, P.INT4_MAX
     elif fmt == "int8":
         if grouped:
@@ -49,10 +78,8 @@ def gptq(w: torch.Tensor, hess: torch.Tensor, fmt: str = "int4", group: int = 12
     else:
         scale, group = P.fp8_weight_scale(w)[:, None], n
         lo = hi = None
-    perm = torch.argsort(torch.diag(h), descending=True)
-    w, h, zero = w[:, perm], h[perm][:, perm], zero[:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(n, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    perm, hinv = f.perm, f.hinv
+    w, zero = w[:, perm], zero[:, perm]
     col_scale = scale[:, perm // group]  # [out, in] scale of each (permuted) column
     codes = torch.zeros_like(w)  # code values, float
     for i1 in range(0, n, block):
@@ -75,16 +102,19 @@ def gptq(w: torch.Tensor, hess: torch.Tensor, fmt: str = "int4", group: int = 12
 
 
 class HessianAccumulator:
-    """H = mean over tokens of x x^T for one Linear input, filled by a forward pre-hook."""
+    """H = mean over tokens of x x^T for one Linear input, filled by a forward pre-hook. float32 by default:
+    float64 doubles the memory of the biggest matrices (a 14336-input down_proj: 1.6 GB) for no code that the
+    tests see change beyond round-off (tests/compress/test_quant_primitives.py)."""
 
-    def __init__(self, n: int):
-        self.h = torch.zeros(n, n, dtype=torch.float64)
+    def __init__(self, n: int, dtype=torch.float32):
+        self.h = torch.zeros(n, n, dtype=dtype)
         self.tokens = 0
 
     def __call__(self, _mod, args):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [T, in]
-        self.h += (x.T @ x).double()
+        self.h.addmm_(x.T.to(self.h.dtype), x.to(self.h.dtype))
         self.tokens += x.shape[0]
 
     def get(self) -> torch.Tensor:
-        return self.h / max(self.tokens, 1)
+        """The mean (the accumulator's own matrix, divided in place)."""
+        return self.h.div_(max(self.tokens, 1))

@@ -56,10 +56,12 @@ def test_one_shard_is_model_safetensors_and_a_big_header_is_rewritten(tmp_path, 
     monkeypatch.setattr(ShardWriter, "RESERVE", 256)  # far too small: the writer must fall back
     w = ShardWriter(tmp_path)
     w.add({f"t{i}": (np.full((2,), i, np.float32), "F32") for i in range(40)})
+    w.add({"scalar": (np.array(0.5, np.float32), "F32")})
     assert w.close() == ["model.safetensors"]
     with safe_open(str(tmp_path / "model.safetensors"), "np") as h:
-        assert sorted(h.keys(), key=lambda k: int(k[1:])) == [f"t{i}" for i in range(40)]
+        assert sorted(k for k in h.keys() if k != "scalar") == sorted(f"t{i}" for i in range(40))
         np.testing.assert_array_equal(h.get_tensor("t39"), [39, 39])
+        assert h.get_tensor("scalar").shape == () and float(h.get_tensor("scalar")) == 0.5
 
 
 def test_truncated_and_corrupt_files_are_named(tmp_path):

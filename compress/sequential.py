@@ -1,0 +1,201 @@
+"""Decoder layer by decoder layer: the loop every calibrated pass runs, in memory or streamed from disk.
+
+A ``LayerSource`` gives layer ``i`` (``InMemory``: the loaded model's own modules; ``Streamed``: built from
+the files by ``compress.lazy.LazyModel``, released after). Calibration activations are carried between layers
+in up to two streams: ``float`` (what the unmodified model computes: statistics for smoothing and static
+scales) and ``quant`` (the outputs of the layers already compressed: GPTQ / SparseGPT / Wanda inputs). Each
+layer gets a ``LayerJob``; the pass transforms it, then the streams advance through it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import CompressError
+from .quant.calibrate import Group, InputStats, layer_groups_of, run_layer
+
+Inputs = list  # [(hidden [1, S, H], kwargs)] as a decoder layer receives them
+
+
+class InMemory:
+    """The layers of a model that is loaded whole."""
+
+    def __init__(self, model):
+        self.model = model
+        self.config = model.config
+        self.num_layers = len(model.model.layers)
+
+    def layer(self, i: int) -> nn.Module:
+        return self.model.model.layers[i]
+
+    def release(self, i: int) -> None:
+        pass
+
+    def capture(self, loop) -> Inputs:
+        from .quant.calibrate import capture_layer_inputs
+
+        return capture_layer_inputs(self.model, loop)
+
+
+class Streamed:
+    """The layers of a checkpoint on disk, one at a time (compress.lazy.LazyModel)."""
+
+    def __init__(self, lazy):
+        self.lazy = lazy
+        self.config = lazy.config
+        self.num_layers = lazy.num_layers
+
+    def layer(self, i: int) -> nn.Module:
+        return self.lazy.layer(i)
+
+    def release(self, i: int) -> None:
+        self.lazy.release(i)
+
+    def capture(self, loop) -> Inputs:
+        from .quant.calibrate import capture_layer_inputs
+
+        return capture_layer_inputs(self.lazy.skeleton, loop)
+
+
+class OrderedDraws:
+    """The random rows a statistics sample keeps, drawn in the order a whole-model forward would draw them
+    (batch by batch, then each layer's groups in forward order), so a layer-by-layer run keeps the same rows
+    as a whole-model one."""
+
+    def __init__(self, seed: int, tokens: list[int], layers: int, groups: int, keep: int):
+        gen = torch.Generator().manual_seed(seed)
+        self.perms: dict[tuple[int, int, int], torch.Tensor] = {}
+        for b, t in enumerate(tokens):
+            k = min(keep, t)
+            head = min(4, t, k)
+            for i in range(layers):
+                for g in range(groups):
+                    if k > 0:
+                        self.perms[b, i, g] = torch.randperm(t - head, generator=gen)
+
+    def get(self, b: int, i: int, g: int) -> torch.Tensor | None:
+        return self.perms.get((b, i, g))
+
+
+@dataclass
+class LayerJob:
+    """One decoder layer while a pass works on it. Names are full module names (``model.layers.3.mlp.up_proj``)."""
+
+    index: int
+    layer: nn.Module
+    groups: list[Group]
+    float_in: Inputs | None
+    quant_in: Inputs | None
+    float_stats: dict = field(default_factory=dict)  # group's first Linear -> InputStats (float stream)
+    float_out: Inputs | None = None
+
+    @property
+    def prefix(self) -> str:
+        return f"model.layers.{self.index}."
+
+    def get_submodule(self, name: str) -> nn.Module:
+        """The module of full name ``name`` (this layer's own or one inside it): jobs stand in for the model
+        in the module transforms (replace_linear, fold_smoothing)."""
+        if name == self.prefix[:-1]:
+            return self.layer
+        if not name.startswith(self.prefix):
+            raise CompressError(f"{name} is not in decoder layer {self.index}")
+        return self.layer.get_submodule(name[len(self.prefix):])
+
+    module = get_submodule
+
+    def hessians(self, targets: list[str], dtype=torch.float32) -> dict[str, torch.Tensor]:
+        """{target: H = mean x x^T of its input} on the quant stream through the layer as it is now; Linears
+        that read the same input (a group) share one matrix."""
+        from .quant.gptq import HessianAccumulator
+
+        if self.quant_in is None:
+            raise CompressError("this pass needs calibration data (its inputs were not captured)")
+        accs, handles = {}, []
+        for g in self.groups:
+            live = [n for n in g.linears if n in targets]
+            if live:
+                first = self.module(g.linears[0])
+                acc = HessianAccumulator(first.in_features, dtype)
+                handles.append(first.register_forward_pre_hook(acc))
+                for n in live:
+                    accs[n] = acc
+        try:
+            run_layer(self.layer, self.quant_in)
+        finally:
+            for h in handles:
+                h.remove()
+        done: dict[int, torch.Tensor] = {}
+        return {n: done.setdefault(id(a), a.get()) for n, a in accs.items()}
+
+
+def run_float(job: LayerJob, rows: int, draws: OrderedDraws | None) -> None:
+    """The float stream through the unmodified layer, collecting statistics of each group's input (amax,
+    mean square, ``rows`` sampled tokens per batch); its outputs become the next layer's float stream."""
+    stats = {g.linears[0]: InputStats() for g in job.groups}
+    where = {g.linears[0]: k for k, g in enumerate(job.groups)}
+    batch = [0]
+
+    def hook(name):
+        def f(_mod, args):
+            perm = draws.get(batch[0], job.index, where[name]) if draws is not None else None
+            stats[name].add(args[0], rows, perm)
+        return f
+
+    handles = [job.module(n).register_forward_pre_hook(hook(n)) for n in stats]
+    outs = []
+    try:
+        with torch.inference_mode():
+            for b, (h, kw) in enumerate(job.float_in):
+                batch[0] = b
+                outs.append((job.layer(h, **kw), kw))
+    finally:
+        for hd in handles:
+            hd.remove()
+    job.float_stats, job.float_out = stats, outs
+
+
+def run_sequential(source, transform, *, loop=None, streams: frozenset = frozenset(), rows: int = 0,
+                   draw_seed: int | None = None, progress: str | None = None, done=None) -> dict:
+    """Run ``transform(job)`` on every decoder layer of ``source`` in order; ``done(i, layer)`` after each
+    (streamed: write it out). ``streams``: which calibration streams the pass reads ("float", "quant").
+    Returns {"calibration_tokens", "seconds"}."""
+    t0 = time.perf_counter()
+    inputs = None
+    if streams:
+        if loop is None:
+            raise CompressError("this pass needs calibration data (calib=forward_loop or token batches)")
+        inputs = source.capture(loop)
+    float_in = inputs if "float" in streams else None
+    quant_in = inputs if "quant" in streams else None
+    draws = None
+    if float_in is not None and rows and draw_seed is not None:
+        draws = OrderedDraws(draw_seed, [h.shape[0] * h.shape[1] for h, _ in float_in], source.num_layers, 4, rows)
+    bar = None
+    if progress:
+        from runtime.progress import bar as make_bar
+
+        bar = make_bar(source.num_layers, progress)
+    try:
+        for i in range(source.num_layers):
+            layer = source.layer(i)
+            job = LayerJob(i, layer, layer_groups_of(source.config, i, layer), float_in, quant_in)
+            if float_in is not None:
+                run_float(job, rows, draws)
+            transform(job)
+            if quant_in is not None:
+                quant_in = run_layer(layer, quant_in)
+            float_in = job.float_out
+            if done is not None:
+                done(i, layer)
+            source.release(i)
+            if bar:
+                bar.advance()
+    finally:
+        if bar:
+            bar.close()
+    tokens = sum(h.shape[0] * h.shape[1] for h, _ in inputs) if inputs else 0
+    return {"calibration_tokens": tokens, "seconds": round(time.perf_counter() - t0, 1)}
