@@ -105,21 +105,22 @@ async def read_body(request, limit: int, timeout: float) -> bytes:
 # ---- JSON --------------------------------------------------------------------------------------------
 def json_shape(raw: bytes) -> tuple[int, int]:
     """(deepest nesting, number of arrays and objects) of the JSON in ``raw``; brackets inside strings do not
-    count. In numpy: no Python loop and no regex holding the GIL over a large body."""
+    count. In numpy over the quote and bracket positions only: no Python loop over the body, no regex holding
+    the GIL, no body-sized integer arrays."""
     a = np.frombuffer(raw, dtype=np.uint8)
-    if a.size == 0:
-        return 0, 0
-    idx = np.arange(a.size, dtype=np.int64)
-    # backslashes right before each byte: a quote after an odd number of them is escaped
-    last_other = np.maximum.accumulate(np.where(a != ord("\\"), idx, -1))
-    run = np.empty(a.size, dtype=np.int64)
-    run[0] = 0
-    run[1:] = idx[:-1] - last_other[:-1]
-    quotes = (a == ord('"')) & (run % 2 == 0)
-    outside = np.cumsum(quotes) % 2 == 0
-    opens = ((a == ord("[")) | (a == ord("{"))) & outside
-    closes = ((a == ord("]")) | (a == ord("}"))) & outside
-    depth = np.cumsum(opens.astype(np.int64) - closes, dtype=np.int64)
+    quotes = np.flatnonzero(a == ord('"'))
+    escaped = quotes[(quotes > 0) & (a[np.maximum(quotes - 1, 0)] == ord("\\"))]
+    if escaped.size:  # a quote after an odd number of backslashes is part of a string
+        bs = np.flatnonzero(a == ord("\\"))
+        # start of the backslash run before each escaped quote: the first of a block of consecutive positions
+        starts = np.r_[True, np.diff(bs) != 1]
+        run_start = bs[starts][np.searchsorted(bs[starts], escaped - 1, side="right") - 1]
+        odd = (escaped - run_start) % 2 == 1
+        quotes = np.setdiff1d(quotes, escaped[odd], assume_unique=True)
+    brackets = np.flatnonzero((a == ord("[")) | (a == ord("{")) | (a == ord("]")) | (a == ord("}")))
+    outside = brackets[np.searchsorted(quotes, brackets) % 2 == 0]  # an even number of quotes before it
+    opens = (a[outside] == ord("[")) | (a[outside] == ord("{"))
+    depth = np.cumsum(np.where(opens, 1, -1), dtype=np.int64)
     return int(depth.max(initial=0)), int(np.count_nonzero(opens))
 
 
