@@ -121,3 +121,39 @@ class Sampler(threading.Thread):
     def stop(self):
         self._halt.set()
         self.join(30)
+
+
+_HEALTH_LOOP = r"""
+import http.client, sys, time
+port, every, end = int(sys.argv[1]), float(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    t0 = time.monotonic()
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", "/health")
+        st = c.getresponse().status
+        c.close()
+    except OSError:
+        st = 0
+    print(f"{t0:.6f} {time.monotonic() - t0:.6f} {st}", flush=True)
+    time.sleep(every)
+"""
+
+
+class HealthProbe:
+    """/health latency measured from a separate process, so the benchmark's own work (building large bodies
+    holds its GIL) does not count as the server's. ``stop()`` returns [(monotonic start, seconds, status)]."""
+
+    def __init__(self, port: int, every: float = 0.1, limit_s: float = 3600):
+        self.proc = subprocess.Popen([sys.executable, "-c", _HEALTH_LOOP, str(port), str(every), str(limit_s)],
+                                     stdout=subprocess.PIPE, text=True)
+
+    def stop(self) -> list[tuple[float, float, int]]:
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=30)
+        rows = []
+        for line in out.splitlines():
+            t, dt, st = line.split()
+            rows.append((float(t), float(dt), int(st)))
+        return rows
+
