@@ -8,7 +8,8 @@ and the gates: a well-behaved client's 32-token request (greedy) during the prob
 alone (medians), /health answers within 200 ms throughout (timed from a separate process), the server's RSS
 stays within its RSS after loading + the KV budget + 500 MB, and the server logs no traceback. The probes
 that fill every batch slot and queue place (KV admission, cancelled queued requests) run with the
-well-behaved client paused: a full server makes anyone wait, by design. Every loop is bounded; exit code 1 when a probe or gate fails.
+well-behaved client paused: a full server makes anyone wait, by design. Every loop is bounded; exit code 1
+when a probe or gate fails.
 """
 from __future__ import annotations
 
