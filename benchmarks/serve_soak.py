@@ -101,6 +101,7 @@ class Soak:
             r = rng.random()
             i = rng.randrange(len(self.tmpl))
             path, body = self.tmpl[i]
+            kind = "valid" if r < 0.4 else "stream" if r < 0.7 else "hang-up" if r < 0.85 else "invalid"
             try:
                 if r < 0.4:
                     status, data, h = srv.post(path, body)
@@ -126,7 +127,7 @@ class Soak:
                     self.note("invalid", status, None if ok or self.overload_ok(status, h) else
                               f"status {status} (expected {want})")
             except Exception as e:  # noqa: BLE001 - a client error is a finding, not a crash of the soak
-                self.note("client-error", 0, f"{type(e).__name__}: {e}")
+                self.note("client-error", 0, f"{kind} request: {type(e).__name__}: {e}")
 
     def hang_up(self, path, body, rng):
         data = json.dumps(body).encode()
@@ -134,8 +135,12 @@ class Soak:
         try:
             s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                       f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-            if rng.random() < 0.5:
-                s.recv(rng.randint(1, 4096))  # read a little of the answer first
+            if rng.random() < 0.5:  # read a little of the answer first, if it comes soon
+                s.settimeout(5)
+                try:
+                    s.recv(rng.randint(1, 4096))
+                except TimeoutError:
+                    pass
             time.sleep(rng.random() * 0.5)
         finally:
             s.close()
