@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import emit_json, stderr
+from .common import emit_json, parse_size, stderr
 
 
 @click.command("onnx")
@@ -23,9 +23,17 @@ from .common import emit_json, stderr
               help="With --exporter optimum: the Python of a venv that has optimum-onnx "
                    "[env: KILN_OPTIMUM_PYTHON].")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs torch self-validation.")
+@click.option("--validation", type=click.Choice(["auto", "whole-model", "per-layer"]), default="auto",
+              show_default=True,
+              help="whole-model: logits and 32 greedy tokens of the whole graph against the float32 torch model. "
+                   "per-layer: each decoder layer's subgraph against the torch layer on the same input (memory: "
+                   "one layer). auto: whole-model when both fit --max-memory, else per-layer.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory budget for the validation choice (e.g. 6GiB; default: the memory available now).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only after the new artifact is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object last on stdout.")
-def onnx_cmd(source, out, form, opset, exporter, optimum_python, no_validate, force, as_json):
+def onnx_cmd(source, out, form, opset, exporter, optimum_python, no_validate, validation, max_memory, force,
+             as_json):
     """Export SOURCE (model, GGUF, alias or compressed checkpoint) to an ONNX artifact dir with KV cache.
 
     The graph is written from the weights (no tracing), weights in model.onnx.data, and checked against
@@ -46,7 +54,8 @@ def onnx_cmd(source, out, form, opset, exporter, optimum_python, no_validate, fo
 
     t0 = time.perf_counter()
     m = export_onnx(source, out, form=form, opset=opset, validate=not no_validate, force=force,
-                    progress=not as_json, exporter=exporter, optimum_python=optimum_python)
+                    progress=not as_json, exporter=exporter, optimum_python=optimum_python, validation=validation,
+                    max_memory=parse_size(max_memory, "--max-memory") if max_memory else None)
     secs = round(time.perf_counter() - t0, 2)
     from runtime.layerspec import summarize
     from runtime.strict import to_json
@@ -59,7 +68,10 @@ def onnx_cmd(source, out, form, opset, exporter, optimum_python, no_validate, fo
                    "form": m.io.form, "opset": m.io.opset, "bytes": size, "seconds": secs,
                    "timings": getattr(m, "timings", {}), "validation": to_json(v)})
         return
-    if v is not None and v.passed:
+    if v is not None and v.passed and v.mode == "per-layer":
+        stderr(f"validated layer by layer on ONNX Runtime CPU ({v.reason}): worst layer {v.value:.2e} of its output "
+               f"range (tolerance {v.tolerance:g}), graph math {max(c.graph for c in v.per_layer):.2e}")
+    elif v is not None and v.passed:
         stderr(f"validated on ONNX Runtime CPU: max |Δlogits| {v.value:.2e} of the logit range "
                f"(tolerance {v.tolerance:g}), greedy {v.greedy_identical_prefix}/{v.greedy_tokens} identical")
     else:

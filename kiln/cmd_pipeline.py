@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import emit_json, stderr
+from .common import emit_json, parse_size, stderr
 
 
 @click.command()
@@ -14,9 +14,13 @@ from .common import emit_json, stderr
 @click.option("--target", type=click.Choice(["cpu", "h100"]), default="cpu", show_default=True,
               help="cpu: ONNX Runtime artifact. h100: fp8 and a TensorRT engine when TensorRT and a GPU are present.")
 @click.option("--no-bench", is_flag=True, help="Skip the speed benchmark.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory budget (e.g. 2.5GiB; default: the memory available now). Compression and export run one "
+                   "decoder layer at a time anyway; validation goes per layer and an artifact too big to load "
+                   "for perplexity and speed is skipped, with the reason in the report.")
 @click.option("--force", is_flag=True, help="Redo every stage even if a valid one exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object last on stdout.")
-def pipeline(source, out, recipe_path, target, no_bench, force, as_json):
+def pipeline(source, out, recipe_path, target, no_bench, max_memory, force, as_json):
     """Take SOURCE (default: smollm2-135m) through prune -> quantize -> export -> validate -> evaluate ->
     benchmark, and write OUT/report.json, OUT/report.md and OUT/report.png.
 
@@ -26,8 +30,8 @@ def pipeline(source, out, recipe_path, target, no_bench, force, as_json):
     from .recipe import load_recipe
 
     recipe = load_recipe(recipe_path) if recipe_path else None
-    report = Pipeline(source, out, recipe=recipe, target=target, force=force, log=stderr,
-                      bench=not no_bench).run()
+    report = Pipeline(source, out, recipe=recipe, target=target, force=force, log=stderr, bench=not no_bench,
+                      max_memory=parse_size(max_memory, "--max-memory") if max_memory else None).run()
     if as_json:
         emit_json(report)
         return

@@ -81,14 +81,24 @@ def _reusable(path: Path, kind: str, source_sha: str | None, passes: list[dict],
     return _same_passes(m.passes, passes)
 
 
+def _artifact_memory(path: Path) -> int:
+    """What loading an ONNX artifact into ONNX Runtime takes: its weights, once more while kernels repack
+    them (MatMulNBits), and the runtime itself."""
+    data = sum(p.stat().st_size for p in path.glob("*.onnx.data"))
+    return 2 * data + (300 << 20)
+
+
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != "kiln.json")
 
 
 class Pipeline:
     def __init__(self, source: str, out: str | Path, recipe: Recipe | None = None, target: str = "cpu",
-                 force: bool = False, log=None, bench: bool = True):
+                 force: bool = False, log=None, bench: bool = True, max_memory: int | None = None):
+        from compress.memory import available_bytes
+
         self.source, self.out, self.force, self.bench_enabled = source, Path(out), force, bench
+        self.max_memory = max_memory if max_memory is not None else available_bytes()
         self.target = (recipe.target if recipe and recipe.target else target)
         self.recipe = recipe or default_recipe(self.target)
         if not any(p["kind"] == "quantize" for p in self.recipe.passes) and recipe is None:
@@ -103,6 +113,7 @@ class Pipeline:
         self.threads = b.get("threads")
         self.stages: list[Stage] = []
         self.next_steps: list[str] = []
+        self.progress = True
 
     # ---- stages ------------------------------------------------------------------
     def _checkpoint_stage(self, name: str, src: str, p: dict, passes_after: list[dict], sha: str | None) -> Stage:
@@ -120,14 +131,14 @@ class Pipeline:
 
             config, recover = config_from_dict(cfg)
             prune_checkpoint(src, path, config, text=text, calib_samples=samples or 64, calib_seq_len=seq,
-                             recover=recover, force=True, progress=True)
+                             recover=recover, force=True, progress=self.progress)
         else:
             from compress.quant.config import config_from_dict
             from compress.quant.entry import quantize_checkpoint
 
             kw = {"calib_samples": samples} if samples else {}
             quantize_checkpoint(src, config_from_dict(cfg), path, calib_text=text, seq_len=seq, eval_windows=None,
-                                force=True, progress=True, **kw)
+                                force=True, progress=self.progress, **kw)
         return Stage(name, str(path), "checkpoint", passes_after, seconds=round(time.perf_counter() - t0, 1))
 
     def _default_form(self, src: str) -> str:
@@ -156,7 +167,7 @@ class Pipeline:
         else:
             self.log(f"[{name}] export ONNX ({form}) + validation on ONNX Runtime CPU")
             export_onnx(src, path, form=form, opset=self.recipe.export.get("opset"), validate=True, force=True,
-                        progress=True)
+                        progress=self.progress, max_memory=self.max_memory)
         m = read_manifest(path)
         return Stage(name, str(path), "onnx", passes, reused=reused, validation=to_json(m.validation),
                      seconds=round(time.perf_counter() - t0, 1))
@@ -182,15 +193,32 @@ class Pipeline:
     def _measure(self, st: Stage, bench: bool) -> None:
         ev = self.eval
         if st.kind in ("model", "checkpoint"):
-            from compress.evaluate import perplexity
-            from compress.loading import load_model
+            from compress.evaluate import perplexity_streamed
+            from compress.lazy import LazyModel
+            from compress.prune.api import parameter_count_of
+            from compress.quant.entry import source_dir
+            from compress.sources import resolve
+            from transformers import AutoTokenizer
 
-            model, tok, _ = load_model(st.path or self.source, quiet=True)
-            st.ppl = perplexity(model, tok, text=ev["text"], seq_len=ev["seq_len"], windows=ev["windows"]).ppl
-            st.parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+            info = resolve(st.path or self.source, quiet=True)
+            root = source_dir(info, quiet=True)
+            specs = info.manifest.layer_specs() if info.manifest is not None else {}
+            lazy = LazyModel(root, specs)  # one decoder layer at a time, whatever the model's size
+            tok = AutoTokenizer.from_pretrained(str(root))
+            st.ppl = perplexity_streamed(lazy, tok, text=ev["text"], seq_len=ev["seq_len"], windows=ev["windows"],
+                                         progress=self.progress).ppl
+            st.parameters = parameter_count_of(lazy) if not specs else None
             if st.path:
                 st.bytes_on_disk = _dir_size(Path(st.path))
-            del model
+            return
+        need = _artifact_memory(Path(st.path))
+        if need > self.max_memory:
+            from compress.memory import gib
+
+            st.note = (f"perplexity and speed skipped: loading the artifact takes about {gib(need)}, over the "
+                       f"--max-memory budget of {gib(self.max_memory)}")
+            self.log(f"[{st.name}] {st.note}")
+            st.bytes_on_disk = _dir_size(Path(st.path))
             return
         from runtime import Engine
         from runtime.bench import BenchConfig, benchmark

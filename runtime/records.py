@@ -113,11 +113,27 @@ class LogitCheck:
 
 
 @dataclass(frozen=True)
+class LayerCheck:
+    """One decoder layer (or the final norm + lm_head, ``layer`` = -1) of the graph run alone on the torch
+    model's input to it: max |Δ| / (max - min) of the torch output."""
+
+    layer: int
+    graph: float | None  # basic optimizations: the graph's own math
+    ort_cpu: float  # all optimizations: what the runtime runs
+
+
+@dataclass(frozen=True)
 class Validation:
-    """What export compared and what came out. ``passed`` is None when validation was skipped."""
+    """What export compared and what came out. ``passed`` is None when validation was skipped. ``mode``:
+    ``whole-model`` (logits of the whole graph against the whole torch model, and greedy decoding) or
+    ``per-layer`` (each layer's subgraph against the torch layer on the same input, for models whose float32
+    torch copy does not fit the memory budget; docs/CONTRACTS.md)."""
 
     passed: bool | None
     skipped: bool = False
+    mode: Literal["whole-model", "per-layer"] = "whole-model"
+    reason: str | None = None
+    per_layer: tuple[LayerCheck, ...] = ()
     reference: str | None = None
     runtime: str | None = None
     metric: str | None = None

@@ -131,7 +131,8 @@ def test_command_without_its_extra_says_which_in_one_line(command, args, tiny_di
     if command == "export onnx":  # the graph builder needs onnx first; [export] has it (validation: next)
         one_line_error(r, "onnx", "export", command)
     else:
-        dep = "yaml" if command == "pipeline" and "yaml" in r.stderr else "torch"
+        # the first of the [compress] modules the command imports is named (torch, transformers, yaml)
+        dep = next((d for d in ("yaml", "transformers", "torch") if f"needs {d}," in r.stderr), "torch")
         one_line_error(r, dep, "compress", command)
     left = [p for p in tmp_path.rglob("*") if p.is_file()]  # (pipeline makes its OUT dir first: empty)
     assert not left, f"a failed command left output behind: {left}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from runtime.layerspec import LayerSpec
 from runtime.records import PrunePass
@@ -71,14 +72,30 @@ def _magnitude(model, config, calib, report, progress) -> None:
 @PRUNE_TRANSFORMS.register(Wanda)
 @PRUNE_TRANSFORMS.register(SparseGPT)
 def _sequential(model, config, calib, report, progress) -> None:
-    from .unstructured import prune_sequential
+    from ..sequential import InMemory
+    from .unstructured import target_linears
 
-    bar = _bar(progress, len(model.model.layers), f"pruning ({config.method})")
-    try:
-        _unstructured(report, prune_sequential(model, config, calib, bar))
-    finally:
-        if bar:
-            bar.close()
+    targets = target_linears(model, config)
+    outside = [n for n in targets if not n.startswith("model.layers.")]
+    if outside:
+        raise CompressError(f"{config.method} prunes Linear layers inside decoder layers only; "
+                            f"add {outside[0]!r} to ignore or use magnitude")
+    _unstructured(report, run_unstructured(InMemory(model), config, set(targets), calib, progress))
+
+
+def run_unstructured(source, config, targets: set, calib, progress: bool, done=None) -> dict:
+    """Magnitude / Wanda / SparseGPT over every decoder layer of ``source`` (compress.sequential); returns
+    the keep-masks."""
+    from ..calib import forward_loop
+    from ..sequential import run_sequential
+    from .unstructured import prune_layer
+
+    masks: dict = {}
+    loop = forward_loop(calib) if isinstance(calib, list) else calib
+    streams = frozenset({"quant"}) if config.needs_calibration else frozenset()
+    run_sequential(source, lambda job: masks.update(prune_layer(job, config, targets)), loop=loop,
+                   streams=streams, progress=f"pruning ({config.method})" if progress else None, done=done)
+    return masks
 
 
 @PRUNE_TRANSFORMS.register(StructuredWidth)
@@ -183,6 +200,10 @@ def prune_checkpoint(source, out, config, *, text: str = "builtin:pydoc", calib_
     if calib_samples < 1 or calib_seq_len < 2:
         raise CompressError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     _preflight(source, config, allow_pickle)
+    if isinstance(config, (Magnitude, Wanda, SparseGPT)) and recover is None:
+        return prune_streamed(source, out, config, text=text, calib_samples=calib_samples,
+                              calib_seq_len=calib_seq_len, force=force, progress=progress, t0=t0)
+    _whole_model_fits(source, config, recover, allow_pickle)
     model, tok, info = load_model(source, allow_pickle=allow_pickle, quiet=not progress)
     prev = list(info.manifest.passes) if info.manifest is not None else []
     if info.manifest is not None and info.manifest.quantized:
@@ -213,3 +234,100 @@ def prune_checkpoint(source, out, config, *, text: str = "builtin:pydoc", calib_
     size = sum(f.size for f in manifest.files.values())
     return {"out": str(out), "method": config.method, "passes": [p.kind for p in manifest.passes],
             "stats": report.stats, "bytes_on_disk": size, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _whole_model_fits(source, config, recover, allow_pickle: bool) -> None:
+    """Structured pruning and distillation hold the whole model in float32 (and the unpruned teacher with
+    distillation): refuse in one line, before loading, when that cannot fit in the memory available."""
+    from ..memory import available_bytes, gib, parameter_count
+    from ..sources import resolve
+
+    info = resolve(str(source), allow_pickle=allow_pickle, quiet=True)
+    root = Path(info.extra.get("converted") or info.path)
+    if info.kind == "gguf" or not (root / "config.json").is_file():
+        return
+    import json
+    import types
+
+    cfg = types.SimpleNamespace(**json.loads((root / "config.json").read_text()))
+    try:
+        need = parameter_count(cfg) * 4 * (2 if recover is not None else 1) * 3 // 2
+    except AttributeError:
+        return
+    have = available_bytes()
+    if need > have:
+        what = f"{config.method} pruning" + (" with distillation" if recover is not None else "")
+        raise CompressError(f"{what} holds the whole model in float32{' twice (student and teacher)' if recover else ''}"
+                            f": about {gib(need)} here, and {gib(have)} is available; magnitude, wanda and "
+                            "sparsegpt without --recover-steps run one decoder layer at a time")
+
+
+def prune_streamed(source, out, config, *, text: str, calib_samples: int, calib_seq_len: int, force: bool,
+                   progress: bool, t0: float) -> dict:
+    """Magnitude / Wanda / SparseGPT one decoder layer at a time: the source read layer by layer, each pruned
+    layer written at once (compress.quant.entry's writer; pruned weights keep the source's dtype when it holds
+    them exactly)."""
+    from transformers import AutoTokenizer
+
+    from runtime.fsutil import atomic_dir
+    from runtime.manifest import Manifest
+
+    from ..calib import calibration_batches
+    from ..checkpoint import source_record
+    from ..hfdir import architecture_from_config, quiet_transformers
+    from ..lazy import LazyModel
+    from ..quant.entry import SIDE_FILES, layer_tensors, source_dir, write_tables
+    from ..sequential import Streamed
+    from ..sources import SourceInfo, resolve
+    from ..tensorfile import ShardWriter
+    from .unstructured import layer_targets
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise CompressError(f"{out} already exists; pass --force to replace it")
+    info = source if isinstance(source, SourceInfo) else resolve(str(source), quiet=not progress)
+    if info.manifest is not None and info.manifest.quantized:
+        raise CompressError(f"{source} is quantized; prune the float model first, then quantize "
+                            "(kiln compress prune ... then kiln compress quantize ...)")
+    root = source_dir(info, quiet=not progress)
+    if root.resolve() == out.resolve():
+        raise CompressError("the output dir must differ from the input")
+    lazy = LazyModel(root)
+    check_fits(config, lazy.config)
+    targets = layer_targets(config, lazy.num_layers, lazy.linear_names)
+    with quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(str(root))
+    calib, calibration = None, None
+    if config.needs_calibration:
+        calib = calibration_batches(tok, text, calib_samples, calib_seq_len)
+        calibration = {"text": str(text), "samples": calib_samples, "seq_len": calib_seq_len}
+    report = PruneReport(config=config)
+    params = parameter_count_of(lazy)
+    with atomic_dir(out, force=force, error=CompressError) as tmp:
+        writer = ShardWriter(tmp)
+        masks = run_unstructured(Streamed(lazy), config, targets, calib, progress,
+                                 done=lambda i, layer: writer.add(layer_tensors(lazy, i, layer)))
+        write_tables(lazy, writer, None)
+        writer.close()
+        _unstructured(report, masks)
+        report.stats |= {"parameters_before": params, "parameters_after": params}
+        lazy.config.save_pretrained(str(tmp))
+        for name in SIDE_FILES:
+            if (root / name).is_file():
+                (tmp / name).write_bytes((root / name).read_bytes())
+        tok.save_pretrained(str(tmp))
+        prev = list(info.manifest.passes) if info.manifest is not None else []
+        manifest = Manifest(kind="checkpoint", architecture=architecture_from_config(lazy.config),
+                            source=source_record(info), passes=prev + [report.to_pass(calibration)])
+        manifest.record_files(tmp)
+        manifest.save(tmp)
+    size = sum(f.size for f in manifest.files.values())
+    return {"out": str(out), "method": config.method, "passes": [p.kind for p in manifest.passes],
+            "stats": report.stats, "bytes_on_disk": size, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def parameter_count_of(lazy) -> int:
+    """Parameters stored in a checkpoint (a tied table once)."""
+    import math
+
+    return sum(math.prod(lazy.files.shape(n)) for n in lazy.files.keys())

@@ -72,8 +72,20 @@ def layer_tensors(lazy, i: int, layer) -> dict[str, tuple[np.ndarray, str]]:
         if full in lazy.files and versions.get(name) is not None and versions.get(name) == version_of(layer, name):
             out[full] = lazy.raw(full)  # untouched: the source's own bytes (bf16 stays bf16)
         else:
-            out[full] = _np(t)
+            out[full] = _in_source_dtype(t, lazy.files.dtype(full) if full in lazy.files else "F32")
     return out
+
+
+def _in_source_dtype(t: torch.Tensor, dt: str) -> tuple[np.ndarray, str]:
+    """A changed float tensor in the source's dtype when that holds it exactly (pruning only zeroes values),
+    else float32."""
+    half = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dt)
+    if half is not None and t.is_floating_point():
+        h = t.detach().cpu().to(half)
+        if torch.equal(h.float(), t.detach().cpu().float()):
+            return (h.view(torch.int16).numpy().view(np.uint16), "BF16") if half is torch.bfloat16 else \
+                (h.numpy(), "F16")
+    return _np(t)
 
 
 def _rows(lazy, name: str, convert=None):

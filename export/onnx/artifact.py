@@ -32,11 +32,11 @@ def _write_side_files(tmp: Path, model, tok) -> None:
             pass
 
 
-def write_artifact(tmp: Path, model, tok, info, arch, onnx_path: Path, specs: dict, io, validate: bool,
+def write_artifact(tmp: Path, model, tok, info, arch, onnx_path: Path, specs: dict, io, validator,
                    before_rename=None, direct=None):
     """Everything after the graph: tokenizer and generation config (copied from ``direct``'s dir when the
-    graph was read from the files), self-validation (unless ``validate`` is False), kiln.json with the files'
-    checksums, then ``before_rename(tmp, manifest)``. Returns the Manifest."""
+    graph was read from the files), self-validation (``validator(onnx_path) -> Validation``, or None to skip),
+    kiln.json with the files' checksums, then ``before_rename(tmp, manifest)``. Returns the Manifest."""
     from compress.checkpoint import source_record
     from runtime.manifest import Manifest
     from runtime.records import Validation
@@ -45,11 +45,7 @@ def write_artifact(tmp: Path, model, tok, info, arch, onnx_path: Path, specs: di
         direct.copy_side_files(tmp)
     else:
         _write_side_files(tmp, model, tok)
-    validation = None
-    if validate:
-        from .validate import validate as run_validation
-
-        validation = run_validation(model, tok, onnx_path, arch, specs)
+    validation = validator(onnx_path) if validator is not None else None
     passes = list(info.manifest.passes) if info.manifest is not None else []
     manifest = Manifest(kind="onnx", architecture=arch, source=source_record(info), passes=passes, io=io,
                         validation=validation or Validation(passed=None, skipped=True))
@@ -92,3 +88,30 @@ def load_torch(info, out: Path, progress: bool):
 def load_source(source, out: Path, force: bool, progress: bool, check):
     """resolve_source + load_torch. Returns (model, tokenizer, info, arch)."""
     return load_torch(resolve_source(source, out, force, progress, check), out, progress)
+
+
+def whole_model_validator(model, tok, arch, specs):
+    from .validate import validate
+
+    return lambda onnx_path: validate(model, tok, onnx_path, arch, specs)
+
+
+def validation_mode(info, arch, requested: str, max_memory: int | None) -> tuple[str, str]:
+    """(``whole-model`` or ``per-layer``, why). Whole-model validation holds the checkpoint as a float32 torch
+    model and the artifact in ONNX Runtime at once; it runs when that fits ``max_memory`` (default: the
+    memory available now), else each layer is validated alone."""
+    from compress.memory import available_bytes, gib
+
+    params = arch.vocab * arch.hidden * (1 if arch.tied_embeddings else 2) + arch.layers * (
+        arch.hidden * arch.head_dim * (2 * arch.heads + 2 * arch.kv_heads) + 3 * arch.hidden * arch.intermediate)
+    try:
+        stored = sum(p.stat().st_size for p in info.weight_files())
+    except Exception:
+        stored = params * 4
+    need = params * 4 + stored + (1 << 30)
+    budget = max_memory if max_memory is not None else available_bytes()
+    if requested in ("whole-model", "per-layer"):
+        return requested, "asked for"
+    if need <= budget:
+        return "whole-model", f"the float32 model and the artifact need about {gib(need)} of {gib(budget)}"
+    return "per-layer", f"the float32 model and the artifact would need about {gib(need)}, over {gib(budget)}"

@@ -131,6 +131,7 @@ def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.n
         b.output(t.name, ONNX_TYPES[t.dtype], list(t.shape))
 
     x = embedding(b, w, arch)  # [B,S,H]
+    b.boundaries = []  # per layer (input names, output names) of the residual stream: validate_layers cuts there
     cos = b.initializer("/model/rotary/cos_cache", rope_cos.astype(np.float32))
     sin = b.initializer("/model/rotary/sin_cache", rope_sin.astype(np.float32))
     if form == "ort":
@@ -144,6 +145,7 @@ def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.n
         sin_b = b.op("Unsqueeze", [sg, b.const([1])], f"{ns}/Unsqueeze_sin")
     for i in range(arch.layers):
         p, ns = f"model.layers.{i}", f"/model/layers.{i}"
+        x_in = x
         h = _rmsnorm(b, x, w.get(f"{p}.input_layernorm.weight", (H,)), arch.rms_eps, f"{ns}/input_layernorm",
                      f"{p}.input_layernorm.weight", fused)
         q = linear(b, w, h, f"{p}.self_attn.q_proj", H, nh * hd, f"{ns}/attn/q_proj")
@@ -174,9 +176,11 @@ def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.n
         h = _rmsnorm(b, x, w.get(f"{p}.post_attention_layernorm.weight", (H,)), arch.rms_eps,
                      f"{ns}/post_attention_layernorm", f"{p}.post_attention_layernorm.weight", fused)
         x = b.op("Add", [x, _mlp(b, w, h, arch, p, ns)], f"{ns}/mlp_residual/Add")
+        b.boundaries.append(([x_in], [x]))
         if progress is not None:
             progress()
     h = _rmsnorm(b, x, w.get("model.norm.weight", (H,)), arch.rms_eps, "/model/norm", "model.norm.weight", fused)
+    b.boundaries.append(([x], ["logits"]))
     lm_head(b, w, h, arch)
 
 
@@ -188,6 +192,7 @@ def _build_ort(b: GraphBuilder, w, arch, x: str, cos: str, sin: str, progress) -
     delta = None  # the branch output still to be added to the residual stream x
     for i in range(arch.layers):
         p, ns = f"model.layers.{i}", f"/model/layers.{i}"
+        ins = [x] if delta is None else [x, delta]
         wn = w.get(f"{p}.input_layernorm.weight", (H,))
         if delta is None:
             h = _rmsnorm(b, x, wn, arch.rms_eps, f"{ns}/input_layernorm", f"{p}.input_layernorm.weight", True)
@@ -200,9 +205,11 @@ def _build_ort(b: GraphBuilder, w, arch, x: str, cos: str, sin: str, progress) -
                                     f"{p}.post_attention_layernorm.weight", arch.rms_eps,
                                     f"{ns}/post_attention_layernorm")
         delta = _mlp(b, w, h, arch, p, ns)
+        b.boundaries.append((ins, [x, delta]))
         if progress is not None:
             progress()
     wn = w.get("model.norm.weight", (H,))
+    b.boundaries.append(([x] if delta is None else [x, delta], ["logits"]))
     if delta is None:
         h = _rmsnorm(b, x, wn, arch.rms_eps, "/model/norm", "model.norm.weight", True)
     else:

@@ -89,6 +89,22 @@ def _float_root(info) -> Path | None:
     return None
 
 
+def file_source(info) -> DirectSource | None:
+    """A reader for ``info``'s files: ``direct_source`` for float sources, and for quantized llmkiln
+    checkpoints their config, codes and scales (shards included); None when only transformers can read it."""
+    if info.kind == "checkpoint" and info.manifest is not None and info.manifest.quantized:
+        from compress.tensorfile import SafetensorsFiles, checkpoint_files
+
+        from .weights import _arch_of
+
+        root = Path(info.path)
+        files = checkpoint_files(root)
+        if not files or not (root / "tokenizer.json").is_file():
+            return None
+        return DirectSource(root, _arch_of(root), SafetensorsFiles(files))
+    return direct_source(info)
+
+
 def direct_source(info) -> DirectSource | None:
     """A torch-free reader for ``info``, or None when the exporter should load the torch model instead."""
     from compress.hfdir import architecture_from_config

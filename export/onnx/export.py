@@ -61,16 +61,23 @@ def rope_tables(model, arch) -> tuple[np.ndarray, np.ndarray]:
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
 
+VALIDATION_MODES = ("auto", "whole-model", "per-layer")
+
+
 def export_onnx(source, out, *, form: str = "portable", opset: int | None = None, validate: bool = True,
                 force: bool = False, progress: bool = False, before_rename=None, exporter: str = "kiln",
-                optimum_python: str | None = None):
+                optimum_python: str | None = None, validation: str = "auto", max_memory: int | None = None):
     """Build ``out`` (model.onnx + model.onnx.data + tokenizer + kiln.json) from ``source``.
 
     ``source`` is anything ``compress.load_model`` accepts (alias, .gguf, HF dir, llmkiln checkpoint, SourceInfo).
     ``exporter="optimum"`` runs optimum-onnx's exporter in the interpreter ``optimum_python`` instead of the
-    builder (fp32 only; see optimum_fallback). Returns the written Manifest. Raises ExportError (or
-    CompressError for an unloadable source).
+    builder (fp32 only; see optimum_fallback). ``validation``: ``auto`` (whole-model when the float32 torch
+    model and the artifact fit ``max_memory``, default the memory available; else per layer),
+    ``whole-model`` or ``per-layer``. Returns the written Manifest. Raises ExportError (or CompressError for
+    an unloadable source).
     """
+    if validation not in VALIDATION_MODES:
+        raise ExportError(f"validation must be one of {', '.join(VALIDATION_MODES)}, got {validation!r}")
     cfg = OnnxExportConfig(form=form, opset=opset, validate=validate, force=force)
     if exporter not in EXPORTERS:
         raise ExportError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
@@ -84,20 +91,23 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
     out = Path(out)
     from runtime.fsutil import atomic_dir
 
-    from .artifact import check_graph, layer_specs, load_torch, refuse_overwrite, resolve_source, write_artifact
+    from .artifact import (check_graph, layer_specs, load_torch, refuse_overwrite, resolve_source, validation_mode,
+                           whole_model_validator, write_artifact)
     from .decoder import build_decoder, io_spec
     from .graph import GraphBuilder
     from .qdq import graph_block
-    from .direct import DIRECT_ROPE, direct_source, rope_tables_numpy, rope_type
+    from .direct import DIRECT_ROPE, file_source, rope_tables_numpy, rope_type
     from .weights import Weights, precheck, weights_for
 
     t0 = time.perf_counter()
     info = resolve_source(source, out, force, progress, precheck)
-    # float weights are read straight from the safetensors files (no torch import without validation);
-    # the torch model is loaded only to validate against it, or for sources the direct reader declines
-    direct = direct_source(info)
+    # weights are read straight from the safetensors files (no torch import without validation); the whole
+    # torch model is loaded only to validate against it when it fits, or for sources the file reader declines
+    direct = file_source(info)
+    mode, mode_why = validation_mode(info, direct.arch, validation, max_memory) if (cfg.validate and direct) else \
+        ("whole-model", "the source is read through transformers")
     model = tok = None
-    if direct is None or cfg.validate:
+    if direct is None or (cfg.validate and mode == "whole-model"):
         model, tok, info, arch = load_torch(info, out, progress)
         if direct is not None and direct.arch != arch:
             direct = None  # config.json read differently than transformers reads it: take its tensors instead
@@ -121,9 +131,21 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
 
         for why in tensorrt_blockers(specs, arch):
             print(f"llmkiln: note: TensorRT cannot build this graph: {why}", file=sys.stderr, flush=True)
-    w = Weights(str(info.path), direct.tensors) if direct is not None else weights_for(model, info)
+    w = Weights(str(info.path), direct.tensors, specs) if direct is not None else weights_for(model, info)
+    lazy = None
+    if cfg.validate and model is None:
+        from compress.lazy import LazyModel
+
+        lazy = LazyModel(direct.root, specs)
     # direct sources only have these rope types; yarn and the like take transformers' own tables
-    cos, sin = rope_tables_numpy(arch) if rope_type(arch) in DIRECT_ROPE else rope_tables(model, arch)
+    if rope_type(arch) in DIRECT_ROPE:
+        cos, sin = rope_tables_numpy(arch)
+    else:
+        if lazy is None and model is None:
+            from compress.lazy import LazyModel
+
+            lazy = LazyModel(direct.root, specs)
+        cos, sin = rope_tables(model if model is not None else lazy.skeleton, arch)
     t_load = time.perf_counter() - t0
 
     bar = None
@@ -148,9 +170,39 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
         grouped = [s.group_size for s in specs.values() if s.group_size]
         io = io_spec(arch, form=cfg.form, opset=cfg.resolved_opset,
                      weight_block=graph_block(min(grouped)) if grouped else None)
-        manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, specs, io, cfg.validate, before_rename,
+        validator = None
+        if cfg.validate and model is not None:
+            validator = whole_model_validator(model, tok, arch, specs)
+        elif cfg.validate:
+            validator = _layer_validator(b.boundaries, lazy, direct.root, arch, specs, mode_why, progress)
+        manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, specs, io, validator, before_rename,
                                   direct=direct)
         t_val = time.perf_counter() - t0 - t_load - t_build
     manifest.timings = {"load_s": round(t_load, 3), "build_s": round(t_build, 3), "validate_s": round(t_val, 3),
                         "weights_from": "safetensors files" if direct is not None else "torch model"}
     return manifest
+
+
+def _layer_validator(boundaries, lazy, root, arch, specs, why, progress):
+    def run(onnx_path):
+        from compress.hfdir import quiet_transformers
+
+        from .validate_layers import validate_layers
+
+        with quiet_transformers():
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(root))
+        bar = None
+        if progress:
+            from runtime.progress import bar as make_bar
+
+            bar = make_bar(len(boundaries), "validating layer by layer")
+        try:
+            return validate_layers(onnx_path, boundaries, lazy, tok, arch, specs, why,
+                                   progress=bar.advance if bar else None)
+        finally:
+            if bar:
+                bar.close()
+
+    return run

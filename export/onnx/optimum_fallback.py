@@ -148,7 +148,7 @@ def export_with_optimum(source, out, *, validate: bool = True, force: bool = Fal
     out = Path(out)
     from runtime.fsutil import atomic_dir
 
-    from .artifact import check_graph, load_source, write_artifact
+    from .artifact import check_graph, load_source, whole_model_validator, write_artifact
     from .decoder import io_spec
     from .graphedit import add_logits_positions
 
@@ -189,7 +189,8 @@ def export_with_optimum(source, out, *, validate: bool = True, force: bool = Fal
         check_graph(onnx_path)
         t_export = time.perf_counter() - t0 - t_load
         io = io_spec(arch, form="portable", opset=opset, exporter="optimum")
-        manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, {}, io, validate, before_rename)
+        validator = whole_model_validator(model, tok, arch, {}) if validate else None
+        manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, {}, io, validator, before_rename)
         t_val = time.perf_counter() - t0 - t_load - t_export
     manifest.timings = {"load_s": round(t_load, 3), "export_s": round(t_export, 3), "validate_s": round(t_val, 3)}
     return manifest

@@ -1,0 +1,30 @@
+"""How much memory there is, and how much a whole-model step would need: the numbers the one-line refusals
+and ``--max-memory`` budgets use."""
+from __future__ import annotations
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else a large number (no limit known)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 50
+
+
+def parameter_count(config) -> int:
+    """Parameters of a Llama-style decoder from its config (embedding, layers, norms, untied lm_head)."""
+    h, i, v, n = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or h // heads
+    layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * i + 2 * h
+    head = 0 if getattr(config, "tie_word_embeddings", False) else v * h
+    return v * h + n * layer + h + head
+
+
+def gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"

@@ -1,0 +1,150 @@
+"""Self-validation one decoder layer at a time, for models whose float32 torch copy does not fit in memory.
+
+The graph is cut at the residual stream between layers (the builder records the tensor names:
+``GraphBuilder.boundaries``). Each layer's subgraph runs alone on ONNX Runtime, its weights read from the
+artifact's model.onnx.data, on exactly the hidden state the torch layer of the checkpoint receives; the torch
+side is built one layer at a time (compress.lazy). Last, the final norm and lm_head. Memory: one layer on
+each side. The metric per cut: max |Δ| / (max - min) of the torch output, with the graph's own math (basic
+optimizations) and as the runtime runs it (all optimizations).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from runtime.records import POSITIONS, LayerCheck, Validation
+
+from ..errors import ExportError
+from .validate import PROMPT, _rel, checkpoint_tolerances
+
+LAYER_GRAPH_TOLERANCE = 1e-3
+
+
+def subgraph(model, inputs: list[str], outputs: list[str], hidden: int):
+    """The nodes computing ``outputs`` from ``inputs`` (and the graph's own inputs), as a standalone model
+    whose initializers still point into the same model.onnx.data."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    graph_inputs = {i.name: i for i in g.input}
+    inits = {t.name: t for t in g.initializer}
+    keep, seen, stack = [], set(inputs), list(outputs)
+    used_inputs, used_inits = [], []
+    while stack:
+        name = stack.pop()
+        if name in seen or not name:
+            continue
+        seen.add(name)
+        if name in inits:
+            used_inits.append(inits[name])
+        elif name in graph_inputs:
+            used_inputs.append(graph_inputs[name])
+        elif name in producer:
+            node = producer[name]
+            if id(node) not in {id(k) for k in keep}:
+                keep.append(node)
+                stack.extend(node.input)
+        else:
+            raise ExportError(f"validation: tensor {name} has no producer in the graph")
+    order = {id(n): k for k, n in enumerate(g.node)}
+    keep.sort(key=lambda n: order[id(n)])
+    vin = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", hidden]) for n in inputs]
+    outs = {o.name: o for o in g.output}
+    vout = [outs[n] if n in outs else helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", hidden])
+            for n in outputs]
+    sub = helper.make_graph(keep, "layer", vin + used_inputs, vout, initializer=used_inits)
+    m = helper.make_model(sub, opset_imports=list(model.opset_import))
+    m.ir_version = model.ir_version
+    return m
+
+
+def _session(model, folder: Path, basic: bool):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if basic
+                                   else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def validate_layers(onnx_path: Path, boundaries: list, lazy, tokenizer, arch, specs: dict,
+                    reason: str, progress=None) -> Validation:
+    """Each cut of the graph against the torch layers of the checkpoint ``lazy`` (compress.lazy.LazyModel)."""
+    import onnx
+    import torch
+
+    from compress.calib import forward_loop
+    from compress.sequential import Streamed
+
+    graph_tol, tol = checkpoint_tolerances(specs)
+    graph_tol = LAYER_GRAPH_TOLERANCE if graph_tol is None else graph_tol
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    folder = Path(onnx_path).parent
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"][:24]
+    ids = np.asarray([ids], dtype=np.int64) % arch.vocab
+    S = ids.shape[1]
+    base = {"input_ids": ids, "attention_mask": np.ones((1, S), np.int64),
+            "position_ids": np.arange(S, dtype=np.int64)[None], POSITIONS: np.arange(S, dtype=np.int64)}
+    src = Streamed(lazy)
+    checks = []
+    with torch.no_grad():
+        ((h, kw),) = src.capture(forward_loop([torch.from_numpy(ids)]))
+        for i, (ins, outs) in enumerate(boundaries):
+            last = outs == ["logits"]
+            if last:
+                norm = lazy.norm()
+                hn = norm(h)[0]
+                ref = torch.cat([hn @ lazy.head_rows(lo, min(lo + 8192, arch.vocab)).T
+                                 for lo in range(0, arch.vocab, 8192)], dim=1)[None].numpy()
+                wanted = ["logits"]
+            else:
+                layer = src.layer(i)
+                out = layer(h, **kw)
+                src.release(i)
+                ref = out.numpy()
+                wanted = outs + [f"present.{i}.key", f"present.{i}.value"]
+            sub = subgraph(model, ins, wanted, arch.hidden)
+            feed = {k: v for k, v in base.items() if k in {x.name for x in sub.graph.input}}
+            x = h.numpy()
+            feed[ins[0]] = x
+            if len(ins) > 1:
+                feed[ins[1]] = np.zeros_like(x)  # the residual split as (x, 0): the skip-norm adds them
+            for kind in ("key", "value"):
+                name = f"past_key_values.{i}.{kind}"
+                if name in feed or any(v.name == name for v in sub.graph.input):
+                    feed[name] = np.zeros((1, arch.kv_heads, 0, arch.head_dim), np.float32)
+            vals = []
+            for basic in (True, False):
+                got = _session(sub, folder, basic).run(wanted[: len(outs)], feed)
+                y = got[0] if len(got) == 1 else got[0] + got[1]
+                vals.append(_rel(y, ref)[1])
+            checks.append(LayerCheck(layer=-1 if last else i, graph=vals[0], ort_cpu=vals[1]))
+            if not last:
+                h = out
+            if progress is not None:
+                progress()
+    worst_graph = max(c.graph for c in checks)
+    worst = max(c.ort_cpu for c in checks)
+    result = Validation(passed=True, mode="per-layer", reason=reason,
+                        reference="torch layers of the same checkpoint, one at a time" +
+                                  (" (fake-quant)" if specs else ""),
+                        runtime="onnxruntime CPUExecutionProvider",
+                        metric="per layer: max |out_ort - out_torch| / (max - min of out_torch), same input",
+                        prompt_tokens=int(S), value=worst, tolerance=tol, per_layer=tuple(checks))
+    problems = []
+    if worst_graph > graph_tol:
+        bad = max(checks, key=lambda c: c.graph)
+        problems.append(f"layer {bad.layer}'s graph math differs from the torch layer by {bad.graph:.3g} "
+                        f"(tolerance {graph_tol:g})")
+    if worst > tol:
+        bad = max(checks, key=lambda c: c.ort_cpu)
+        problems.append(f"layer {bad.layer} on ONNX Runtime differs by {bad.ort_cpu:.3g} (tolerance {tol:g})")
+    if problems:
+        raise ExportError(f"self-validation (per layer) failed on ONNX Runtime CPU: {'; '.join(problems)}; "
+                          "no artifact was written")
+    return result
