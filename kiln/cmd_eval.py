@@ -79,8 +79,11 @@ def info(source, allow_pickle, as_json):
               help="Score the first N windows of the corpus.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) weights.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="Threads for ONNX Runtime artifacts.")
+@click.option("--trust-engine-code", is_flag=True,
+              help="Let a TensorRT engine built --version-compatible run the native code its plan carries. "
+                   "Only for engines you built or trust.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object last on stdout.")
-def ppl(source, text, seq_len, windows, allow_pickle, threads, as_json):
+def ppl(source, text, seq_len, windows, allow_pickle, threads, trust_engine_code, as_json):
     """Perplexity of SOURCE: the corpus tokenized once without special tokens, consecutive
     non-overlapping windows of --seq-len tokens, the first --windows of them, log-softmax in float64.
 
@@ -93,7 +96,7 @@ def ppl(source, text, seq_len, windows, allow_pickle, threads, as_json):
         from runtime import Engine
         from runtime.evaluate import perplexity as rt_ppl
 
-        eng = Engine.load(source, threads=threads)
+        eng = Engine.load(source, threads=threads, trust_engine_code=trust_engine_code)
         res = rt_ppl(eng, text=text, seq_len=seq_len, windows=windows, progress=not as_json)
         kind = eng.manifest.kind
     else:

@@ -13,6 +13,9 @@ def _engine_options(f):
                      show_default=True, help="What runs the model.")(f)
     f = click.option("--threads", type=click.IntRange(1, 1024), default=None,
                      help="Intra-op threads (default: the backend's choice).")(f)
+    f = click.option("--trust-engine-code", is_flag=True,
+                     help="Let a TensorRT engine built --version-compatible run the native code its plan "
+                          "carries. Only for engines you built or trust.")(f)
     return f
 
 
@@ -28,10 +31,10 @@ def _sampling_options(f):
     return f
 
 
-def _load(art, backend, threads):
+def _load(art, backend, threads, trust_engine_code=False):
     from runtime import Engine
 
-    return Engine.load(art, backend=backend, threads=threads)
+    return Engine.load(art, backend=backend, threads=threads, trust_engine_code=trust_engine_code)
 
 
 def _gen_kw(max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, ignore_eos=False):
@@ -48,9 +51,9 @@ def _gen_kw(max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop,
 @_engine_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, tokens, timings) instead.")
 def run(art, prompt, max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, ignore_eos,
-        as_chat, backend, threads, as_json):
+        as_chat, backend, threads, trust_engine_code, as_json):
     """Continue PROMPT with the model of artifact ART, streaming the text to the terminal."""
-    eng = _load(art, backend, threads)
+    eng = _load(art, backend, threads, trust_engine_code)
     p = [{"role": "user", "content": prompt}] if as_chat else prompt
     kw = _gen_kw(max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, ignore_eos)
     if as_json:
@@ -75,9 +78,9 @@ def run(art, prompt, max_new_tokens, temperature, top_p, top_k, repetition_penal
 @_sampling_options
 @_engine_options
 def chat(art, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, backend,
-         threads):
+         threads, trust_engine_code):
     """Talk to the model of ART with its chat template. /reset clears the history, /exit (or Ctrl-D) quits."""
-    eng = _load(art, backend, threads)
+    eng = _load(art, backend, threads, trust_engine_code)
     if eng.tokenizer.chat_template is None:
         from runtime.errors import EngineError
 
@@ -117,13 +120,13 @@ def chat(art, system, max_new_tokens, temperature, top_p, top_k, repetition_pena
 @click.option("--runs", type=click.IntRange(1, None), default=5, show_default=True)
 @_engine_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object last on stdout.")
-def bench(art, prompt_len, new_tokens, prefill_len, runs, backend, threads, as_json):
+def bench(art, prompt_len, new_tokens, prefill_len, runs, backend, threads, trust_engine_code, as_json):
     """Decode tokens/s, time to first token, prefill ms and peak RSS of ART at batch 1 (greedy, medians)."""
     from runtime.bench import BenchConfig, benchmark
     from runtime.progress import bar
 
     cfg = BenchConfig(prompt_len=prompt_len, new_tokens=new_tokens, runs=runs, prefill_len=prefill_len)
-    eng = _load(art, backend, threads)
+    eng = _load(art, backend, threads, trust_engine_code)
     b = bar(cfg.runs + cfg.warmup, "bench") if not as_json and sys.stderr.isatty() else None
     try:
         res = benchmark(eng, cfg, progress=b.advance if b else None)
@@ -169,7 +172,7 @@ def bench(art, prompt_len, new_tokens, prefill_len, runs, backend, threads, as_j
               help="Concurrent connections; beyond them 503.")
 @_engine_options
 def serve(art, host, port, api_key, max_batch, max_queue, model_name, kv_budget_mb, max_tokens_cap,
-          default_max_tokens, max_body_mb, body_timeout, max_connections, backend, threads):
+          default_max_tokens, max_body_mb, body_timeout, max_connections, backend, threads, trust_engine_code):
     """OpenAI-compatible HTTP server for ART: /v1/models, /v1/completions, /v1/chat/completions
     (stream: true as server-sent events; logprobs, echo), /health, /metrics."""
     from runtime.server import ServerConfig, serve as run_server
@@ -178,7 +181,7 @@ def serve(art, host, port, api_key, max_batch, max_queue, model_name, kv_budget_
                        model_name=model_name, kv_budget_mb=kv_budget_mb, max_tokens_cap=max_tokens_cap,
                        default_max_tokens=default_max_tokens, max_body_mb=max_body_mb,
                        body_timeout_s=body_timeout, max_connections=max_connections)
-    eng = _load(art, backend, threads)
+    eng = _load(art, backend, threads, trust_engine_code)
     run_server(eng, cfg, on_ready=lambda url: stderr(f"serving {art} at {url}/v1 (Ctrl-C stops)"))
 
 

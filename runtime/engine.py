@@ -63,9 +63,11 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None,
-             providers: list[str] | None = None, verify: str = "quick") -> Engine:
+             providers: list[str] | None = None, verify: str = "quick", trust_engine_code: bool = False) -> Engine:
         """Read kiln.json, check the files (sizes, and sha256 of files up to 64 MiB; ``verify="full"``
-        hashes all, ``"none"`` skips), load the tokenizer and the backend."""
+        hashes all, ``"none"`` skips), load the tokenizer and the backend. ``trust_engine_code``: a TensorRT
+        engine built --version-compatible carries native host code that runs when it loads; it is refused
+        unless you pass True (only for engines you built or trust)."""
         root = Path(path)
         if verify not in VERIFY:
             raise EngineError(f"verify must be one of {', '.join(VERIFY)}, got {verify!r}")
@@ -77,7 +79,8 @@ class Engine:
                               f"(make one with `kiln export onnx {root} -o ART`)")
         _verify(root, manifest, verify)
         tok = Tokenizer(root)
-        be = load_backend(root, manifest, backend=backend, threads=threads, providers=providers)
+        be = load_backend(root, manifest, backend=backend, threads=threads, providers=providers,
+                          trust_engine_code=trust_engine_code)
         if tok.vocab_size > be.vocab:
             raise EngineError(f"{root}: the tokenizer has {tok.vocab_size} tokens but the model only "
                               f"{be.vocab} logits; the tokenizer files do not belong to this model")

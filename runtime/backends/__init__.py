@@ -10,7 +10,7 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt")
 _GPU_HINT = "pip install 'llmkiln[gpu]' on a machine with an NVIDIA GPU"
 
 
-def _tensorrt(root, manifest, threads, providers) -> Backend:
+def _tensorrt(root, manifest, threads, providers, trust_engine_code=False) -> Backend:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
@@ -22,17 +22,20 @@ def _tensorrt(root, manifest, threads, providers) -> Backend:
     if manifest.kind != "engine":
         raise EngineError(f"{root} is an {manifest.kind} artifact; the tensorrt backend runs engine artifacts "
                           "(build one with `kiln export tensorrt`)")
-    return TensorRTBackend(root, manifest, threads=threads, providers=providers)
+    return TensorRTBackend(root, manifest, threads=threads, providers=providers,
+                           trust_engine_code=trust_engine_code)
 
 
 def load_backend(root: str | Path, manifest, backend: str = "auto", threads: int | None = None,
-                 providers: list[str] | None = None) -> Backend:
+                 providers: list[str] | None = None, trust_engine_code: bool = False) -> Backend:
+    """The backend that runs ``manifest``'s artifact. ``trust_engine_code``: let a version-compatible
+    TensorRT engine run the host code its plan carries (only for engines from a source you trust)."""
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = "tensorrt" if manifest.kind == "engine" else "onnxruntime"
     if backend == "tensorrt":
-        return _tensorrt(root, manifest, threads, providers)
+        return _tensorrt(root, manifest, threads, providers, trust_engine_code)
     if manifest.kind != "onnx":
         raise EngineError(f"{root} is a {manifest.kind} artifact; the onnxruntime backend runs onnx artifacts "
                           "(make one with `kiln export onnx`)")

@@ -9,6 +9,10 @@ Per step (TensorRT 10.x / 11.x name-based API): ``set_input_shape`` for every in
 for every input and output (the KV past on one side of the device cache, the present on the other), then
 ``execute_async_v3(stream)``; only token ids, masks and positions go up and only the logits rows asked for come
 down. ``tensorrt`` and cuda-python are imported when this backend is constructed, never before.
+
+A version-compatible engine (``--version-compatible``) embeds TensorRT's lean runtime, native code that runs
+when the plan is deserialized; it loads only with ``trust_engine_code=True`` (``--trust-engine-code``), never
+because the artifact's own kiln.json says so.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from .base import Backend, KVCache, step_inputs
 from .cuda_mem import INSTALL_HINT, Cuda, DeviceBuffer, load_cudart
 from .devicecache import DeviceKVCache
 from ..records import POSITIONS
-from .tensorrt_compat import check_engine_block, compatibility
+from .tensorrt_compat import check_engine_block, compatibility, trust_refusal
 
 log = logging.getLogger("llmkiln.tensorrt")
 PLAN = "model.plan"
@@ -39,9 +43,13 @@ def _load_tensorrt():
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, artifact_dir, manifest, threads=None, providers=None, *, trt=None, cudart=None):
+    def __init__(self, artifact_dir, manifest, threads=None, providers=None, *, trt=None, cudart=None,
+                 trust_engine_code: bool = False):
         root = Path(artifact_dir)
         engine_block = check_engine_block(manifest.engine, str(root))
+        if engine_block.build.version_compatible and not trust_engine_code:
+            # a version-compatible plan carries TensorRT's lean runtime: native code that runs when it loads
+            raise EngineError(trust_refusal(str(root)))
         trt = trt or _load_tensorrt()
         self.trt = trt
         self.cuda = Cuda(cudart or load_cudart())
@@ -59,8 +67,8 @@ class TensorRTBackend(Backend):
             raise EngineError(f"{root}: {PLAN} is missing; rebuild the engine with kiln export tensorrt")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self._logger)
-        if build.version_compatible:
-            self.runtime.engine_host_code_allowed = True  # the plan carries its lean runtime (trusted: built by us)
+        if build.version_compatible and trust_engine_code:
+            self.runtime.engine_host_code_allowed = True  # the caller vouched for this plan's host code
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise EngineError(f"{plan}: TensorRT could not deserialize the engine; rebuild it with kiln export "

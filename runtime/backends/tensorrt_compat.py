@@ -48,6 +48,14 @@ def rebuild_command(engine: EngineInfo, engine_dir: str) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
+def trust_refusal(engine_dir: str) -> str:
+    """The one-line refusal of a version-compatible engine loaded without trust."""
+    return (f"{engine_dir}: this TensorRT engine was built with --version-compatible, so its plan carries "
+            "TensorRT's lean runtime (native code that runs when it loads); load it only if you trust where it "
+            "came from, with --trust-engine-code (Engine.load(..., trust_engine_code=True)), or rebuild it on "
+            "this machine without --version-compatible")
+
+
 def check_engine_block(engine: EngineInfo | None, where: str) -> EngineInfo:
     """The ``engine`` record of an engine artifact's kiln.json (strictly parsed when it was read)."""
     if not isinstance(engine, EngineInfo):

@@ -112,14 +112,14 @@ def test_mismatched_tensorrt_version_says_what_to_rebuild(built):
         TensorRTBackend(eng, read_manifest(eng), trt=RecordingTensorRT("10.15.1"), cudart=RecordingCudart(()))
 
 
-def test_version_compatible_engine_allows_host_code_and_runs_on_newer(tmp_path, tiny_dir):
+def test_trusted_version_compatible_engine_allows_host_code_and_runs_on_newer(tmp_path, tiny_dir):
     art = contract_artifact(tmp_path / "art", tiny_dir)
     eng = tmp_path / "engine"
     export_tensorrt(art, eng, ProfileFlags(2, 16, 4), TensorRTExport(version_compatible=True),
                     trt=RecordingTensorRT("10.15.1"), cudart=RecordingCudart())
     trt11 = RecordingTensorRT("11.1.0")
-    be = TensorRTBackend(eng, read_manifest(eng), trt=trt11, cudart=RecordingCudart())
-    assert be.runtime.engine_host_code_allowed is True
+    be = TensorRTBackend(eng, read_manifest(eng), trt=trt11, cudart=RecordingCudart(), trust_engine_code=True)
+    assert be.runtime.engine_host_code_allowed is True  # without the flag: tests/runtime/test_engine_trust.py
     out = _step(be, be.allocate(1, 4), [[1, 2]], np.ones((1, 2), np.int64), [[0, 1]])
     assert out.shape == (1, 1, VOCAB)
 
