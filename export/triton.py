@@ -21,6 +21,7 @@ from pathlib import Path
 
 from runtime.fsutil import atomic_dir
 from runtime.manifest import Manifest, read_manifest, verify_files
+from runtime.onnx_files import check_artifact_files, check_model_locations
 from runtime.records import POSITIONS
 
 from .errors import ExportError
@@ -138,6 +139,7 @@ def export_triton(source: str | Path, repo: str | Path, opts: TritonExport = Tri
     if m.kind not in ("onnx", "engine"):
         raise ExportError(f"{source}: kind {m.kind!r}; Triton serves an ONNX artifact (kiln export onnx) or a "
                           "TensorRT engine dir (kiln export tensorrt)")
+    check_artifact_files(source, m, error=ExportError)  # copied into the repository: plain files inside only
     verify_files(source, m)
     name = opts.name or source.resolve().name
     if not NAME_RE.match(name):
@@ -152,6 +154,11 @@ def export_triton(source: str | Path, repo: str | Path, opts: TritonExport = Tri
         cc = m.engine.compute_capability if m.engine else None
     else:
         platform = "onnxruntime_onnx"
+        import onnx
+
+        graph = onnx.load(str(source / "model.onnx"), load_external_data=False)
+        check_model_locations(graph, source, m.files, error=ExportError)  # Triton's ORT reads them
+        del graph
         inputs, outputs = onnx_io(source / "model.onnx")
         kind = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}[opts.kind]
         profiles, cc = 0, None

@@ -147,6 +147,7 @@ def export_with_optimum(source, out, *, validate: bool = True, force: bool = Fal
     """``export_onnx(..., exporter="optimum")``: see the module doc. Returns the written Manifest."""
     out = Path(out)
     from runtime.fsutil import atomic_dir
+    from runtime.onnx_files import check_model_locations
 
     from .artifact import check_graph, load_source, whole_model_validator, write_artifact
     from .decoder import io_spec
@@ -172,7 +173,10 @@ def export_with_optimum(source, out, *, validate: bool = True, force: bool = Fal
         if progress:
             print(f"llmkiln: exporting {hf} with optimum-onnx ({python})", file=sys.stderr, flush=True)
         traced = run_optimum(python, hf_input(hf, work), work / "onnx")
-        g = onnx.load(str(traced))
+        g = onnx.load(str(traced), load_external_data=False)
+        # optimum's own output, but read only plain files inside its dir before loading the weights
+        check_model_locations(g, traced.parent, error=ExportError)
+        onnx.load_external_data_for_model(g, str(traced.parent))
         conform_io(g, traced_in, traced_out)
         if not add_logits_positions(g.graph):
             raise ExportError("optimum's graph: the lm_head product in front of `logits` was not found, so "

@@ -14,7 +14,8 @@ Sources (TensorRT 10.x / 11.x documentation):
   profiles this stage builds).
 
 ``onnx_violations(model)`` is pure (a ModelProto in, a list of violations out); ``check_onnx(path)`` loads
-the graph without its external data (reading only the few small tensors it must look at) and raises
+the graph without its external data (reading only the few small tensors it must look at, after checking that
+every external-data location is a plain file inside the graph's dir) and raises
 ``ExportError`` listing what is wrong.
 """
 from __future__ import annotations
@@ -343,6 +344,9 @@ def check_onnx(path: str | Path, *, trt_version: str | None = None) -> dict:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as e:
         raise ExportError(f"{p}: not a readable ONNX model ({e})") from None
+    from runtime.onnx_files import check_model_locations
+
+    check_model_locations(model, p.parent, error=ExportError)  # the checks below read small external tensors
     found = onnx_violations(model, trt_version=trt_version, base_dir=p.parent)
     if found:
         shown = "; ".join(str(v) for v in found[:10])

@@ -1,7 +1,8 @@
 """``export_tensorrt``: ONNX artifact dir -> engine artifact dir (model.plan + tokenizer + kiln.json).
 
 Order matters: TensorRT, cuda-python and a GPU are checked first (fail at once, nothing read or written),
-then the source artifact (kind, file hashes), then ``check_onnx``, profiles and builder settings (all pure),
+then the source artifact (kind, plain files inside the dir, file hashes, every external-data location of
+the graph a listed file: ``runtime.onnx_files``), then ``check_onnx``, profiles and builder settings (all pure),
 then the one slow call, then an atomic write. A failed build leaves no ENGINE_DIR and never touches the
 source artifact or an existing timing cache.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from runtime.fsutil import atomic_dir
 from runtime.manifest import Manifest, read_manifest, verify_files
+from runtime.onnx_files import check_artifact_files, check_model_locations
 from runtime.records import BuildRecord, EngineInfo, SourceArtifact
 from runtime.strict import to_json
 
@@ -60,6 +62,7 @@ def _read_source(artifact: Path) -> Manifest:
     missing = [f for f in GRAPH_FILES[:1] if f not in m.files]
     if missing:
         raise ExportError(f"{artifact}: kiln.json lists no {missing[0]}; re-create the ONNX artifact")
+    check_artifact_files(artifact, m, error=ExportError)  # plain files inside the dir, before any is read
     verify_files(artifact, m, full=True)
     return m
 
@@ -94,10 +97,12 @@ def export_tensorrt(artifact: str | Path, out: str | Path, flags: ProfileFlags |
     dev = device_info(cudart)  # no GPU -> one-line error before anything is read or written
     note = progress or (lambda msg: None)
     source = _read_source(artifact)
-    summary = check_onnx(artifact, trt_version=trt.__version__)
     import onnx
 
     graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
+    # every external-data location of the graph is a file kiln.json lists (TensorRT's parser reads them)
+    check_model_locations(graph, artifact, source.files, error=ExportError)
+    summary = check_onnx(artifact, trt_version=trt.__version__)
     a = source.architecture
     profiles = derive_profiles(graph_inputs(graph), flags, layers=a.layers, kv_heads=a.kv_heads,
                                head_dim=a.head_dim)

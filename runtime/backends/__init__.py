@@ -32,6 +32,9 @@ def load_backend(root: str | Path, manifest, backend: str = "auto", threads: int
     TensorRT engine run the host code its plan carries (only for engines from a source you trust)."""
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    from ..onnx_files import check_artifact_files
+
+    check_artifact_files(root, manifest)  # plain files inside the dir only (no symlink, no ../ data)
     if backend == "auto":
         backend = "tensorrt" if manifest.kind == "engine" else "onnxruntime"
     if backend == "tensorrt":
