@@ -67,7 +67,7 @@ def perplexity_streamed(lazy, tokenizer, text: str = BUILTIN, seq_len: int = 512
         if bar:
             bar.close()
         norm = lazy.norm()
-        hidden = torch.cat([norm(h)[0, :-1] for h, _ in inputs]).float()  # [N, H]: every predicting position
+        hidden = torch.cat([norm(h)[0, :-1] for h, _ in inputs]).float().cpu()  # [N, H]: every predicting position
     target = torch.tensor([t for w in wins for t in w[1:]], dtype=torch.long)
     vocab = lazy.files.shape("lm_head.weight" if lazy.has("lm_head.weight") else "model.embed_tokens.weight")[0]
     m = torch.full((hidden.shape[0],), -float("inf"), dtype=torch.float64)

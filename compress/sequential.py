@@ -57,7 +57,23 @@ class Streamed:
     def capture(self, loop) -> Inputs:
         from .quant.calibrate import capture_layer_inputs
 
-        return capture_layer_inputs(self.lazy.skeleton, loop)
+        return to_device(capture_layer_inputs(self.lazy.skeleton, loop), self.lazy.device)
+
+
+def to_device(inputs: Inputs, device) -> Inputs:
+    """Captured layer inputs (hidden states and their kwargs' tensors) moved to ``device``."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return inputs
+
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, tuple):
+            return tuple(move(x) for x in v)
+        return v
+
+    return [(h.to(device), {k: move(v) for k, v in kw.items()}) for h, kw in inputs]
 
 
 class OrderedDraws:

@@ -107,14 +107,20 @@ class HessianAccumulator:
     tests see change beyond round-off (tests/compress/test_quant_primitives.py)."""
 
     def __init__(self, n: int, dtype=torch.float32):
-        self.h = torch.zeros(n, n, dtype=dtype)
+        self.n, self.dtype = n, dtype
+        self.h = None  # made on the device of the first input
         self.tokens = 0
 
     def __call__(self, _mod, args):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [T, in]
+        if self.h is None:
+            with torch.inference_mode(False):  # a normal tensor, so it can be divided in place later
+                self.h = torch.zeros(self.n, self.n, dtype=self.dtype, device=x.device)
         self.h.addmm_(x.T.to(self.h.dtype), x.to(self.h.dtype))
         self.tokens += x.shape[0]
 
     def get(self) -> torch.Tensor:
         """The mean (the accumulator's own matrix, divided in place)."""
+        if self.h is None:
+            return torch.zeros(self.n, self.n, dtype=self.dtype)
         return self.h.div_(max(self.tokens, 1))
