@@ -11,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.fsutil import atomic_dir
+from runtime.fsutil import atomic_dir, atomic_write_bytes
 from runtime.manifest import Manifest, read_manifest, verify_files
 from runtime.onnx_files import check_artifact_files, check_model_locations
 from runtime.records import BuildRecord, EngineInfo, SourceArtifact
@@ -69,16 +68,7 @@ def _read_source(artifact: Path) -> Manifest:
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def export_tensorrt(artifact: str | Path, out: str | Path, flags: ProfileFlags | None = None,
