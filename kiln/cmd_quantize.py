@@ -12,7 +12,14 @@ SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4", "int8-group")
 
 @click.command()
 @click.argument("source")
-@click.option("--scheme", required=True, help=f"One of: {', '.join(SCHEME_NAMES)}.")
+@click.option("--scheme", default=None, help=f"One of: {', '.join(SCHEME_NAMES)} (or --budget).")
+@click.option("--budget", type=float, default=None,
+              help="Instead of one scheme: the cheapest mix of --formats, group by group, whose perplexity ratio "
+                   "on the exported artifact stays within this (e.g. 1.015); the artifact goes to OUT-onnx.")
+@click.option("--formats", default=None, help="With --budget: candidate formats, e.g. fp8,int8-wo,float (h100) or "
+                                              "int4,int8-wo (cpu).")
+@click.option("--target", type=click.Choice(["cpu", "h100"]), default="cpu", show_default=True,
+              help="With --budget: what the cost is (cpu: bytes per decode step; h100: Tensor Core time).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output checkpoint dir.")
 @click.option("--method", type=click.Choice(["rtn", "gptq"]), default=None,
               help="How weights are rounded: rtn (round to nearest) or gptq (error-compensating, layer by layer "
@@ -42,8 +49,8 @@ SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4", "int8-group")
                                                 "from its start).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object last on stdout.")
-def quantize(source, scheme, out, method, calib, calib_samples, seq_len, device, shard_size, ignore, float_inputs,
-             eval_windows, eval_text, force, as_json):
+def quantize(source, scheme, budget, formats, target, out, method, calib, calib_samples, seq_len, device, shard_size,
+             ignore, float_inputs, eval_windows, eval_text, force, as_json):
     """Quantize SOURCE with a calibrated scheme and write a compressed checkpoint to OUT.
 
     SOURCE is read one decoder layer at a time and each finished layer is written at once to OUT's shards,
@@ -63,6 +70,12 @@ def quantize(source, scheme, out, method, calib, calib_samples, seq_len, device,
     """
     from compress.quant.config import ACTIVATION_SCHEMES, SCHEMES, config_for
     from compress.quant.entry import quantize_checkpoint
+
+    if (scheme is None) == (budget is None):
+        raise click.UsageError("give --scheme NAME, or --budget RATIO with --formats")
+    if budget is not None:
+        return _budget(source, out, budget, formats, target, calib, calib_samples, seq_len, eval_windows, eval_text,
+                       force, as_json)
 
     if float_inputs and scheme in SCHEMES and scheme not in ACTIVATION_SCHEMES:
         raise click.UsageError(f"--float-inputs applies to {', '.join(ACTIVATION_SCHEMES[:-1])} and "
@@ -87,6 +100,26 @@ def quantize(source, scheme, out, method, calib, calib_samples, seq_len, device,
         p = res["perplexity"]
         click.echo(f"perplexity    {p['ppl']:.4f} vs float {p['ppl_float']:.4f}: ratio {p['ratio']:.4f} "
                    f"({p['windows']} x {p['seq_len']}, {p['corpus']})")
+
+
+def _budget(source, out, budget, formats, target, calib, calib_samples, seq_len, eval_windows, eval_text, force,
+            as_json) -> None:
+    from compress.budget.entry import quantize_budget
+
+    if not formats:
+        raise click.UsageError("--budget needs --formats (e.g. fp8,int8-wo,float)")
+    res = quantize_budget(source, out, budget=budget, formats=formats, target=target, calib_text=calib,
+                          calib_samples=calib_samples, seq_len=seq_len, eval_text=eval_text,
+                          eval_windows=eval_windows or 8, force=force, progress=not as_json)
+    if as_json:
+        emit_json(res)
+        return
+    last = res["rounds"][-1]
+    share = ", ".join(f"{f} {v:.0%}" for f, v in sorted(res["weight_share"].items(), key=lambda kv: -kv[1]))
+    click.echo(f"wrote {res['output']} and {res['artifact']} ({share} of the decoder Linears' weights)")
+    click.echo(f"perplexity ratio: predicted {last['predicted_ratio']:.4f}, measured on the artifact "
+               f"{last['measured_ratio']:.4f} (budget {budget}; {'met' if res['met'] else 'NOT met'} after "
+               f"{len(res['rounds'])} round(s))")
 
 
 COMMANDS = [quantize]

@@ -1,0 +1,77 @@
+"""Choose a format per input group: the lowest cost for the target whose predicted perplexity ratio stays
+within the budget. Pure functions of the sensitivity scores, the groups' sizes and a cost table.
+
+Costs per weight (docs/QUANTIZATION.md, "--budget"):
+  cpu  : bytes one decode step streams on ONNX Runtime CPU: float32 4, int8 (per channel) 1, int8 with
+         groups of 32 and int4 the codes plus a float32 scale per 32 inputs (1.125, 0.625).
+  h100 : relative time of a Linear on H100 Tensor Cores against bf16 (1.0): FP8 and INT8 run at twice BF16's
+         dense rate with half the bytes (0.5); weight-only INT8 halves the bytes but computes in bf16 (0.6);
+         weight-only INT4 quarters them (0.35). From the H100 datasheet's throughputs (BF16 989, FP8/INT8 1979
+         dense TFLOPS; 3.35 TB/s HBM3), not measured here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+COSTS = {
+    "cpu": {"float": 4.0, "int8-wo": 1.0, "int8-dyn": 1.0, "int8-group": 1.125, "int4": 0.625},
+    "h100": {"float": 1.0, "int8-wo": 0.6, "int8-group": 0.62, "int4": 0.35, "fp8": 0.5, "int8-sq": 0.5},
+}
+
+
+@dataclass
+class Choice:
+    formats: dict[str, str]  # group -> format
+    predicted_ratio: float
+    cost: float
+
+
+def predicted_ratio(scores: dict, formats: dict) -> float:
+    """exp of the summed predicted increases of mean log-perplexity."""
+    return math.exp(sum(scores[g][f] for g, f in formats.items()))
+
+
+def choose(scores: dict, sizes: dict[str, int], candidates: list[str], target: str, budget: float) -> Choice:
+    """Start every group at its cheapest candidate; while the prediction is over ``budget``, move up the
+    group whose next format buys the most predicted loss per unit of added cost (greedy knapsack)."""
+    table = COSTS[target]
+    ladder = sorted(candidates, key=lambda f: table[f])  # cheapest first
+    pos = {g: 0 for g in scores}
+
+    def cost() -> float:
+        return sum(sizes[g] * table[ladder[pos[g]]] for g in scores)
+
+    limit = math.log(budget)
+    while sum(scores[g][ladder[pos[g]]] for g in scores) > limit:
+        best, gain = None, -1.0
+        for g in scores:
+            if pos[g] + 1 >= len(ladder):
+                continue
+            now, nxt = ladder[pos[g]], ladder[pos[g] + 1]
+            saved = scores[g][now] - scores[g][nxt]
+            extra = sizes[g] * (table[nxt] - table[now])
+            rate = saved / extra if extra > 0 else math.inf
+            if rate > gain:
+                best, gain = g, rate
+        if best is None:
+            break  # everything is at the most precise format already
+        pos[best] += 1
+    formats = {g: ladder[pos[g]] for g in scores}
+    return Choice(formats, predicted_ratio(scores, formats), cost())
+
+
+def move_up(choice: Choice, scores: dict, sizes: dict, candidates: list[str], target: str) -> str | None:
+    """After a measured miss: the group with the highest predicted loss moves to its next more precise format.
+    Returns its name (None when every group is already at the top)."""
+    table = COSTS[target]
+    ladder = sorted(candidates, key=lambda f: table[f])
+    order = sorted(choice.formats, key=lambda g: -scores[g][choice.formats[g]])
+    for g in order:
+        i = ladder.index(choice.formats[g])
+        if i + 1 < len(ladder):
+            choice.formats[g] = ladder[i + 1]
+            choice.predicted_ratio = predicted_ratio(scores, choice.formats)
+            choice.cost = sum(sizes[h] * table[choice.formats[h]] for h in choice.formats)
+            return g
+    return None

@@ -1,0 +1,78 @@
+"""--budget: sensitivity proxy, the cost-minimal choice within the prediction, and the measured-artifact loop."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from compress.budget.search import COSTS, choose, move_up, predicted_ratio
+from compress.errors import CompressError
+
+
+def test_choose_takes_the_cheapest_within_the_prediction_and_move_up_climbs():
+    scores = {"a": {"int4": 0.010, "int8-wo": 0.001, "float": 0.0},
+              "b": {"int4": 0.002, "int8-wo": 0.0002, "float": 0.0}}
+    sizes = {"a": 100, "b": 100}
+    c = choose(scores, sizes, ["int4", "int8-wo", "float"], "cpu", budget=math.exp(0.004))
+    assert c.formats == {"a": "int8-wo", "b": "int4"}  # a's step buys the most loss per added byte
+    assert c.predicted_ratio == pytest.approx(math.exp(0.003))
+    assert c.cost == 100 * COSTS["cpu"]["int8-wo"] + 100 * COSTS["cpu"]["int4"]
+    loose = choose(scores, sizes, ["int4", "int8-wo", "float"], "cpu", budget=1.5)
+    assert loose.formats == {"a": "int4", "b": "int4"}
+    assert move_up(c, scores, sizes, ["int4", "int8-wo", "float"], "cpu") == "b"  # the highest predicted loss
+    assert c.formats == {"a": "int8-wo", "b": "int8-wo"} and c.predicted_ratio == predicted_ratio(scores, c.formats)
+
+
+def test_group_scores_rank_formats_and_groups(tiny_dir):
+    from compress.budget.sensitivity import group_scores
+    from compress.calib import calibration_batches
+    from compress.loading import load_model
+
+    model, tok, _ = load_model(str(tiny_dir))
+    s = group_scores(model, calibration_batches(tok, samples=2, seq_len=64), ["int4", "int8-wo", "fp8"])
+    assert len(s) == 8 and all(v["float"] == 0.0 for v in s.values())
+    for g, v in s.items():  # fewer bits, more predicted loss, in every group
+        assert v["int4"] > v["int8-wo"] > 0, g
+    assert all(p.requires_grad for p in model.parameters())  # the model is left as it was
+
+
+def test_budget_end_to_end_on_the_artifact(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from kiln.cli import cli
+    from runtime.manifest import read_manifest
+
+    out = tmp_path / "q"
+    r = CliRunner().invoke(cli, ["compress", "quantize", str(tiny_dir), "--budget", "1.02", "--formats", "int4,int8-wo",
+                                 "--target", "cpu", "-o", str(out), "--calib-samples", "2", "--seq-len", "64",
+                                 "--eval-windows", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    last = res["rounds"][-1]
+    assert res["met"] and last["measured_ratio"] <= 1.02 and (tmp_path / "q-onnx" / "model.onnx").is_file()
+    m = read_manifest(out)
+    rec = m.quant_passes()[-1].stats["budget"]
+    assert rec["rounds"] == res["rounds"] and set(rec["groups"]) == {f"model.layers.{i}.{g}" for i in range(2)
+                                                                     for g in ("attn_in", "o_in", "mlp_in", "down_in")}
+    specs = m.layer_specs()
+    assert {s.weight for s in specs.values()} <= {"int4", "int8"} and specs["lm_head"].weight == "int8"
+    assert read_manifest(tmp_path / "q-onnx").io.form == "ort"
+
+
+def test_bad_budget_requests_are_one_line(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from kiln.cli import cli
+
+    base = ["compress", "quantize", str(tiny_dir), "-o", str(tmp_path / "q")]
+    for extra, msg in ((["--budget", "1.01", "--formats", "fp8,float", "--target", "cpu"], "fp8 is not a format for"),
+                       (["--budget", "0.9", "--formats", "int4"], "--budget is a perplexity ratio above 1"),
+                       (["--budget", "1.01"], "--budget needs --formats"),
+                       ([], "give --scheme NAME, or --budget")):
+        r = CliRunner().invoke(cli, base + extra)
+        assert r.exit_code == 2 and msg in r.output, r.output
+    with pytest.raises(CompressError, match="unknown format"):
+        from compress.budget.entry import format_config
+
+        format_config("int3", ())
