@@ -17,16 +17,15 @@ import shutil
 import time
 from pathlib import Path
 
+from compress.budget.search import COSTS, choose, move_up
+from compress.errors import CompressError
 from runtime.corpus import BUILTIN
-
-from ..errors import CompressError
-from .search import COSTS, choose, move_up
 
 ACT_FORMATS = ("fp8", "int8-sq", "int8-dyn")
 
 
 def format_config(fmt: str, targets: tuple[str, ...]):
-    from ..quant import config as C
+    from compress.quant import config as C
 
     make = {"int8-wo": lambda: C.Int8WeightOnly(targets=targets), "int8-group": lambda: C.Int8Grouped(targets=targets),
             "int4": lambda: C.Int4(targets=targets), "fp8": lambda: C.Fp8(targets=targets, ignore=()),
@@ -50,7 +49,7 @@ def parse_formats(text: str, target: str) -> list[str]:
 
 def apply(model, groups, formats: dict[str, str], calib, head_int8: bool, progress: bool) -> None:
     """Quantize ``model`` in place: each group to its format, activation formats first."""
-    from ..quant import Int8WeightOnly, quantize_
+    from compress.quant import Int8WeightOnly, quantize_
 
     by = {}
     for g in groups:
@@ -70,13 +69,13 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
     from runtime import Engine
     from runtime.evaluate import perplexity as rt_perplexity
 
-    from ..calib import calibration_batches, forward_loop
-    from ..checkpoint import source_record
-    from ..evaluate import corpus_ids, perplexity
-    from ..loading import load_model
-    from ..quant import save_quantized
-    from ..quant.calibrate import layer_groups
-    from .sensitivity import group_scores
+    from compress.budget.sensitivity import group_scores
+    from compress.calib import calibration_batches, forward_loop
+    from compress.checkpoint import source_record
+    from compress.evaluate import corpus_ids, perplexity
+    from compress.loading import load_model
+    from compress.quant import save_quantized
+    from compress.quant.calibrate import layer_groups
 
     if not 1.0 < float(budget) < 10.0:
         raise CompressError(f"--budget is a perplexity ratio above 1 (e.g. 1.015), got {budget!r}")

@@ -104,7 +104,7 @@ def quantize(source, scheme, budget, formats, target, out, method, calib, calib_
 
 def _budget(source, out, budget, formats, target, calib, calib_samples, seq_len, eval_windows, eval_text, force,
             as_json) -> None:
-    from compress.budget.entry import quantize_budget
+    from .budget import quantize_budget
 
     if not formats:
         raise click.UsageError("--budget needs --formats (e.g. fp8,int8-wo,float)")

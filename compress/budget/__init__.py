@@ -1,2 +1,3 @@
-"""``--budget``: a format per input group, the cheapest for the target within a perplexity budget, checked
-on the exported artifact (entry.quantize_budget)."""
+"""``--budget``: how much each input group's quantization to each format costs in loss (sensitivity) and the
+cheapest assignment for a target within a perplexity budget (search). kiln/budget.py quantizes with it,
+exports and measures the artifact."""

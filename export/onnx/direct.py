@@ -89,19 +89,31 @@ def _float_root(info) -> Path | None:
     return None
 
 
+def arch_of(path: Path):
+    """The architecture from config.json alone when it spells every field out, else through transformers."""
+    import json
+
+    from compress.hfdir import architecture_from_config
+
+    ns = config_namespace(json.loads((path / "config.json").read_text()))
+    if ns is None:
+        from transformers import AutoConfig
+
+        ns = AutoConfig.from_pretrained(str(path))
+    return architecture_from_config(ns)
+
+
 def file_source(info) -> DirectSource | None:
     """A reader for ``info``'s files: ``direct_source`` for float sources, and for quantized llmkiln
     checkpoints their config, codes and scales (shards included); None when only transformers can read it."""
     if info.kind == "checkpoint" and info.manifest is not None and info.manifest.quantized:
         from compress.tensorfile import SafetensorsFiles, checkpoint_files
 
-        from .weights import _arch_of
-
         root = Path(info.path)
         files = checkpoint_files(root)
         if not files or not (root / "tokenizer.json").is_file():
             return None
-        return DirectSource(root, _arch_of(root), SafetensorsFiles(files))
+        return DirectSource(root, arch_of(root), SafetensorsFiles(files))
     return direct_source(info)
 
 

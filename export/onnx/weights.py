@@ -100,22 +100,6 @@ def _quant_shapes(mod: str, spec: LayerSpec, o: int, i: int) -> dict:
             f"{mod}.weight_scale": (o, i // g) if g else (o,)}
 
 
-def _arch_of(path: Path):
-    """The architecture from config.json alone when it spells every field out, else through transformers."""
-    import json
-
-    from compress.hfdir import architecture_from_config
-
-    from .direct import config_namespace
-
-    ns = config_namespace(json.loads((path / "config.json").read_text()))
-    if ns is None:
-        from transformers import AutoConfig
-
-        ns = AutoConfig.from_pretrained(str(path))
-    return architecture_from_config(ns)
-
-
 def precheck(info) -> None:
     """Before any model is loaded: every tensor the graph needs is in the safetensors files with its shape.
     (Transformers would silently re-initialize a missing tensor and reports a wrong shape without its name.)"""
@@ -130,7 +114,9 @@ def precheck(info) -> None:
     if not files:
         return
     try:
-        arch = _arch_of(Path(info.path))
+        from .direct import arch_of
+
+        arch = arch_of(Path(info.path))
     except ExportError:
         raise
     except Exception:

@@ -73,6 +73,6 @@ def test_bad_budget_requests_are_one_line(tiny_dir, tmp_path):
         r = CliRunner().invoke(cli, base + extra)
         assert r.exit_code == 2 and msg in r.output, r.output
     with pytest.raises(CompressError, match="unknown format"):
-        from compress.budget.entry import format_config
+        from kiln.budget import format_config
 
         format_config("int3", ())
