@@ -1,7 +1,8 @@
-"""Shared CLI plumbing: user errors (and a missing optional dependency) become one line on stderr with exit
-code 2; --json output."""
+"""Shared CLI plumbing: user errors, a missing optional dependency and any OSError (permission denied, a full
+disk, a file too large, an address in use) become one line on stderr with exit code 2; --json output."""
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import sys
@@ -37,6 +38,24 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split())
 
 
+_DISK_FULL = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file grew past the size limit",
+              errno.EDQUOT: "the disk quota is exhausted"}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError: the path(s) it names, what the system said, and the errno's name
+    (``/out/model.onnx.data: No space left on device (ENOSPC): ...``)."""
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    code = errno.errorcode.get(e.errno, "") if isinstance(e.errno, int) else ""
+    what = e.strerror or str(e) or type(e).__name__
+    msg = f"{paths + ': ' if paths else ''}{what}{f' ({code})' if code else ''}"
+    if e.errno in _DISK_FULL:
+        msg += f"; {_DISK_FULL[e.errno]}: free space or write the output elsewhere"
+    elif isinstance(e, PermissionError):
+        msg += "; check that you may read the input and write the output there"
+    return " ".join(msg.split())
+
+
 def _not_installed(name: str) -> bool:
     if sys.modules.get(name) is not None:
         return False
@@ -64,8 +83,8 @@ def missing_extra(e: BaseException, what: str = "this command", torch_stage: boo
 
 
 class KilnGroup(click.Group):
-    """A click group whose commands report llmkiln errors, and a missing extra, as one line and exit 2, never
-    a traceback."""
+    """A click group whose commands report llmkiln errors, a missing extra and OSErrors as one line and exit 2,
+    never a traceback."""
 
     def invoke(self, ctx):
         try:
@@ -83,6 +102,9 @@ class KilnGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except OSError as e:  # permission denied, a full disk, a file too large, a port in use, ...
+            click.echo(f"error: {os_error_line(e)}", err=True)
+            ctx.exit(2)
 
 
 def emit_json(obj) -> None:

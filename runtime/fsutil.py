@@ -191,8 +191,10 @@ def atomic_dir(out: str | os.PathLike, force: bool = False, error: type[Exceptio
         else:
             os.rename(tmp, out)
         fsync_dir(out.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name the output
+            e.filename = str(out)
         raise
     finally:
         if lock is not None:
@@ -212,9 +214,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, private: bool = Fal
                 os.fchmod(f.fileno(), modes(private)[1])
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)
         raise
     fsync_dir(path.parent)
 
