@@ -113,27 +113,29 @@ def onnx_step_bytes(art: Path) -> dict:
     for n in m.graph.node:
         for i, x in enumerate(n.input):
             consumers.setdefault(x, []).append((n, i))
-    total, gathered, full = 0, 0, 0
+    regions: dict = {}  # one stored region may back several initializers (tied embedding / lm_head): count it once
     for t in m.graph.initializer:
         ext = {e.key: e.value for e in t.external_data}
         if "length" in ext:
-            nbytes = int(ext["length"])
+            nbytes, key = int(ext["length"]), (ext.get("location"), ext.get("offset"), ext["length"])
         else:
             nbytes = len(t.raw_data) or (int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
                                          if t.dims else 0)
+            key = ("inline", t.name)
         uses = consumers.get(t.name, [])
         looked_up = all((n.op_type == "Gather" and i == 0) or (n.op_type == "RotaryEmbedding" and i in
                         ((2, 3) if n.domain == "com.microsoft" else (1, 2))) for n, i in uses)  # cos/sin caches
+        per_step = nbytes
         if uses and looked_up and t.dims:  # embedding rows, rope cos/sin caches: one row per token
             axis = next((a.i for a in uses[0][0].attribute if a.name == "axis"), 0) \
                 if uses[0][0].op_type == "Gather" else 0
-            rows = t.dims[axis if axis >= 0 else len(t.dims) + axis]
-            total += nbytes // rows
-            gathered += nbytes
-        else:
-            total += nbytes
-            full += nbytes
-    return {"bytes": total, "gathered_tables_bytes": gathered, "full_read_bytes": full}
+            per_step = nbytes // t.dims[axis if axis >= 0 else len(t.dims) + axis]
+        prev = regions.get(key, (nbytes, 0))
+        regions[key] = (nbytes, max(prev[1], per_step))
+    total = sum(p for _, p in regions.values())
+    stored = sum(n for n, _ in regions.values())
+    return {"bytes": total, "stored_bytes": stored, "looked_up_bytes": stored - sum(
+        n for n, p in regions.values() if p == n)}
 
 
 def gguf_step_bytes(path: Path) -> dict:
@@ -246,8 +248,12 @@ def cmd_decode(a) -> int:
     work.mkdir(parents=True, exist_ok=True)
     peers_venv = Path(a.peers_venv)
     code = Path(a.code).resolve()
-    print(f"[decode] load average {os.getloadavg()[0]:.2f}; measuring read bandwidth ({a.threads} threads)",
-          file=sys.stderr, flush=True)
+    load = os.getloadavg()[0]
+    print(f"[decode] load average {load:.2f}; measuring read bandwidth ({a.threads} threads)", file=sys.stderr,
+          flush=True)
+    if load > 1.0:  # a 2-thread decode loop stalls on every descheduled thread: its tok/s then means nothing
+        print(f"[decode] warning: load average {load:.2f} on {os.cpu_count()} cores; decode speed needs a quiet "
+              "machine (a 1B int8-wo artifact ran at 1.7 tok/s at load 8, ~40 when quiet)", file=sys.stderr, flush=True)
     bw = read_bandwidth(a.threads, a.bandwidth_gib)
     recs = []
     for art in (Path(p).resolve() for p in a.art):
