@@ -31,16 +31,16 @@ def _header(path: Path) -> tuple[int, dict]:
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
-            raise TensorFileError(f"{path}: not a safetensors file (shorter than its header length)")
+            raise TensorFileError(f"{path}: corrupt or truncated safetensors file (shorter than its header length)")
         (n,) = struct.unpack("<Q", raw)
         if n > min(size - 8, 100 << 20):
-            raise TensorFileError(f"{path}: corrupt safetensors header (length {n})")
+            raise TensorFileError(f"{path}: corrupt or truncated safetensors file (header length {n})")
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TensorFileError(f"{path}: corrupt safetensors header ({e})") from None
+            raise TensorFileError(f"{path}: corrupt or truncated safetensors file (header: {e})") from None
     if not isinstance(header, dict):
-        raise TensorFileError(f"{path}: corrupt safetensors header")
+        raise TensorFileError(f"{path}: corrupt or truncated safetensors file (header is not an object)")
     return 8 + n, header
 
 
@@ -58,12 +58,13 @@ class SafetensorsFiles:
                 try:
                     dt, shape, (a, b) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
                 except (KeyError, TypeError, ValueError):
-                    raise TensorFileError(f"{f}: corrupt safetensors header entry for {name}") from None
+                    raise TensorFileError(f"{f}: corrupt or truncated safetensors file (header entry for {name})") \
+                        from None
                 if dt not in RAW:
                     raise TensorFileError(f"{f}: {name} has dtype {dt}, which llmkiln does not read")
                 if not 0 <= a <= b <= data or (b - a) != int(np.prod(shape)) * np.dtype(RAW[dt]).itemsize:
-                    raise TensorFileError(f"{f}: {name} lies outside the file or has the wrong size; "
-                                          "the file is truncated or corrupt")
+                    raise TensorFileError(f"{f}: corrupt or truncated safetensors file ({name} lies outside the "
+                                          "file or has the wrong size)")
                 if name in self._where:
                     raise TensorFileError(f"{f}: {name} is also in {self._where[name][0].name}")
                 self._where[name] = (Path(f), start + a, b - a, dt, shape)

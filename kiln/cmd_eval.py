@@ -69,6 +69,33 @@ def info(source, allow_pickle, as_json):
         click.echo(f"pass          {p['kind']}: {p['config']}")
 
 
+def _torch_ppl(source, text, seq_len, windows, allow_pickle, progress):
+    """A model or checkpoint scored one decoder layer at a time (compress.evaluate.perplexity_streamed): the
+    same protocol, memory about one layer; pickle weights load whole."""
+    from compress.sources import resolve
+
+    info = resolve(source, allow_pickle=allow_pickle, quiet=not progress)
+    if info.allow_pickle and info.kind == "hf" and not list(info.path.glob("*.safetensors")):
+        from compress.evaluate import perplexity
+        from compress.loading import load_model
+
+        model, tok, src = load_model(info)
+        return src.kind, perplexity(model, tok, text=text, seq_len=seq_len, windows=windows, progress=progress)
+    from transformers import AutoTokenizer
+
+    from compress.evaluate import perplexity_streamed
+    from compress.hfdir import quiet_transformers
+    from compress.lazy import LazyModel
+    from compress.quant.entry import source_dir
+
+    root = source_dir(info, quiet=not progress)
+    with quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(str(root))
+    specs = info.manifest.layer_specs() if info.manifest is not None else {}
+    return info.kind, perplexity_streamed(LazyModel(root, specs), tok, text=text, seq_len=seq_len,
+                                          windows=windows, progress=progress)
+
+
 @click.command("ppl")
 @click.argument("source")
 @click.option("--text", "text", default="builtin:pydoc", show_default=True,
@@ -100,12 +127,7 @@ def ppl(source, text, seq_len, windows, allow_pickle, threads, trust_engine_code
         res = rt_ppl(eng, text=text, seq_len=seq_len, windows=windows, progress=not as_json)
         kind = eng.manifest.kind
     else:
-        from compress.evaluate import perplexity
-        from compress.loading import load_model
-
-        model, tok, src = load_model(source, allow_pickle=allow_pickle)
-        res = perplexity(model, tok, text=text, seq_len=seq_len, windows=windows, progress=True)
-        kind = src.kind
+        kind, res = _torch_ppl(source, text, seq_len, windows, allow_pickle, progress=not as_json)
     out = res.to_dict() | {"source": source, "kind": kind, "seconds": round(time.perf_counter() - t0, 2)}
     if as_json:
         emit_json(out)
