@@ -12,7 +12,22 @@ from typing import Literal
 from .layerspec import LayerSpec
 
 IO_VERSION = 2  # 2: the graph takes ``logits_positions`` [K] and returns logits [B, K, vocab]
+# 3: version 2 with a quantized KV cache: past/present are codes (``kv_dtype``) plus float32 scale tensors
+# ``past_key_values.{i}.key_scale`` / ``present.{i}.key_scale`` [batch, kv_heads, seq, 1] (docs/CONTRACTS.md).
+# Float-cache artifacts stay version 2, so a reader that predates quantized caches refuses only what it cannot run.
+IO_VERSION_QUANTIZED_KV = 3
+IO_VERSIONS = (IO_VERSION, IO_VERSION_QUANTIZED_KV)
 POSITIONS = "logits_positions"
+# kv_dtype: the cache's storage type. float32 / float16: plain values; int8 / float8e4m3fn: codes whose
+# per-token-and-head scales travel beside them as float32 tensors (SCALE_SUFFIX)
+FLOAT_KV = ("float32", "float16")
+QUANTIZED_KV = ("int8", "float8e4m3fn")
+SCALE_SUFFIX = "_scale"
+
+
+def io_version(kv_dtype: str) -> int:
+    """The IO contract version an artifact with this KV storage type is written with."""
+    return IO_VERSION_QUANTIZED_KV if kv_dtype in QUANTIZED_KV else IO_VERSION
 
 
 @dataclass(frozen=True)
@@ -83,13 +98,29 @@ class IOSpec:
     weight_block: int | None = None  # inputs per scale in the graph's blocked DequantizeLinear (grouped weights)
 
     def __post_init__(self):
-        if self.version != IO_VERSION:
+        if self.version not in IO_VERSIONS:
             raise ValueError(f"IO contract version {self.version} is not supported (this llmkiln reads "
-                             f"{IO_VERSION}); re-export the artifact")
+                             f"{' and '.join(map(str, IO_VERSIONS))}); re-export the artifact")
+        if self.kv_dtype not in FLOAT_KV + QUANTIZED_KV:
+            raise ValueError(f"kv_dtype must be one of {', '.join(FLOAT_KV + QUANTIZED_KV)}, got {self.kv_dtype!r}")
+        if self.version != io_version(self.kv_dtype):
+            raise ValueError(f"a {self.kv_dtype} KV cache is IO contract version {io_version(self.kv_dtype)}, "
+                             f"not {self.version}; re-export the artifact")
 
     @property
     def logits_positions(self) -> bool:
         return any(t.name == POSITIONS for t in self.inputs)
+
+    @property
+    def kv_quantized(self) -> bool:
+        """The cache holds codes plus per-token scales (IO contract version 3)."""
+        return self.kv_dtype in QUANTIZED_KV
+
+    @property
+    def kv_scales(self) -> tuple[str, ...]:
+        """Names of the scale inputs (``past_key_values.{i}.key_scale`` ...), empty for a float cache."""
+        return tuple(t.name for t in self.inputs if t.name.startswith("past_key_values.")
+                     and t.name.endswith(SCALE_SUFFIX))
 
 
 # ---- validation ------------------------------------------------------------------------------------------------

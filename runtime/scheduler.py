@@ -53,6 +53,8 @@ def kv_bytes_per_token(engine) -> int:
     cache dtype's size, twice for caches that keep two buffers (the portable graph's past and present)."""
     a = engine.manifest.architecture
     be = engine.backend
+    if isinstance(getattr(be, "kv_bytes_per_token", None), int):  # the backend's own count (quantized caches)
+        return be.kv_bytes_per_token
     item = np.dtype(getattr(be, "kv_dtype", np.float32)).itemsize
     buffers = 1 if getattr(be, "shared_kv", False) else 2
     return int(a.layers) * 2 * int(a.kv_heads) * int(a.head_dim) * item * buffers

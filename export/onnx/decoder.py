@@ -4,6 +4,8 @@ IO (docs/CONTRACTS.md, IO contract version 2):
   input_ids [B,S] int64, attention_mask [B,T] int64, position_ids [B,S] int64, logits_positions [K] int64,
   past_key_values.{i}.key|value [B,kv_heads,P,head_dim] float32   (P = T - S; zero-length on the first call)
   -> logits [B,K,vocab] float32 (the K positions asked for), present.{i}.key|value [B,kv_heads,T,head_dim]
+A quantized cache (``kv``, IO contract version 3) makes past/present int8 or FP8 codes with float32
+``.key_scale`` / ``.value_scale`` tensors [B,kv_heads,P|T,1] beside them (``kvcache``).
 
 ``fused=True`` uses the opset-23 ``RMSNormalization`` / ``RotaryEmbedding`` / ``Attention`` ops; otherwise the
 same math is written with plain opset-21 ops. ``form="ort"`` builds the ONNX Runtime form (``ortform``) with
@@ -14,17 +16,16 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from runtime.records import IO_VERSION, POSITIONS, IOSpec, TensorSpec
+from runtime.records import POSITIONS, IOSpec, TensorSpec, io_version
 
-from . import ortform
+from . import kvcache, ortform
 from .graph import GraphBuilder
+from .kvcache import ONNX_TYPES
 from .qdq import embedding, lm_head, linear
 
-ONNX_TYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
 
-
-def io_tensors(arch) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """(inputs, outputs) of the IO contract (docs/CONTRACTS.md) for ``arch``."""
+def io_tensors(arch, kv: kvcache.KVFormat = kvcache.FLOAT) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """(inputs, outputs) of the IO contract (docs/CONTRACTS.md) for ``arch`` and the cache format ``kv``."""
     kvh, hd = arch.kv_heads, arch.head_dim
     inputs = [TensorSpec("input_ids", "int64", ("batch", "seq")),
               TensorSpec("attention_mask", "int64", ("batch", "total_seq")),
@@ -32,17 +33,18 @@ def io_tensors(arch) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
               TensorSpec(POSITIONS, "int64", (POSITIONS,))]
     outputs = [TensorSpec("logits", "float32", ("batch", POSITIONS, arch.vocab))]
     for i in range(arch.layers):
-        for kind in ("key", "value"):
-            inputs.append(TensorSpec(f"past_key_values.{i}.{kind}", "float32", ("batch", kvh, "past_seq", hd)))
-            outputs.append(TensorSpec(f"present.{i}.{kind}", "float32", ("batch", kvh, "total_seq", hd)))
+        for past, present, dtype, last in kvcache.kv_tensors(kv, i, kvh, hd):
+            inputs.append(TensorSpec(past, dtype, ("batch", kvh, "past_seq", last)))
+            outputs.append(TensorSpec(present, dtype, ("batch", kvh, "total_seq", last)))
     return tuple(inputs), tuple(outputs)
 
 
-def io_spec(arch, *, form: str, opset: int, exporter: str = "kiln", weight_block: int | None = None) -> IOSpec:
-    """The ``io`` record of kiln.json."""
-    inputs, outputs = io_tensors(arch)
-    return IOSpec(version=IO_VERSION, form=form, opset=opset, inputs=inputs, outputs=outputs, exporter=exporter,
-                  weight_block=weight_block)
+def io_spec(arch, *, form: str, opset: int, exporter: str = "kiln", weight_block: int | None = None,
+            kv: kvcache.KVFormat = kvcache.FLOAT) -> IOSpec:
+    """The ``io`` record of kiln.json (version 2 for a float cache, 3 for a quantized one)."""
+    inputs, outputs = io_tensors(arch, kv)
+    return IOSpec(version=io_version(kv.dtype), form=form, opset=opset, inputs=inputs, outputs=outputs,
+                  kv_dtype=kv.dtype, exporter=exporter, weight_block=weight_block)
 
 
 def _rmsnorm(b: GraphBuilder, x: str, w: np.ndarray, eps: float, ns: str, wname: str, fused: bool) -> str:
@@ -89,11 +91,10 @@ def _masks(b: GraphBuilder) -> str:
     return b.op("Or", [vis, diag], f"{ns}/Or")  # [B,1,S,T]
 
 
-def _attention_plain(b, q, k, v, past_k, past_v, mask, layer, arch, ns) -> tuple[str, str, str]:
+def _attention_plain(b, q, k, v, mask, layer, arch, ns, kv) -> tuple[str, str, str]:
     nh, kvh, hd = arch.heads, arch.kv_heads, arch.head_dim
     rep = nh // kvh
-    pk = b.op("Concat", [past_k, k], f"{ns}/Concat_k", axis=2, outputs=[f"present.{layer}.key"])[0]
-    pv = b.op("Concat", [past_v, v], f"{ns}/Concat_v", axis=2, outputs=[f"present.{layer}.value"])[0]
+    pk, pv = kvcache.append(b, kv, k, v, layer, ns)  # [B,kvh,T,hd] float: what the cache holds
     qg = b.op("Reshape", [q, b.const([0, kvh, rep, -1, hd])], f"{ns}/Reshape_q")  # [B,kvh,rep,S,hd]
     kt = b.op("Transpose", [pk], f"{ns}/Transpose_k", perm=[0, 1, 3, 2])  # [B,kvh,hd,T]
     kt = b.op("Unsqueeze", [kt, b.const([2])], f"{ns}/Unsqueeze_k")  # [B,kvh,1,hd,T]
@@ -120,11 +121,13 @@ def _mlp(b: GraphBuilder, w, h: str, arch, p: str, ns: str) -> str:
 
 
 def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.ndarray, fused: bool,
-                  progress=None, form: str = "portable") -> None:
+                  progress=None, form: str = "portable", kv: kvcache.KVFormat = kvcache.FLOAT) -> None:
     """Emit the whole graph into ``b``. rope_cos/sin: [max_position, head_dim/2] float32 (scaling applied).
-    ``form="ort"`` needs ``fused`` (opset 23)."""
+    ``form="ort"`` needs ``fused`` (opset 23) and a float cache; ``kv``: how the cache is stored."""
     H, nh, kvh, hd = arch.hidden, arch.heads, arch.kv_heads, arch.head_dim
-    inputs, outputs = io_tensors(arch)
+    if form == "ort" and kv.quantized:
+        raise ValueError("the ort form builds a float KV cache only")
+    inputs, outputs = io_tensors(arch, kv)
     for t in inputs:
         b.input(t.name, ONNX_TYPES[t.dtype], list(t.shape))
     for t in outputs:
@@ -151,15 +154,13 @@ def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.n
         q = linear(b, w, h, f"{p}.self_attn.q_proj", H, nh * hd, f"{ns}/attn/q_proj")
         k = linear(b, w, h, f"{p}.self_attn.k_proj", H, kvh * hd, f"{ns}/attn/k_proj")
         v = linear(b, w, h, f"{p}.self_attn.v_proj", H, kvh * hd, f"{ns}/attn/v_proj")
-        pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         if fused:  # 4-D Attention without past inputs: the form TensorRT's parser accepts
             q4 = b.op("RotaryEmbedding", [_heads(b, q, nh, hd, f"{ns}/attn/q_heads"), cos, sin, "position_ids"],
                       f"{ns}/attn/q_rotary/RotaryEmbedding", interleaved=0)  # [B,nh,S,hd]
             k4 = b.op("RotaryEmbedding", [_heads(b, k, kvh, hd, f"{ns}/attn/k_heads"), cos, sin, "position_ids"],
                       f"{ns}/attn/k_rotary/RotaryEmbedding", interleaved=0)  # [B,kvh,S,hd]
             v4 = _heads(b, v, kvh, hd, f"{ns}/attn/v_heads")
-            pk = b.op("Concat", [pk, k4], f"{ns}/attn/Concat_k", axis=2, outputs=[f"present.{i}.key"])[0]
-            pv = b.op("Concat", [pv, v4], f"{ns}/attn/Concat_v", axis=2, outputs=[f"present.{i}.value"])[0]
+            pk, pv = kvcache.append(b, kv, k4, v4, i, f"{ns}/attn")  # [B,kvh,T,hd] float
             o = b.op("Attention", [q4, pk, pv, mask], f"{ns}/attn/Attention",
                      scale=float(1.0 / np.sqrt(hd)))  # [B,nh,S,hd], GQA from the head counts
             o = b.op("Transpose", [o], f"{ns}/attn/Transpose_o", perm=[0, 2, 1, 3])
@@ -170,7 +171,7 @@ def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.n
             k4 = _rope_plain(b, _heads(b, k, kvh, hd, f"{ns}/attn/k_heads"), cos_b, sin_b, hd // 2,
                              f"{ns}/attn/k_rotary")
             v4 = _heads(b, v, kvh, hd, f"{ns}/attn/v_heads")
-            o, _, _ = _attention_plain(b, q4, k4, v4, pk, pv, mask, i, arch, f"{ns}/attn")
+            o, _, _ = _attention_plain(b, q4, k4, v4, mask, i, arch, f"{ns}/attn", kv)
         o = linear(b, w, o, f"{p}.self_attn.o_proj", nh * hd, H, f"{ns}/attn/o_proj")
         x = b.op("Add", [x, o], f"{ns}/attn_residual/Add")
         h = _rmsnorm(b, x, w.get(f"{p}.post_attention_layernorm.weight", (H,)), arch.rms_eps,

@@ -24,10 +24,18 @@ class OnnxExportConfig:
     opset: int | None = None
     validate: bool = True
     force: bool = False
+    kv_cache: str = "float"
 
     def __post_init__(self):
         if self.form not in FORMS:
             raise ExportError(f"--form must be one of {', '.join(FORMS)}, got {self.form!r}")
+        from .kvcache import kv_format
+
+        kv_format(self.kv_cache)
+        if self.form == "ort" and self.kv_cache != "float":
+            raise ExportError(f"--form ort keeps a float KV cache (ONNX Runtime's GroupQueryAttention takes an "
+                              f"{self.kv_cache} cache only with static scales calibrated ahead); export "
+                              f"--kv-cache {self.kv_cache} with --form portable (per-token scales in the graph)")
         if self.form == "ort" and self.opset not in (None, FUSED_OPSET):
             raise ExportError(f"--form ort is built at opset {FUSED_OPSET} (standard RotaryEmbedding and "
                               f"RMSNormalization beside the com.microsoft ops), got --opset {self.opset}")
@@ -66,7 +74,8 @@ VALIDATION_MODES = ("auto", "whole-model", "per-layer")
 
 def export_onnx(source, out, *, form: str = "portable", opset: int | None = None, validate: bool = True,
                 force: bool = False, progress: bool = False, before_rename=None, exporter: str = "kiln",
-                optimum_python: str | None = None, validation: str = "auto", max_memory: int | None = None):
+                optimum_python: str | None = None, validation: str = "auto", max_memory: int | None = None,
+                kv_cache: str = "float"):
     """Build ``out`` (model.onnx + model.onnx.data + tokenizer + kiln.json) from ``source``.
 
     ``source`` is anything ``compress.load_model`` accepts (alias, .gguf, HF dir, llmkiln checkpoint, SourceInfo).
@@ -74,16 +83,19 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
     builder (fp32 only; see optimum_fallback). ``validation``: ``auto`` (whole-model when the float32 torch
     model and the artifact fit ``max_memory``, default the memory available; else per layer),
     ``whole-model`` or ``per-layer``. Returns the written Manifest. Raises ExportError (or CompressError for
-    an unloadable source).
+    an unloadable source). ``kv_cache``: ``float`` (IO contract 2) or ``int8`` / ``fp8`` (codes + per-token
+    scales, IO contract 3; export.onnx.kvcache).
     """
     if validation not in VALIDATION_MODES:
         raise ExportError(f"validation must be one of {', '.join(VALIDATION_MODES)}, got {validation!r}")
-    cfg = OnnxExportConfig(form=form, opset=opset, validate=validate, force=force)
+    cfg = OnnxExportConfig(form=form, opset=opset, validate=validate, force=force, kv_cache=kv_cache)
     if exporter not in EXPORTERS:
         raise ExportError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     if exporter == "optimum":
         if opset is not None:
             raise ExportError("--opset applies to --exporter kiln; optimum chooses its own opset")
+        if kv_cache != "float":
+            raise ExportError("--kv-cache applies to --exporter kiln; optimum's graph keeps a float cache")
         from .optimum_fallback import export_with_optimum
 
         return export_with_optimum(source, out, validate=validate, force=force, progress=progress,
@@ -95,6 +107,7 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
                            whole_model_validator, write_artifact)
     from .decoder import build_decoder, io_spec
     from .graph import GraphBuilder
+    from .kvcache import kv_format
     from .qdq import graph_block
     from .direct import DIRECT_ROPE, file_source, rope_tables_numpy, rope_type
     from .weights import Weights, precheck, weights_for
@@ -157,10 +170,11 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
         b = GraphBuilder(tmp, cfg.resolved_opset)
         try:
             build_decoder(b, w, arch, cos, sin, fused=cfg.fused, progress=bar.advance if bar else None,
-                          form=cfg.form)
+                          form=cfg.form, kv=kv_format(cfg.kv_cache))
             label = info.manifest.preset() if info.manifest is not None else "fp32"
             onnx_path = b.finish("llmkiln_decoder", doc=f"llmkiln {arch.model_type} decoder ({label})",
-                                 metadata={"preset": label, "form": cfg.form})
+                                 metadata={"preset": label, "form": cfg.form,
+                                           **({"kv_cache": cfg.kv_cache} if cfg.kv_cache != "float" else {})})
         finally:
             b.abort()
             if bar:
@@ -169,10 +183,14 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
         t_build = time.perf_counter() - t0 - t_load
         grouped = [s.group_size for s in specs.values() if s.group_size]
         io = io_spec(arch, form=cfg.form, opset=cfg.resolved_opset,
-                     weight_block=graph_block(min(grouped)) if grouped else None)
+                     weight_block=graph_block(min(grouped)) if grouped else None, kv=kv_format(cfg.kv_cache))
         validator = None
         if cfg.validate and model is not None:
             validator = whole_model_validator(model, tok, arch, specs)
+            if cfg.kv_cache != "float":
+                from .validate import validate as validate_graph
+
+                validator = lambda p: validate_graph(model, tok, p, arch, specs, kv=cfg.kv_cache)  # noqa: E731
         elif cfg.validate:
             validator = _layer_validator(b.boundaries, lazy, direct.root, arch, specs, mode_why, progress)
         manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, specs, io, validator, before_rename,

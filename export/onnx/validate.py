@@ -42,6 +42,9 @@ def tolerances(spec: LayerSpec) -> tuple[float, float]:
 
 
 FLOAT_TOLERANCE = 1e-3  # a float graph against its torch model: ORT's float32 kernels only
+# A quantized KV cache (--kv-cache, export/onnx/kvcache.py) against the torch model's float cache: the largest
+# max |Δlogits| / range measured on the tiny test models and SmolLM2, with headroom (docs/RUNTIME.md)
+KV_TOLERANCES = {"int8": 0.02, "fp8": 0.1}
 
 
 def checkpoint_tolerances(specs: dict) -> tuple[float | None, float]:
@@ -95,6 +98,17 @@ def ort_session(path, threads: int | None = None, basic: bool = False):
 
 def run_ort(sess, ids, past, arch):
     feeds = _feeds(ids, past, arch)
+    kv_in = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    if len(kv_in) != 2 * arch.layers:  # a quantized cache: codes and scales, in the order of the outputs
+        import onnxruntime as ort
+
+        zero = {"tensor(int8)": np.int8, "tensor(float8e4m3fn)": np.uint8, "tensor(float)": np.float32}
+        for j, i in enumerate(kv_in):
+            x = (past[j] if past is not None else
+                 np.zeros((ids.shape[0], arch.kv_heads, 0, i.shape[3]), zero[i.type]))
+            # FP8 codes come back as uint8 bytes; they go in tagged with their ONNX type (17: FLOAT8E4M3FN)
+            feeds[i.name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(x, 17) if i.type.endswith("e4m3fn)") \
+                else x
     if any(i.name == POSITIONS for i in sess.get_inputs()):
         feeds[POSITIONS] = np.arange(ids.shape[1], dtype=np.int64)  # logits for every position
     outs = sess.run(None, feeds)
@@ -108,12 +122,15 @@ def _rel(a: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 
 def validate(model, tokenizer, onnx_path, arch, specs: dict,
-             cfg: ValidationConfig = ValidationConfig()) -> Validation:
+             cfg: ValidationConfig = ValidationConfig(), kv: str = "float") -> Validation:
     """Compare ORT and torch; returns the kiln.json ``validation`` record, raises ExportError when out of
-    tolerance. ``specs``: the checkpoint's LayerSpecs (tolerances and checks follow from them)."""
+    tolerance. ``specs``: the checkpoint's LayerSpecs (tolerances and checks follow from them); ``kv``: the
+    graph's KV cache format (a quantized one loosens the tolerances like a quantized Linear does)."""
     import torch
 
     graph_tol, tol = checkpoint_tolerances(specs)
+    if kv != "float":
+        graph_tol, tol = max(graph_tol or 0.0, KV_TOLERANCES[kv]), max(tol, KV_TOLERANCES[kv])
     is_float = graph_tol is None
     ids = tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"][: cfg.max_prompt_tokens]
     ids = np.asarray([ids], dtype=np.int64) % arch.vocab
@@ -152,7 +169,8 @@ def validate(model, tokenizer, onnx_path, arch, specs: dict,
     same = next((i for i, (a, b) in enumerate(zip(ort_tokens, t_tokens)) if a != b), len(t_tokens))
     result = Validation(
         passed=True,
-        reference="torch model of the same checkpoint" + ("" if is_float else " (fake-quant)"),
+        reference="torch model of the same checkpoint" + ("" if is_float or not specs else " (fake-quant)")
+                  + ("" if kv == "float" else f", float KV cache (the graph's: {kv})"),
         runtime="onnxruntime CPUExecutionProvider",
         metric="max |logits_ort - logits_torch| / (max - min of logits_torch)",
         prompt_tokens=int(S), value=cpu.value, tolerance=tol, ort_cpu=cpu, graph=graph,

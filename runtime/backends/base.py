@@ -93,6 +93,15 @@ class Backend(ABC):
                 position_ids: np.ndarray, last_only: bool = True) -> np.ndarray:
         ...
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one row takes per position (what the server's admission counts): layers x 2
+        (key, value) x kv_heads x head_dim x the cache dtype's size, twice for caches that keep two buffers
+        (the portable graph's past and present). Backends with a quantized cache add their scales."""
+        item = np.dtype(getattr(self, "kv_dtype", np.float32)).itemsize
+        buffers = 1 if getattr(self, "shared_kv", False) else 2
+        return int(self.layers) * 2 * int(self.kv_heads) * int(self.head_dim) * item * buffers
+
     def close(self) -> None:
         """Release sessions and buffers (idempotent)."""
 

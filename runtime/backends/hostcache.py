@@ -103,3 +103,79 @@ class HostKVCache(KVCache):
         for j in range(2 * self.layers):
             self.view(other, j, self.batch, self.length - n)[...] = self.past(j)[:, :, n:]
         self.side, self.length = other, self.length - n
+
+
+def fp8_e4m3fn_table() -> np.ndarray:
+    """float32 value of each FP8 E4M3FN byte (sign, 4 exponent bits biased by 7, 3 mantissa bits; 0x7f/0xff NaN)."""
+    b = np.arange(256)
+    sign = np.where(b >> 7, -1.0, 1.0)
+    exp, mant = (b >> 3) & 0xF, b & 7
+    val = np.where(exp == 0, mant / 8.0 * 2.0 ** -6, (1 + mant / 8.0) * 2.0 ** (exp - 7.0))
+    val = np.where((exp == 15) & (mant == 7), np.nan, val)
+    return (sign * val).astype(np.float32)
+
+
+class QuantHostKVCache(KVCache):
+    """A quantized cache (IO contract 3): the codes ([B, kv_heads, T, head_dim] int8, or FP8 E4M3FN bytes held
+    as uint8) and their float32 scales ([B, kv_heads, T, 1]) in two ``HostKVCache`` slabs that move together:
+    every row/column operation is applied to both, so ``select`` / ``extend`` / ``trim_left`` keep their
+    meaning. ``ptrs[side]`` lists the codes of every tensor, then the scales (the backend's binding order)."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, batch: int, max_len: int,
+                 fp8: bool = False):
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.fp8 = fp8
+        self.codes = HostKVCache(layers, kv_heads, head_dim, dtype, batch, max_len)
+        self.scales = HostKVCache(layers, kv_heads, 1, np.float32, batch, max_len)
+        self.dtype = self.codes.dtype
+
+    # the two slabs always agree on these
+    batch = property(lambda self: self.codes.batch, lambda self, v: self._set("batch", v))
+    length = property(lambda self: self.codes.length, lambda self, v: self._set("length", v))
+    side = property(lambda self: self.codes.side)
+
+    def _set(self, name, v):
+        setattr(self.codes, name, v)
+        setattr(self.scales, name, v)
+
+    @property
+    def ptrs(self) -> list[list[int]]:
+        return [self.codes.ptrs[s] + self.scales.ptrs[s] for s in (0, 1)]
+
+    def reserve(self, batch: int, length: int) -> None:
+        self.codes.reserve(batch, length)
+        self.scales.reserve(batch, length)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.codes.capacity_bytes + self.scales.capacity_bytes
+
+    def advance(self, batch: int, added: int) -> None:
+        self.codes.advance(batch, added)
+        self.scales.advance(batch, added)
+
+    def dequantized(self, j: int) -> np.ndarray:
+        """Tensor j (2*layer + 0 key | 1 value) as float32 [batch, kv_heads, length, head_dim]: codes x scale."""
+        c = self.codes.past(j)
+        x = fp8_e4m3fn_table()[c] if self.fp8 else c.astype(np.float32)
+        return x * self.scales.past(j)
+
+    # ---- KVCache ---------------------------------------------------------------------------------------
+    def layer(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.dequantized(2 * i), self.dequantized(2 * i + 1)
+
+    def select(self, rows: list[int]) -> None:
+        self.codes.select(rows)
+        self.scales.select(rows)
+
+    def extend(self, other: KVCache) -> int:
+        if not isinstance(other, QuantHostKVCache):
+            raise TypeError("extend needs a cache of the same backend and format")
+        self.scales.extend(other.scales)
+        return self.codes.extend(other.codes)
+
+    def trim_left(self, n: int) -> None:
+        if not self._trims(n):
+            return
+        self.codes.trim_left(n)
+        self.scales.trim_left(n)

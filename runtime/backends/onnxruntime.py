@@ -3,7 +3,10 @@
 Portable artifacts read the past from one buffer and write past + new into another (``HostKVCache``); an
 ``--form ort`` artifact's GroupQueryAttention appends in place when past and present are bound to the same
 [batch, kv_heads, capacity, head_dim] buffer (``SharedKVCache``), so its KV bindings change only when the
-cache grows or its rows change."""
+cache grows or its rows change.
+
+A quantized cache (IO contract 3: int8 or FP8 codes plus float32 per-token scales, export/onnx/kvcache.py)
+lives in a ``QuantHostKVCache``: the codes and the scales in two ping-pong slabs that move together."""
 from __future__ import annotations
 
 import os
@@ -13,13 +16,16 @@ import numpy as np
 
 from ..errors import EngineError
 from .base import Backend, KVCache, step_inputs
-from .hostcache import HostKVCache
+from .hostcache import HostKVCache, QuantHostKVCache
 from .sharedcache import SharedKVCache
 from ..records import POSITIONS
 from .ort_binding import c_binding, fast_binding
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 _ONNX_CODE = {np.float32: 1, np.float16: 10, np.int64: 7}  # TensorProto data types (cheaper to bind than dtypes)
+# quantized cache codes: (host dtype, TensorProto type); FP8 bytes live in uint8 buffers bound as FLOAT8E4M3FN
+_KV_CODES = {"tensor(int8)": (np.int8, 3), "tensor(float8e4m3fn)": (np.uint8, 17)}
+SCALE = "_scale"
 
 
 def _addr(a: np.ndarray) -> int:
@@ -43,6 +49,12 @@ class _Bound:
 class _OrtCache(_Bound, HostKVCache):
     def __init__(self, sess, *a):
         HostKVCache.__init__(self, *a)
+        self._bind_to(sess)
+
+
+class _OrtQuantCache(_Bound, QuantHostKVCache):
+    def __init__(self, sess, *a, fp8=False):
+        QuantHostKVCache.__init__(self, *a, fp8=fp8)
         self._bind_to(sess)
 
 
@@ -107,15 +119,38 @@ class OnnxRuntimeBackend(Backend):
                               f"{' ...' if len(miss) > 4 else ''}; re-export it with `kiln export onnx`")
         self.positions = POSITIONS in ins
         kv = ins["past_key_values.0.key"]
-        self.kv_dtype = _ORT_TYPES.get(kv.type)
+        self.kv_quantized = kv.type in _KV_CODES
+        self.kv_dtype, kv_code = _KV_CODES[kv.type] if self.kv_quantized else (_ORT_TYPES.get(kv.type), None)
         if self.kv_dtype is None or outs["logits"].type not in _ORT_TYPES:
             raise EngineError(f"model.onnx: unsupported KV/logits types {kv.type}/{outs['logits'].type}")
+        self.kv_code = kv_code or _ONNX_CODE[self.kv_dtype]
+        self.kv_fp8 = kv.type == "tensor(float8e4m3fn)"
         self.logits_dtype = _ORT_TYPES[outs["logits"].type]
         self._names = [(f"past_key_values.{i}.{w}", f"present.{i}.{w}") for i in range(self.layers)
                        for w in ("key", "value")]
+        # (past, present, TensorProto type, last dim) per bound KV tensor, in the cache's ptrs order
+        self._kv_binds = [(pin, pout, self.kv_code, self.head_dim) for pin, pout in self._names]
+        if self.kv_quantized:
+            scales = [(pin + SCALE, pout + SCALE) for pin, pout in self._names]
+            miss = [n for pin, pout in scales for n, have in ((pin, ins), (pout, outs)) if n not in have]
+            if miss or self.shared_kv:
+                raise EngineError(f"model.onnx has a {kv.type} KV cache but "
+                                  f"{'no ' + miss[0] if miss else 'the ort form'}; re-export it with "
+                                  "`kiln export onnx --kv-cache`")
+            self._kv_binds += [(pin, pout, _ONNX_CODE[np.float32], 1) for pin, pout in scales]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one row takes per position: codes plus their float32 scales for a quantized cache,
+        twice for the portable graph's two buffers (past and present)."""
+        per_head = self.head_dim * np.dtype(self.kv_dtype).itemsize + (4 if self.kv_quantized else 0)
+        return self.layers * 2 * self.kv_heads * per_head * (1 if self.shared_kv else 2)
 
     # ---- Backend --------------------------------------------------------------------------------------
     def allocate(self, batch: int, max_len: int) -> KVCache:
+        if self.kv_quantized:
+            return _OrtQuantCache(self.sess, self.layers, self.kv_heads, self.head_dim, self.kv_dtype, batch,
+                                  max_len, fp8=self.kv_fp8)
         cls = _OrtSharedCache if self.shared_kv else _OrtCache
         return cls(self.sess, self.layers, self.kv_heads, self.head_dim, self.kv_dtype, batch, max_len)
 
@@ -127,7 +162,7 @@ class OnnxRuntimeBackend(Backend):
         cache.reserve(b, t)
         fast = self._cdev is not None and cache.cbinding is not None
         io = cache.cbinding if fast else cache.binding
-        i64, ldt, dt = _ONNX_CODE[np.int64], _ONNX_CODE[self.logits_dtype], _ONNX_CODE[self.kv_dtype]
+        i64, ldt, dt = _ONNX_CODE[np.int64], _ONNX_CODE[self.logits_dtype], self.kv_code
         if fast:
             dev = self._cdev
 
@@ -164,11 +199,13 @@ class OnnxRuntimeBackend(Backend):
                     bout(pout, dt, shape, cache.ptr(j))
                 cache.kv_bound = key
         else:
-            src, dst = cache.ptrs[cache.side], cache.ptrs[cache.side ^ 1]
-            past_shape, present_shape = [b, kv, p, hd], [b, kv, t, hd]
-            for j, (pin, pout) in enumerate(self._names):
-                bin_(pin, dt, past_shape, src[j])
-                bout(pout, dt, present_shape, dst[j])
+            ptrs = cache.ptrs
+            src, dst = ptrs[cache.side], ptrs[cache.side ^ 1]
+            shapes = {hd: ([b, kv, p, hd], [b, kv, t, hd]), 1: ([b, kv, p, 1], [b, kv, t, 1])}
+            for j, (pin, pout, code, last) in enumerate(self._kv_binds):
+                past_shape, present_shape = shapes[last]
+                bin_(pin, code, past_shape, src[j])
+                bout(pout, code, present_shape, dst[j])
         try:
             if fast:
                 self._csess.run_with_iobinding(io, None)
@@ -187,7 +224,8 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> dict:
         return {"backend": self.name, "providers": self.providers,
-                "threads": self.threads or os.cpu_count(), "logits_positions": self.positions}
+                "threads": self.threads or os.cpu_count(), "logits_positions": self.positions,
+                **({"kv_cache": "fp8" if self.kv_fp8 else "int8"} if self.kv_quantized else {})}
 
     def close(self) -> None:
         self.sess = None
