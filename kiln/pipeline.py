@@ -49,20 +49,72 @@ class Stage:
         return d
 
 
+# what _checkpoint_stage passes when a recipe leaves a calibration setting out (kept in step with it: the
+# reuse test of an unchanged recipe fails when they drift)
+CALIB_DEFAULTS = {"quantize": {"text": "builtin:pydoc", "samples": 16, "seq_len": 512},
+                  "prune": {"text": "builtin:pydoc", "samples": 64, "seq_len": 512}}
+
+
+def _calibration(kind: str, cfg: dict) -> dict:
+    """The calibration a recipe pass runs with: its ``calibration`` settings over the defaults."""
+    _, calib = split_calibration(cfg)
+    want = {**CALIB_DEFAULTS[kind], **calib}
+    want["samples"] = want["samples"] or CALIB_DEFAULTS[kind]["samples"]
+    return want
+
+
+def _stored_calibration(p) -> dict | None:
+    """The calibration a kiln.json pass records: quantize passes in stats, prune passes in their config."""
+    c = p.stats.get("calibration") if p.kind == "quantize" else p.config.get("calibration")
+    return dict(c) if isinstance(c, dict) else None
+
+
 def _same_passes(stored: list, wanted: list[dict]) -> bool:
+    """The stored passes are the wanted ones: the same configs, and the same calibration (text, samples,
+    seq_len) wherever the pass calibrates (every quantize pass records it; a prune pass when its method
+    needs calibration)."""
     if [p.kind for p in stored] != [p["kind"] for p in wanted]:
         return False
     try:
         for s, w in zip(stored, wanted):
             cfg = {k: v for k, v in s.config.items() if k not in ("calibration",)}
-            if build_config(s.kind, cfg) != build_config(w["kind"], w["config"]):
+            built = build_config(w["kind"], w["config"])
+            if build_config(s.kind, cfg) != built:
+                return False
+            calibrates = s.kind == "quantize" or built[0].needs_calibration
+            have = _stored_calibration(s)
+            if calibrates and (have is None or have != _calibration(s.kind, w["config"])):
                 return False
     except Exception:
         return False
     return True
 
 
-def _reusable(path: Path, kind: str, source_sha: str | None, passes: list[dict], form: str | None = None) -> bool:
+def _export_differs(m, opset: int | None, source: str | None, max_memory: int | None) -> bool:
+    """An ONNX stage made otherwise than this run would make it: another opset (the recipe's, else the
+    exporter's default), not the kiln exporter, or validated less than this run would validate (skipped, or
+    per layer where the whole model now fits)."""
+    from export.onnx.export import DEFAULT_OPSET
+
+    if m.io is None or m.io.opset != (opset or DEFAULT_OPSET) or m.io.exporter != "kiln":
+        return True
+    v = m.validation
+    if v is None or v.skipped or v.passed is not True:
+        return True
+    if v.mode == "per-layer" and source is not None:
+        from compress.sources import resolve
+        from export.onnx.artifact import validation_mode
+
+        if validation_mode(resolve(source, quiet=True), m.architecture, "auto", max_memory)[0] != v.mode:
+            return True
+    return False
+
+
+def _reusable(path: Path, kind: str, source_sha: str | None, passes: list[dict], form: str | None = None, *,
+              export: dict | None = None) -> bool:
+    """``path`` holds this stage's output as this run would make it: the same source, passes (configs and
+    calibration), and for an ONNX stage (``export``: the recipe's ``opset``, the stage's ``source`` and the
+    run's ``max_memory``) the same form, opset, exporter and at least the same validation."""
     from runtime.manifest import ManifestError, read_manifest, verify_files
 
     if not (path / "kiln.json").is_file():
@@ -77,6 +129,8 @@ def _reusable(path: Path, kind: str, source_sha: str | None, passes: list[dict],
     if kind == "onnx" and m.validation is not None and m.validation.passed is False:
         return False
     if form is not None and (m.io is None or m.io.form != form):
+        return False
+    if export is not None and _export_differs(m, export.get("opset"), export.get("source"), export.get("max_memory")):
         return False
     return _same_passes(m.passes, passes)
 
@@ -161,7 +215,8 @@ class Pipeline:
         path = self.out / name
         t0 = time.perf_counter()
         form = self.recipe.export.get("form") or self._default_form(src)
-        reused = not self.force and _reusable(path, "onnx", sha, passes, form)
+        reused = not self.force and _reusable(path, "onnx", sha, passes, form, export={
+            "opset": self.recipe.export.get("opset"), "source": src, "max_memory": self.max_memory})
         if reused:
             self.log(f"[{name}] reusing {path}")
         else:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Collection, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Collection, Iterator
 
 from .errors import EngineError
 
