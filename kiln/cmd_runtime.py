@@ -144,6 +144,15 @@ def bench(art, prompt_len, new_tokens, prefill_len, runs, backend, threads, trus
     click.echo(f"backend       {res['backend']}, threads {res.get('threads')}")
 
 
+def _min_max(ctx, param, value):
+    if value is None:
+        return None
+    lo, sep, hi = value.partition(":")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        raise click.BadParameter(f"expected MIN:MAX (two whole numbers), got {value!r}")
+    return int(lo), int(hi)
+
+
 @click.command("serve")
 @click.argument("art", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -171,8 +180,17 @@ def bench(art, prompt_len, new_tokens, prefill_len, runs, backend, threads, trus
 @click.option("--max-connections", type=click.IntRange(1, None), default=128, show_default=True,
               help="Concurrent connections; beyond them 503.")
 @_engine_options
+@click.option("--replicas", type=click.IntRange(1, 1024), default=None,
+              help="Serve ART as this many Ray Serve replicas (needs llmkiln[ray]; --threads, --max-batch, "
+                   "--max-queue and --kv-budget-mb are then per replica). See docs/SCALE_OUT.md.")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="With --replicas: join this Ray cluster (ART must be at the same path on every node) "
+                   "instead of starting a local Ray on 127.0.0.1.")
+@click.option("--autoscale", default=None, metavar="MIN:MAX", callback=_min_max,
+              help="With --replicas: scale between MIN and MAX replicas on ongoing requests per replica.")
 def serve(art, host, port, api_key, max_batch, max_queue, model_name, kv_budget_mb, max_tokens_cap,
-          default_max_tokens, max_body_mb, body_timeout, max_connections, backend, threads, trust_engine_code):
+          default_max_tokens, max_body_mb, body_timeout, max_connections, backend, threads, trust_engine_code,
+          replicas, ray_address, autoscale):
     """OpenAI-compatible HTTP server for ART: /v1/models, /v1/completions, /v1/chat/completions
     (stream: true as server-sent events; logprobs, echo), /health, /metrics."""
     from runtime.server import ServerConfig, serve as run_server
@@ -181,8 +199,19 @@ def serve(art, host, port, api_key, max_batch, max_queue, model_name, kv_budget_
                        model_name=model_name, kv_budget_mb=kv_budget_mb, max_tokens_cap=max_tokens_cap,
                        default_max_tokens=default_max_tokens, max_body_mb=max_body_mb,
                        body_timeout_s=body_timeout, max_connections=max_connections)
-    eng = _load(art, backend, threads, trust_engine_code)
-    run_server(eng, cfg, on_ready=lambda url: stderr(f"serving {art} at {url}/v1 (Ctrl-C stops)"))
+    if replicas is None:
+        if ray_address or autoscale:
+            raise click.UsageError("--ray-address and --autoscale go with --replicas N")
+        eng = _load(art, backend, threads, trust_engine_code)
+        run_server(eng, cfg, on_ready=lambda url: stderr(f"serving {art} at {url}/v1 (Ctrl-C stops)"))
+        return
+    from runtime.ray_serve import ReplicaOptions, serve_replicated
+
+    opts = ReplicaOptions(replicas=replicas, autoscale=autoscale, ray_address=ray_address, threads=threads,
+                          backend=backend, trust_engine_code=trust_engine_code)
+    n = f"{autoscale[0]}..{autoscale[1]}" if autoscale else str(replicas)
+    serve_replicated(art, cfg, opts, say=stderr,
+                     on_ready=lambda url: stderr(f"serving {art} ({n} replicas) at {url}/v1 (Ctrl-C stops)"))
 
 
 COMMANDS = [run, chat, bench, serve]

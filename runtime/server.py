@@ -91,6 +91,39 @@ def _err(e: HttpError):
     return _json(error_body(str(e), e.type, e.param, e.code), e.status, e.headers)
 
 
+METRICS_HELP = {  # name: (type, help), in the order /metrics lists them
+    "kiln_prompt_tokens_total": ("counter", "Prompt tokens of finished requests."),
+    "kiln_generated_tokens_total": ("counter", "Tokens generated."),
+    "kiln_requests_cancelled_total": ("counter", "Requests stopped by a client disconnect."),
+    "kiln_requests_failed_total": ("counter", "Requests ended by an error in generation."),
+    "kiln_requests_rejected_total": ("counter", "Requests refused with 429 (queue full)."),
+    "kiln_decode_steps_total": ("counter", "Batched decode steps."),
+    "kiln_decode_rows_total": ("counter", "Sum of batch rows over decode steps."),
+    "kiln_decode_seconds_total": ("counter", "Time spent in decode steps."),
+    "kiln_time_to_first_token_seconds_sum": ("counter", "Sum of time to first token."),
+    "kiln_time_to_first_token_seconds_count": ("counter", "Requests with a first token."),
+    "kiln_active_requests": ("gauge", "Requests decoding now."),
+    "kiln_queued_requests": ("gauge", "Requests waiting for a batch slot."),
+    "kiln_kv_reserved_bytes": ("gauge", "KV cache the running requests may need."),
+    "kiln_kv_budget_bytes": ("gauge", "KV cache budget (0: unbounded)."),
+    "kiln_kv_bytes_per_token": ("gauge", "KV cache one row takes per position."),
+    "kiln_worker_alive": ("gauge", "1 while the generation worker runs."),
+}
+
+
+def prometheus_text(snap: dict, extra: tuple = ()) -> str:
+    """Prometheus text of an ``App.snapshot()`` (``extra``: more (name, type, help, value) rows)."""
+    lines = ["# HELP kiln_requests_total Requests by endpoint and HTTP status.",
+             "# TYPE kiln_requests_total counter"]
+    for (ep, st), n in sorted(snap["requests"].items()):
+        lines.append(f'kiln_requests_total{{endpoint="{ep}",status="{st}"}} {n}')
+    values = {**snap["counters"], **snap["gauges"]}
+    rows = [(name, typ, help_, values[name]) for name, (typ, help_) in METRICS_HELP.items() if name in values]
+    for name, typ, help_, v in rows + list(extra):
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {typ}", f"{name} {v}"]
+    return "\n".join(lines) + "\n"
+
+
 class App:
     def __init__(self, engine, config: ServerConfig, scheduler: Scheduler | None = None):
         self.engine, self.config = engine, config
@@ -212,36 +245,26 @@ class App:
 
         return PlainTextResponse(self.prometheus(), media_type="text/plain; version=0.0.4")
 
-    def prometheus(self) -> str:
+    def snapshot(self) -> dict:
+        """The figures /metrics reports as plain data: ``requests`` {(endpoint, status): n}, ``counters`` and
+        ``gauges`` {name: value} (a replicated server adds its replicas' snapshots up)."""
         m, s = self.scheduler.metrics, self.scheduler
         with m.lock:
-            lines = ["# HELP kiln_requests_total Requests by endpoint and HTTP status.",
-                     "# TYPE kiln_requests_total counter"]
-            for (ep, st), n in sorted(m.requests.items()):
-                lines.append(f'kiln_requests_total{{endpoint="{ep}",status="{st}"}} {n}')
-            rows = [("kiln_prompt_tokens_total", "counter", "Prompt tokens of finished requests.", m.prompt_tokens),
-                    ("kiln_generated_tokens_total", "counter", "Tokens generated.", m.completion_tokens),
-                    ("kiln_requests_cancelled_total", "counter", "Requests stopped by a client disconnect.",
-                     m.cancelled),
-                    ("kiln_requests_failed_total", "counter", "Requests ended by an error in generation.",
-                     m.failed),
-                    ("kiln_requests_rejected_total", "counter", "Requests refused with 429 (queue full).",
-                     m.rejected_full),
-                    ("kiln_decode_steps_total", "counter", "Batched decode steps.", m.steps),
-                    ("kiln_decode_rows_total", "counter", "Sum of batch rows over decode steps.", m.step_rows),
-                    ("kiln_decode_seconds_total", "counter", "Time spent in decode steps.", m.step_seconds),
-                    ("kiln_time_to_first_token_seconds_sum", "counter", "Sum of time to first token.", m.ttft_sum),
-                    ("kiln_time_to_first_token_seconds_count", "counter", "Requests with a first token.",
-                     m.ttft_count)]
-        rows += [("kiln_active_requests", "gauge", "Requests decoding now.", s.active),
-                 ("kiln_queued_requests", "gauge", "Requests waiting for a batch slot.", s.queued),
-                 ("kiln_kv_reserved_bytes", "gauge", "KV cache the running requests may need.", s.kv_reserved),
-                 ("kiln_kv_budget_bytes", "gauge", "KV cache budget (0: unbounded).", s.kv_budget or 0),
-                 ("kiln_kv_bytes_per_token", "gauge", "KV cache one row takes per position.", s.kv_per_token),
-                 ("kiln_worker_alive", "gauge", "1 while the generation worker runs.", int(s.alive))]
-        for name, typ, help_, v in rows:
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {typ}", f"{name} {v}"]
-        return "\n".join(lines) + "\n"
+            counters = {"kiln_prompt_tokens_total": m.prompt_tokens,
+                        "kiln_generated_tokens_total": m.completion_tokens,
+                        "kiln_requests_cancelled_total": m.cancelled, "kiln_requests_failed_total": m.failed,
+                        "kiln_requests_rejected_total": m.rejected_full, "kiln_decode_steps_total": m.steps,
+                        "kiln_decode_rows_total": m.step_rows, "kiln_decode_seconds_total": m.step_seconds,
+                        "kiln_time_to_first_token_seconds_sum": m.ttft_sum,
+                        "kiln_time_to_first_token_seconds_count": m.ttft_count}
+            requests = dict(m.requests)
+        gauges = {"kiln_active_requests": s.active, "kiln_queued_requests": s.queued,
+                  "kiln_kv_reserved_bytes": s.kv_reserved, "kiln_kv_budget_bytes": s.kv_budget or 0,
+                  "kiln_kv_bytes_per_token": s.kv_per_token, "kiln_worker_alive": int(s.alive)}
+        return {"requests": requests, "counters": counters, "gauges": gauges}
+
+    def prometheus(self) -> str:
+        return prometheus_text(self.snapshot())
 
     def asgi(self):
         from starlette.applications import Starlette
@@ -282,14 +305,19 @@ def bind(host: str, port: int) -> socket.socket:
 
 def make_server(engine, config: ServerConfig, sock: socket.socket | None = None, scheduler=None):
     """(uvicorn.Server, App, socket): call ``server.run(sockets=[sock])``, or run it in a thread."""
-    import uvicorn
-
     app = App(engine, config, scheduler)
     sock = sock or bind(config.host, config.port)
-    ucfg = uvicorn.Config(app.asgi(), log_level="warning", access_log=False, lifespan="off",
+    return uvicorn_server(app.asgi(), config), app, sock
+
+
+def uvicorn_server(asgi, config: ServerConfig):
+    """The uvicorn.Server every kiln server runs (the replicated front end too)."""
+    import uvicorn
+
+    ucfg = uvicorn.Config(asgi, log_level="warning", access_log=False, lifespan="off",
                           timeout_graceful_shutdown=2, limit_concurrency=config.max_connections,
                           timeout_keep_alive=5, server_header=False)
-    return uvicorn.Server(ucfg), app, sock
+    return uvicorn.Server(ucfg)
 
 
 def serve(engine, config: ServerConfig, on_ready=None) -> None:

@@ -1,0 +1,250 @@
+"""`kiln serve ART --replicas N`: the same OpenAI-compatible server as N Ray Serve replicas.
+
+    this process: the HTTP front end on --host:--port (runtime.ray_front) ── DeploymentHandle ──▶
+        replica 1..N (runtime.ray_replica): Engine.load(ART) once + the server's App + its own Scheduler
+
+Without ``ray_address`` a local Ray is started with every socket on 127.0.0.1 (node, GCS, raylet, workers,
+agents; no dashboard, no usage statistics) and stopped on exit; with one, this process joins that cluster
+and deletes its application on exit. No Serve HTTP proxy is started: the front end is this process.
+
+Imported only by `kiln serve --replicas`; nothing here imports Ray at module level.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EngineError
+from .http_guard import is_loopback
+
+DEPLOYMENT = "kiln"
+LOOPBACK_ENV = {
+    # Ray on Linux turns a node address of 127.0.0.1 into the machine's network address
+    # (services.resolve_ip_for_localhost) unless Ray runs as a single-machine cluster, which this variable
+    # (its Windows/macOS switch) selects; every Ray process started from here inherits it.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+INSTALL = "pip install 'llmkiln[ray]'"
+
+
+@dataclass(frozen=True)
+class ReplicaOptions:
+    replicas: int = 2  # replicas at start (with autoscaling: the initial number)
+    autoscale: tuple[int, int] | None = None  # (min, max) replicas, scaled on ongoing requests per replica
+    ray_address: str | None = None  # None: start a local Ray on 127.0.0.1
+    threads: int | None = None  # intra-op threads = CPUs reserved per replica (None: this machine's / max)
+    backend: str = "auto"
+    trust_engine_code: bool = False
+    ready_timeout_s: float = 600.0  # replicas that are not running by then: give up
+
+    def __post_init__(self):
+        if self.replicas < 1:
+            raise EngineError(f"--replicas must be at least 1, got {self.replicas}")
+        if self.autoscale is not None:
+            lo, hi = self.autoscale
+            if not 1 <= lo <= hi:
+                raise EngineError(f"--autoscale MIN:MAX needs 1 <= MIN <= MAX, got {lo}:{hi}")
+            if not lo <= self.replicas <= hi:
+                raise EngineError(f"--replicas {self.replicas} is outside --autoscale {lo}:{hi}")
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscale[1] if self.autoscale else self.replicas
+
+    @property
+    def loopback(self) -> bool:
+        """Ray stays on 127.0.0.1: a local Ray, or a cluster whose address is a loopback one."""
+        if self.ray_address is None:
+            return True
+        host = self.ray_address.split("://")[-1].rsplit(":", 1)[0]
+        return is_loopback(host)
+
+
+def local_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def replica_threads(opts: ReplicaOptions) -> int:
+    """Intra-op threads of each replica, which is also the CPUs Ray reserves for it: --threads, else this
+    machine's CPUs shared by the most replicas there may be (at least 1)."""
+    return opts.threads or max(1, local_cpus() // opts.max_replicas)
+
+
+def connect(opts: ReplicaOptions, say=None) -> bool:
+    """ray.init: a local Ray on 127.0.0.1, or join ``opts.ray_address``. Returns whether a local Ray was
+    started (to be stopped on exit)."""
+    if opts.loopback:
+        if "ray" in sys.modules:
+            from ray._private import ray_constants
+
+            if ray_constants.ENABLE_RAY_CLUSTER:
+                raise EngineError("Ray was imported before kiln could keep it on 127.0.0.1; run kiln serve "
+                                  "--replicas in a fresh process")
+        os.environ.update(LOOPBACK_ENV)
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "ray":
+            raise EngineError(f"kiln serve --replicas needs ray[serve], which is not installed: {INSTALL}") \
+                from None
+        raise
+    quiet = logging.WARNING
+    if opts.ray_address is None:
+        if say:
+            say(f"starting a local Ray on 127.0.0.1 ({local_cpus()} CPUs)")
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=local_cpus(),
+                 logging_level=quiet, namespace="kiln")
+        started = True
+    else:
+        if say:
+            say(f"joining the Ray cluster at {opts.ray_address}")
+        ray.init(address=opts.ray_address, logging_level=quiet, namespace="kiln")
+        started = False
+    ip = ray.util.get_node_ip_address()
+    if opts.loopback and ip != "127.0.0.1":
+        ray.shutdown()
+        raise EngineError(f"Ray chose the node address {ip}, not 127.0.0.1; refusing to serve off loopback")
+    return started
+
+
+def _deployment(art: str, config, opts: ReplicaOptions):
+    from ray import serve
+
+    from .ray_replica import KilnReplica
+
+    threads = replica_threads(opts)
+    scaling: dict = {"num_replicas": opts.replicas}
+    if opts.autoscale:
+        lo, hi = opts.autoscale
+        scaling = {"autoscaling_config": {
+            "min_replicas": lo, "max_replicas": hi, "initial_replicas": opts.replicas,
+            # ongoing = decoding + waiting at the front end; half a batch per replica before adding one
+            "target_ongoing_requests": max(1, config.max_batch // 2),
+            "upscale_delay_s": 10.0, "downscale_delay_s": 60.0, "metrics_interval_s": 2.0,
+            "look_back_period_s": 10.0}}
+    dep = serve.deployment(
+        KilnReplica, name=DEPLOYMENT, **scaling,
+        ray_actor_options={"num_cpus": threads},
+        # a replica takes a batch at a time; the rest wait at the front end's router, which routes each to
+        # the replica that has room first; beyond max_queue waiting the front end answers 429
+        max_ongoing_requests=config.max_batch, max_queued_requests=max(1, config.max_queue),
+        health_check_period_s=2.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=5.0,
+        logging_config={"log_level": "WARNING", "enable_access_log": False})
+    load = {"backend": opts.backend, "threads": threads, "trust_engine_code": opts.trust_engine_code}
+    cfg = {k: getattr(config, k) for k in config.__dataclass_fields__}
+    return dep.bind(art, load, cfg, opts.loopback)
+
+
+def _wait_running(app: str, timeout_s: float, say=None):
+    from ray import serve
+
+    end = time.monotonic() + timeout_s
+    last = None
+    while True:
+        st = serve.status().applications.get(app)
+        status = str(getattr(st, "status", "")).rsplit(".", 1)[-1]
+        if status == "RUNNING":
+            return
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise EngineError(_failure_line(st))
+        dep = st.deployments.get(DEPLOYMENT) if st else None
+        states = dict(dep.replica_states) if dep else {}
+        if say and states != last and states:
+            say("replicas: " + ", ".join(f"{n} {str(k).rsplit('.', 1)[-1].lower()}" for k, n in states.items()))
+            last = states
+        if time.monotonic() > end:
+            raise EngineError(f"the replicas were not running after {timeout_s:.0f} s ({states}); the cluster "
+                              "may lack the CPUs they ask for (--threads per replica)")
+        time.sleep(0.5)
+
+
+def _failure_line(st) -> str:
+    """One line from a failed deployment: the replica's own EngineError if it raised one."""
+    text = str(getattr(st, "message", "")) + " " + " ".join(
+        str(getattr(d, "message", "")) for d in getattr(st, "deployments", {}).values())
+    for line in text.splitlines():
+        if "kiln: " in line:
+            return line[line.index("kiln: ") + 6:].strip()
+    for line in reversed(text.splitlines()):
+        if "Error:" in line:
+            return "a replica failed to start: " + line.strip()[:300]
+    return "the replicas failed to start: " + " ".join(text.split())[:300]
+
+
+def serve_replicated(art, config, opts: ReplicaOptions, on_ready=None, say=None) -> None:
+    """Serve ``art`` as Ray Serve replicas behind a front end on config.host:config.port until interrupted."""
+    from .server import bind, uvicorn_server
+
+    art = str(Path(art).resolve())
+    if not opts.loopback and is_loopback(config.host) and say:
+        say("note: the front end listens on loopback; replicas on other nodes are reached through Ray")
+    sock = bind(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    started = False
+    app = f"kiln-{port}-{uuid.uuid4().hex[:6]}"
+    try:
+        started = connect(opts, say)
+        import ray
+        from ray import serve
+
+        threads = replica_threads(opts)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if threads * opts.replicas > cpus:
+            msg = (f"{opts.replicas} replicas x {threads} threads need {threads * opts.replicas} CPUs; the Ray "
+                   f"cluster has {cpus:g}: lower --replicas or --threads")
+            if started:
+                raise EngineError(msg)
+            if say:
+                say(f"note: {msg} (waiting for the cluster to grow)")
+        if opts.autoscale and started and threads * opts.autoscale[1] > cpus and say:
+            say(f"note: --autoscale up to {opts.autoscale[1]} replicas x {threads} threads is more than the "
+                f"{cpus:g} CPUs here; Ray will place only what fits")
+        serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
+        target = serve.RunTarget(_deployment(art, config, opts), name=app, route_prefix=None)
+        [handle] = serve.run_many([target], wait_for_applications_running=False)
+        _wait_running(app, opts.ready_timeout_s, say)
+        from .ray_front import Front
+
+        def states():
+            st = serve.status().applications.get(app)
+            dep = st.deployments.get(DEPLOYMENT) if st else None
+            return {str(k).rsplit(".", 1)[-1]: n for k, n in dep.replica_states.items()} if dep else {}
+
+        front = Front(handle, config, states)
+        server = uvicorn_server(front, config)
+        if on_ready:
+            on_ready(f"http://{host}:{port}")
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        _teardown(app, started)
+
+
+def _teardown(app: str, started: bool) -> None:
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        from ray import serve
+
+        if started:
+            serve.shutdown()
+        else:
+            serve.delete(app)
+    except Exception as e:  # still stop Ray below
+        logging.getLogger("kiln.ray").warning("could not remove the Serve application %s: %s", app, e)
+    ray.shutdown()
