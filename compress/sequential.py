@@ -8,6 +8,7 @@ layer gets a ``LayerJob``; the pass transforms it, then the streams advance thro
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -15,9 +16,57 @@ import torch
 from torch import nn
 
 from .errors import CompressError
-from .quant.calibrate import Group, InputStats, layer_groups_of, run_layer
+from .quant.calibrate import Group, InputStats, layer_groups_of
 
 Inputs = list  # [(hidden [1, S, H], kwargs)] as a decoder layer receives them
+
+
+class Stream:
+    """Calibration activations between two layers: (hidden [1, S, H], kwargs) per window, held in memory, or
+    in files under ``directory`` once their total passes ``budget`` bytes (then one window is in memory at a
+    time). ``advance(layer)`` is the same stream one layer further."""
+
+    def __init__(self, items: Inputs, budget: int | None = None, directory=None):
+        self.budget, self.directory = budget, directory
+        self.nbytes = sum(h.numel() * h.element_size() for h, _ in items)
+        self._items = [self._keep(h, kw) for h, kw in items] if self._spill() else list(items)
+
+    def _spill(self) -> bool:
+        return self.budget is not None and self.directory is not None and self.nbytes > self.budget
+
+    def _keep(self, h: torch.Tensor, kw: dict):
+        import tempfile
+
+        fd, path = tempfile.mkstemp(suffix=".pt", dir=self.directory)
+        with open(fd, "wb") as f:
+            torch.save(h.detach().cpu(), f)
+        return path, kw, h.device
+
+    @property
+    def on_disk(self) -> bool:
+        return bool(self._items) and isinstance(self._items[0][0], str)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self):
+        for a, kw, *dev in self._items:
+            yield (torch.load(a).to(dev[0]) if isinstance(a, str) else a), kw
+
+    def advance(self, layer) -> "Stream":
+        """This stream through ``layer`` (the files of this one are removed once read)."""
+        out = Stream([], self.budget, self.directory)
+        out.nbytes = self.nbytes
+        spill = out._spill()
+        with torch.inference_mode():
+            for item in self._items:
+                a, kw = item[0], item[1]
+                h = torch.load(a).to(item[2]) if isinstance(a, str) else a
+                y = layer(h, **kw)
+                out._items.append(out._keep(y, kw) if spill else (y, kw))
+                if isinstance(a, str):
+                    os.remove(a)
+        return out
 
 
 class InMemory:
@@ -103,10 +152,10 @@ class LayerJob:
     index: int
     layer: nn.Module
     groups: list[Group]
-    float_in: Inputs | None
-    quant_in: Inputs | None
+    float_in: Stream | None
+    quant_in: Stream | None
     float_stats: dict = field(default_factory=dict)  # group's first Linear -> InputStats (float stream)
-    float_out: Inputs | None = None
+    float_out: Stream | None = None
 
     @property
     def prefix(self) -> str:
@@ -140,7 +189,9 @@ class LayerJob:
                 for n in live:
                     accs[n] = acc
         try:
-            run_layer(self.layer, self.quant_in)
+            with torch.inference_mode():
+                for h, kw in self.quant_in:
+                    self.layer(h, **kw)
         finally:
             for h in handles:
                 h.remove()
@@ -162,34 +213,50 @@ def run_float(job: LayerJob, rows: int, draws: OrderedDraws | None) -> None:
         return f
 
     handles = [job.module(n).register_forward_pre_hook(hook(n)) for n in stats]
-    outs = []
+    counter = iter(range(len(job.float_in)))
+
+    class Counted(nn.Module):  # the same layer, telling the hooks which window they see
+        def forward(self, h, **kw):
+            batch[0] = next(counter)
+            return job.layer(h, **kw)
+
     try:
-        with torch.inference_mode():
-            for b, (h, kw) in enumerate(job.float_in):
-                batch[0] = b
-                outs.append((job.layer(h, **kw), kw))
+        out = job.float_in.advance(Counted())
     finally:
         for hd in handles:
             hd.remove()
-    job.float_stats, job.float_out = stats, outs
+    job.float_stats, job.float_out = stats, out
 
 
 def run_sequential(source, transform, *, loop=None, streams: frozenset = frozenset(), rows: int = 0,
-                   draw_seed: int | None = None, progress: str | None = None, done=None) -> dict:
+                   draw_seed: int | None = None, progress: str | None = None, done=None,
+                   activation_budget: int | None = None) -> dict:
     """Run ``transform(job)`` on every decoder layer of ``source`` in order; ``done(i, layer)`` after each
-    (streamed: write it out). ``streams``: which calibration streams the pass reads ("float", "quant").
-    Returns {"calibration_tokens", "seconds"}."""
+    (streamed: write it out). ``streams``: which calibration streams the pass reads ("float", "quant"); a
+    stream bigger than ``activation_budget`` bytes is kept in temporary files. Returns
+    {"calibration_tokens", "seconds", "activations_on_disk"}."""
+    import tempfile
+
     t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kiln-activations-") as spill:
+        return _run(source, transform, loop, streams, rows, draw_seed, progress, done, activation_budget, spill, t0)
+
+
+def _run(source, transform, loop, streams, rows, draw_seed, progress, done, budget, spill, t0) -> dict:
     inputs = None
     if streams:
         if loop is None:
             raise CompressError("this pass needs calibration data (calib=forward_loop or token batches)")
         inputs = source.capture(loop)
-    float_in = inputs if "float" in streams else None
-    quant_in = inputs if "quant" in streams else None
+    tokens = sum(h.shape[0] * h.shape[1] for h, _ in inputs) if inputs else 0
+    sizes = [h.shape[0] * h.shape[1] for h, _ in inputs] if inputs else []
+    share = budget // max(len(streams), 1) if budget is not None else None
+    float_in = Stream(inputs, share, spill) if "float" in streams else None
+    quant_in = Stream(inputs, share, spill) if "quant" in streams else None
+    del inputs
     draws = None
     if float_in is not None and rows and draw_seed is not None:
-        draws = OrderedDraws(draw_seed, [h.shape[0] * h.shape[1] for h, _ in float_in], source.num_layers, 4, rows)
+        draws = OrderedDraws(draw_seed, sizes, source.num_layers, 4, rows)
     bar = None
     if progress:
         from runtime.progress import bar as make_bar
@@ -203,7 +270,7 @@ def run_sequential(source, transform, *, loop=None, streams: frozenset = frozens
                 run_float(job, rows, draws)
             transform(job)
             if quant_in is not None:
-                quant_in = run_layer(layer, quant_in)
+                quant_in = quant_in.advance(layer)
             float_in = job.float_out
             if done is not None:
                 done(i, layer)
@@ -213,5 +280,5 @@ def run_sequential(source, transform, *, loop=None, streams: frozenset = frozens
     finally:
         if bar:
             bar.close()
-    tokens = sum(h.shape[0] * h.shape[1] for h, _ in inputs) if inputs else 0
-    return {"calibration_tokens": tokens, "seconds": round(time.perf_counter() - t0, 1)}
+    on_disk = any(s is not None and s.on_disk for s in (float_in, quant_in))
+    return {"calibration_tokens": tokens, "seconds": round(time.perf_counter() - t0, 1), "activations_on_disk": on_disk}

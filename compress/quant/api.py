@@ -88,7 +88,8 @@ def check(hf_config, config: QuantConfig, calib) -> None:
                             f"(calib=forward_loop or token batches){hint}")
 
 
-def run_pass(source, config: QuantConfig, targets: set, loop, progress: bool, done=None) -> dict:
+def run_pass(source, config: QuantConfig, targets: set, loop, progress: bool, done=None,
+             activation_budget: int | None = None) -> dict:
     """Quantize ``targets`` of every decoder layer of ``source`` (compress.sequential). Returns the stats."""
     from ..sequential import run_sequential
     from .schemes import QuantContext, streams_for
@@ -100,8 +101,11 @@ def run_pass(source, config: QuantConfig, targets: set, loop, progress: bool, do
     streams = streams_for(config, loop is not None)
     label = f"{'gptq' if 'quant' in streams else 'quantize'} {config.scheme}" if progress else None
     run = run_sequential(source, lambda job: transform(job, config, ctx), loop=loop, streams=streams,
-                         rows=getattr(config, "rows_per_batch", 0), draw_seed=0, progress=label, done=done)
+                         rows=getattr(config, "rows_per_batch", 0), draw_seed=0, progress=label, done=done,
+                         activation_budget=activation_budget)
     if run["calibration_tokens"]:
         ctx.stats["calibration_tokens"] = run["calibration_tokens"]
+    if run["activations_on_disk"]:
+        ctx.stats["activations_on_disk"] = True
     ctx.stats["seconds"] = run["seconds"]
     return ctx.stats

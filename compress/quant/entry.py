@@ -143,12 +143,13 @@ def source_dir(info, quiet: bool) -> Path:
 def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, calib_samples: int = 16,
                         seq_len: int = 512, eval_windows: int | None = 8, eval_text: str | None = None,
                         force: bool = False, progress: bool = False, device: str = "auto",
-                        shard_size: int = 2 << 30) -> dict:
+                        shard_size: int = 2 << 30, activation_budget: int | None = None) -> dict:
     """Quantize ``source`` (model, alias, Hub id or float/pruned llmkiln checkpoint) into checkpoint dir ``out``.
 
     Calibration windows come from the end of ``calib_text``; perplexity (when ``eval_windows``) is measured
     on the first windows of ``eval_text`` (default: the calibration corpus) for the source and the written
-    checkpoint, both layer by layer. The input is only read.
+    checkpoint, both layer by layer. Calibration activations go to temporary files when they pass
+    ``activation_budget`` bytes (default: a quarter of the memory available). The input is only read.
     """
     from transformers import AutoTokenizer
 
@@ -211,7 +212,12 @@ def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, 
 
         t1 = time.perf_counter()
         loop = forward_loop(batches, "calibrate" if progress else None)
-        stats = run_pass(Streamed(lazy), config, targets, loop, progress, done=done)
+        if activation_budget is None:
+            from ..memory import available_bytes
+
+            activation_budget = available_bytes() // 4
+        stats = run_pass(Streamed(lazy), config, targets, loop, progress, done=done,
+                         activation_budget=activation_budget)
         head_spec = write_tables(lazy, writer, config.head_spec(lazy.config.hidden_size) if head else None)
         if head_spec is not None:
             layers["lm_head"] = head_spec

@@ -130,3 +130,17 @@ def test_hub_id_from_the_cache_offline_and_a_missing_one_in_one_line(bf16_sharde
     assert "kiln-test/not-there: not in the Hugging Face cache" in r.stderr and str(cache) in r.stderr
     assert "HF_HUB_OFFLINE" in r.stderr and "Traceback" not in r.stderr
     json.loads(json.dumps(m.to_dict()))
+
+
+def test_activations_over_budget_go_to_files_and_change_nothing(tiny_dir, tmp_path):
+    cfg = config_for("int8-sq")  # both streams (float statistics, GPTQ inputs)
+    quantize_checkpoint(str(tiny_dir), cfg, tmp_path / "mem", calib_samples=3, seq_len=64, eval_windows=None)
+    quantize_checkpoint(str(tiny_dir), cfg, tmp_path / "disk", calib_samples=3, seq_len=64, eval_windows=None,
+                        activation_budget=1)
+    a, b = read_manifest(tmp_path / "mem"), read_manifest(tmp_path / "disk")
+    assert b.quant_passes()[-1].stats.get("activations_on_disk") and not a.quant_passes()[-1].stats.get(
+        "activations_on_disk")
+    ma, _, _ = load_model(str(tmp_path / "mem"))
+    mb, _, _ = load_model(str(tmp_path / "disk"))
+    for n, (c, s) in _codes(ma).items():
+        assert torch.equal(c, _codes(mb)[n][0]) and torch.equal(s, _codes(mb)[n][1]), n
