@@ -144,3 +144,20 @@ def test_activations_over_budget_go_to_files_and_change_nothing(tiny_dir, tmp_pa
     mb, _, _ = load_model(str(tmp_path / "disk"))
     for n, (c, s) in _codes(ma).items():
         assert torch.equal(c, _codes(mb)[n][0]) and torch.equal(s, _codes(mb)[n][1]), n
+
+
+def test_untied_head_streams_in_row_blocks(tmp_path, monkeypatch):
+    from compress.quant import entry
+    from tests.tiny import save_tiny
+
+    src = save_tiny(tmp_path / "untied", tied=False)
+    monkeypatch.setattr(entry, "ROWS", 100)  # several blocks of the 512-row table
+    cfg = config_for("int4", method="rtn")
+    model, tok, _ = load_model(str(src))
+    quantize_(model, cfg)
+    quantize_checkpoint(str(src), cfg, tmp_path / "q", eval_windows=None)
+    streamed, _, _ = load_model(str(tmp_path / "q"))
+    assert read_manifest(tmp_path / "q").layer_specs()["lm_head"].weight == "int8"
+    x = torch.randint(3, 500, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, streamed(input_ids=x).logits)
