@@ -1,9 +1,12 @@
-"""The HTTP front end of `kiln serve --replicas`: an ASGI app in the `kiln serve` process that hands each request
-to a Ray Serve replica (``runtime.ray_replica``) through a DeploymentHandle and relays the replica's ASGI
-messages back, so routes, auth, limits and SSE are the plain server's own. It answers two things itself:
+"""The HTTP front end of `kiln serve --replicas`: an ASGI app in the `kiln serve` process that hands each
+request to a Ray Serve replica (``runtime.ray_replica``) through a DeploymentHandle and relays the replica's
+ASGI messages back, so routes, auth, limits and SSE are the plain server's own. It answers two things itself:
 GET /health (the live replicas) and GET /metrics (every replica's figures added up); and it ends a request
 whose replica died: before the response started it is sent to another replica (twice at most), after it
 started a stream ends with an error event.
+
+The figures come from each replica's ``record_routing_stats`` (Serve's per-replica stats hook), called on the
+replica actors directly: a request through the handle would wait behind a busy replica's max_ongoing_requests.
 """
 from __future__ import annotations
 
@@ -48,13 +51,15 @@ def _reason(e: BaseException) -> str:
 
 class Front:
     """``handle``: the replicas' DeploymentHandle; ``config``: the ServerConfig every replica runs;
-    ``states``: a blocking callable returning Serve's replica states of the deployment ({state: n})."""
+    ``replicas``: a blocking callable returning Serve's list of the deployment's replicas (dicts with
+    replica_id, state, actor_name), from the controller."""
 
-    def __init__(self, handle, config, states=None):
+    def __init__(self, handle, config, replicas):
         from ray.exceptions import ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-        self.handle, self.config, self.states = handle, config, states
+        self.handle, self.config, self.replicas = handle, config, replicas
+        self._actors: dict = {}  # actor name -> handle
         self.stream = handle.options(stream=True)
         self.loopback = is_loopback(config.host)
         self.requests: collections.Counter = collections.Counter()  # (endpoint, status) answered here
@@ -205,30 +210,53 @@ class Front:
                                                          "internal_error", type_="server_error"), count=False)
         self.requests[(endpoint, status)] += 1
 
-    async def scrape(self) -> list[dict]:
-        """Every running replica's snapshot (replicas that do not answer in time are left out)."""
-        try:
-            got = await self.handle.broadcast("snapshot").results_async(timeout_s=SCRAPE_TIMEOUT_S,
-                                                                        return_exceptions=True)
-        except Exception as e:  # no replica at all, or the scrape timed out as a whole
-            log.warning("no replica answered the scrape (%s)", type(e).__name__)
-            return []
-        return [r for r in got if isinstance(r, dict)]
+    def _list(self) -> tuple[dict, list]:
+        """(replica states {state: n}, actor handles of the running replicas); blocking."""
+        import ray
 
-    async def _states(self) -> dict | None:
-        if self.states is None:
-            return None
+        from .ray_replica import SERVE_NAMESPACE
+
+        reps = self.replicas()
+        states = dict(collections.Counter(str(r["state"]).rsplit(".", 1)[-1] for r in reps))
+        handles = []
+        for r in reps:
+            name = r.get("actor_name")
+            if str(r["state"]).endswith("RUNNING") and name:
+                if name not in self._actors:
+                    try:
+                        self._actors[name] = ray.get_actor(name, namespace=SERVE_NAMESPACE)
+                    except ValueError:  # gone since the controller listed it
+                        continue
+                handles.append(self._actors[name])
+        live = {r.get("actor_name") for r in reps}
+        self._actors = {k: v for k, v in self._actors.items() if k in live}
+        return states, handles
+
+    async def scrape(self) -> tuple[list[dict], dict | None]:
+        """(every running replica's snapshot, Serve's replica states); a replica that does not answer in time
+        is left out."""
         loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(loop.run_in_executor(None, self.states), SCRAPE_TIMEOUT_S)
-        except Exception:
-            return None
+            states, handles = await asyncio.wait_for(loop.run_in_executor(None, self._list), SCRAPE_TIMEOUT_S)
+        except Exception as e:
+            log.warning("could not list the replicas (%s)", type(e).__name__)
+            return [], None
+
+        async def one(h):
+            try:
+                return await asyncio.wait_for(h.record_routing_stats.remote(), SCRAPE_TIMEOUT_S)
+            except Exception:
+                return None
+
+        got = await asyncio.gather(*(one(h) for h in handles))
+        return [r for r in got if isinstance(r, dict) and "metrics" in r], states
 
     async def health(self) -> tuple[int, dict]:
-        snaps, states = await asyncio.gather(self.scrape(), self._states())
+        snaps, states = await self.scrape()
         live = [s for s in snaps if s["alive"]]
         body = {"status": "ok" if live else "unavailable", "worker": "alive" if live else "stopped",
-                "model": snaps[0]["model"] if snaps else self.config.model_name, "active": sum(s["active"] for s in snaps),
+                "model": snaps[0]["model"] if snaps else self.config.model_name,
+                "active": sum(s["active"] for s in snaps),
                 "queued": sum(s["queued"] for s in snaps), **(snaps[0]["backend"] if snaps else {}),
                 "replicas": len(live), "replica_states": states,
                 "replica_list": [{k: s[k] for k in ("replica", "pid", "node", "alive", "active", "queued")}
@@ -238,14 +266,14 @@ class Front:
     async def prometheus(self) -> str:
         from .server import METRICS_HELP, prometheus_text
 
-        snaps = await self.scrape()
+        snaps, _ = await self.scrape()
         requests = collections.Counter(self.requests)
         counters = collections.Counter({n: 0 for n, (typ, _) in METRICS_HELP.items() if typ == "counter"})
         counters["kiln_requests_failed_total"] += self.failed
         gauges = {n: 0 for n, (typ, _) in METRICS_HELP.items() if typ == "gauge"}
         for s in snaps:
             m = s["metrics"]
-            requests.update(m["requests"])
+            requests.update({(ep, st): n for ep, st, n in m["requests"]})
             counters.update(m["counters"])
             for name in SUMMED:
                 gauges[name] += m["gauges"][name]
@@ -253,4 +281,5 @@ class Front:
                                                     m["gauges"]["kiln_kv_bytes_per_token"])
         help_ = "Replicas that answered this scrape (the figures above are their sums)."
         extra = (("kiln_replicas", "gauge", help_, len(snaps)),)
-        return prometheus_text({"requests": dict(requests), "counters": dict(counters), "gauges": gauges}, extra)
+        snap = {"requests": dict(requests), "counters": dict(counters), "gauges": gauges}
+        return prometheus_text(snap, extra)

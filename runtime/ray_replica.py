@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import EngineError
 
+SERVE_NAMESPACE = "serve"  # Ray Serve's actors live in this namespace
 # scope keys that travel from the front end to a replica (all plain data)
 SCOPE_KEYS = ("http_version", "method", "scheme", "path", "raw_path", "root_path", "query_string", "headers",
               "client", "server")
@@ -25,8 +26,8 @@ def keep_grpc_on_loopback() -> None:
 
     orig = getattr(serve_replica, "add_port_to_grpc_server", None)
     if orig is None:
-        raise EngineError("this Ray version no longer binds the replica's gRPC server the way Ray 2.60 does, so "
-                          "kiln cannot keep it on 127.0.0.1; install the Ray that llmkiln[ray] pins")
+        raise EngineError("this Ray version no longer binds the replica's gRPC server the way Ray 2.60 "
+                          "does, so kiln cannot keep it on 127.0.0.1; install the Ray that llmkiln[ray] pins")
     if getattr(orig, "kiln_loopback", False):
         return
 
@@ -128,12 +129,17 @@ class KilnReplica:
                 task.cancel()
 
     # ---- control plane (broadcast by the front end) --------------------------------------------------
-    def snapshot(self) -> dict:
-        """This replica's /health and /metrics figures."""
+    def record_routing_stats(self) -> dict:
+        """This replica's /health and /metrics figures. Serve's per-replica stats hook: the front end calls
+        it on the replica actor, outside the request path (which a busy replica's max_ongoing_requests
+        holds), and Serve's controller polls it now and then as well."""
         s = self.app.scheduler
-        return {"replica": self.id, "model": self.app.model, "pid": self.pid, "node": self.node, "alive": s.alive, "active": s.active,
+        m = self.app.snapshot()
+        m["requests"] = [[ep, st, n] for (ep, st), n in m["requests"].items()]
+        return {"replica": self.id, "model": self.app.model, "pid": self.pid, "node": self.node,
+                "alive": s.alive, "active": s.active,
                 "queued": s.queued, "crash": s.crash, "backend": self.engine.backend.describe(),
-                "metrics": self.app.snapshot()}
+                "metrics": m}
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose generation worker stopped is replaced."""

@@ -103,8 +103,8 @@ def connect(opts: ReplicaOptions, say=None) -> bool:
     if opts.ray_address is None:
         if say:
             say(f"starting a local Ray on 127.0.0.1 ({local_cpus()} CPUs)")
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=local_cpus(),
-                 logging_level=quiet, namespace="kiln")
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 num_cpus=local_cpus(), logging_level=quiet, namespace="kiln")
         started = True
     else:
         if say:
@@ -161,11 +161,12 @@ def _wait_running(app: str, timeout_s: float, say=None):
         dep = st.deployments.get(DEPLOYMENT) if st else None
         states = dict(dep.replica_states) if dep else {}
         if say and states != last and states:
-            say("replicas: " + ", ".join(f"{n} {str(k).rsplit('.', 1)[-1].lower()}" for k, n in states.items()))
+            say("replicas: " + ", ".join(f"{n} {str(k).rsplit('.', 1)[-1].lower()}"
+                                         for k, n in states.items()))
             last = states
         if time.monotonic() > end:
-            raise EngineError(f"the replicas were not running after {timeout_s:.0f} s ({states}); the cluster "
-                              "may lack the CPUs they ask for (--threads per replica)")
+            raise EngineError(f"the replicas were not running after {timeout_s:.0f} s ({states}); the "
+                              "cluster may lack the CPUs they ask for (--threads per replica)")
         time.sleep(0.5)
 
 
@@ -201,8 +202,8 @@ def serve_replicated(art, config, opts: ReplicaOptions, on_ready=None, say=None)
         threads = replica_threads(opts)
         cpus = ray.cluster_resources().get("CPU", 0)
         if threads * opts.replicas > cpus:
-            msg = (f"{opts.replicas} replicas x {threads} threads need {threads * opts.replicas} CPUs; the Ray "
-                   f"cluster has {cpus:g}: lower --replicas or --threads")
+            msg = (f"{opts.replicas} replicas x {threads} threads need {threads * opts.replicas} CPUs; the "
+                   f"Ray cluster has {cpus:g}: lower --replicas or --threads")
             if started:
                 raise EngineError(msg)
             if say:
@@ -216,12 +217,7 @@ def serve_replicated(art, config, opts: ReplicaOptions, on_ready=None, say=None)
         _wait_running(app, opts.ready_timeout_s, say)
         from .ray_front import Front
 
-        def states():
-            st = serve.status().applications.get(app)
-            dep = st.deployments.get(DEPLOYMENT) if st else None
-            return {str(k).rsplit(".", 1)[-1]: n for k, n in dep.replica_states.items()} if dep else {}
-
-        front = Front(handle, config, states)
+        front = Front(handle, config, lambda: _replicas(app))
         server = uvicorn_server(front, config)
         if on_ready:
             on_ready(f"http://{host}:{port}")
@@ -229,6 +225,15 @@ def serve_replicated(art, config, opts: ReplicaOptions, on_ready=None, say=None)
     finally:
         sock.close()
         _teardown(app, started)
+
+
+def _replicas(app: str) -> list[dict]:
+    """Serve's details of the deployment's replicas (replica_id, state, actor_name, pid, node_ip, ...)."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    dep = details.get("applications", {}).get(app, {}).get("deployments", {}).get(DEPLOYMENT, {})
+    return list(dep.get("replicas", []))
 
 
 def _teardown(app: str, started: bool) -> None:

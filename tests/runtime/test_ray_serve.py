@@ -1,7 +1,7 @@
 """`kiln serve ART --replicas 2` joined to a real Ray on 127.0.0.1 (issue 18): the official openai client gets
 `kiln run`'s greedy text; the plain server's own request tests (test_server, test_server_input,
-test_server_logprobs: every test that takes its `live` fixture) run unchanged against the Ray-served one, and a
-set of refusals is compared answer for answer with a plain server; /health and /metrics cover both replicas;
+test_server_logprobs: every test that takes its `live` fixture) run unchanged against the Ray-served one, and
+a set of refusals is compared answer for answer with a plain server; /health and /metrics cover both replicas;
 every Ray socket stays on loopback. Nothing of Ray is imported without --replicas."""
 import inspect
 import json
