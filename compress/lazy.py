@@ -136,9 +136,12 @@ class LazyModel:
 
     def release(self, i: int) -> None:
         """Drop layer ``i``'s weights (back to meta)."""
+        from .memory import give_back
+
         layer = self.skeleton.model.layers[i]
         self.skeleton.model.layers[i] = layer.to("meta")
         self.versions.pop(i, None)
+        give_back()
 
     def norm(self) -> nn.Module:
         norm = self.skeleton.model.norm.to_empty(device=self.device)

@@ -116,10 +116,13 @@ def write_tables(lazy, writer, head_spec: LayerSpec | None) -> LayerSpec | None:
     scales = []
 
     def codes():
+        from ..memory import give_back
+
         for lo in range(0, rows, ROWS):
             c, s = round_to_nearest(lazy.head_rows(lo, min(lo + ROWS, rows)), head_spec)
             scales.append(s)
             yield _np(P.pack_int4(c) if head_spec.weight == "int4" else c)[0]
+            give_back()
 
     dt = {"int8": "I8", "int4": "U8", "fp8": "F8_E4M3"}[head_spec.weight]
     shape = (rows, cols // 2) if head_spec.weight == "int4" else (rows, cols)
