@@ -18,6 +18,7 @@ from .errors import EngineError
 from .layerspec import summarize
 from .generate import GenerationConfig, Result, Sequence, run_to_end, Batch
 from .manifest import ManifestError, read_manifest, verify_files
+from .onnx_files import check_artifact_files
 from .fsutil import sha256_file
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -77,6 +78,7 @@ class Engine:
         if manifest.kind == "checkpoint":
             raise EngineError(f"{root} is a checkpoint; the runtime runs onnx or engine artifacts "
                               f"(make one with `kiln export onnx {root} -o ART`)")
+        check_artifact_files(root, manifest)  # every listed file a plain file inside the dir, before any is read
         _verify(root, manifest, verify)
         tok = Tokenizer(root)
         be = load_backend(root, manifest, backend=backend, threads=threads, providers=providers,

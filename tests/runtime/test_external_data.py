@@ -46,3 +46,15 @@ def test_onnxruntime_itself_refuses_escaping_locations(tiny_onnx_copy, how):
 def test_a_clean_artifact_still_loads(tiny_onnx_copy):
     with Engine.load(tiny_onnx_copy, verify="full") as eng:
         assert eng.generate("hello", max_new_tokens=2).token_ids
+
+
+def test_a_symlinked_tokenizer_is_refused_before_it_is_read(tiny_onnx_copy, tmp_path):
+    import shutil
+
+    outside = tmp_path / "elsewhere.json"
+    shutil.copyfile(tiny_onnx_copy / "tokenizer.json", outside)
+    (tiny_onnx_copy / "tokenizer.json").unlink()
+    (tiny_onnx_copy / "tokenizer.json").symlink_to(outside)  # same bytes, so the hashes still match
+    with pytest.raises(EngineError, match="tokenizer.json.*symlink") as e:
+        Engine.load(tiny_onnx_copy, verify="full")
+    assert "\n" not in str(e.value)
