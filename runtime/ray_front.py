@@ -136,6 +136,9 @@ class Front:
                                 started, sse = True, _is_sse(msg)
                             await send(msg)
                     return
+                except asyncio.CancelledError:  # the server stops, or (behind Serve's proxy) the client left
+                    gen.cancel()
+                    raise
                 except Exception as e:
                     if gone.is_set():  # the client left; the replica counted it (or never got it)
                         return
@@ -259,9 +262,16 @@ class Front:
                 "active": sum(s["active"] for s in snaps),
                 "queued": sum(s["queued"] for s in snaps), **(snaps[0]["backend"] if snaps else {}),
                 "replicas": len(live), "replica_states": states,
-                "replica_list": [{k: s[k] for k in ("replica", "pid", "node", "alive", "active", "queued")}
-                                 | ({"error": s["crash"]} if s["crash"] else {}) for s in snaps]}
+                "replica_list": [self._replica_row(s) for s in snaps]}
         return (200 if live else 503), body
+
+    @staticmethod
+    def _replica_row(s: dict) -> dict:
+        row = {k: s[k] for k in ("replica", "pid", "node", "alive", "active", "queued")}
+        row["generated_tokens"] = s["metrics"]["counters"]["kiln_generated_tokens_total"]
+        if s["crash"]:
+            row["error"] = s["crash"]
+        return row
 
     async def prometheus(self) -> str:
         from .server import METRICS_HELP, prometheus_text
@@ -283,3 +293,25 @@ class Front:
         extra = (("kiln_replicas", "gauge", help_, len(snaps)),)
         snap = {"requests": dict(requests), "counters": dict(counters), "gauges": gauges}
         return prometheus_text(snap, extra)
+
+
+class FrontDeployment:
+    """The front end as a Serve deployment behind Ray's own HTTP proxy, for Serve config files and KubeRay
+    RayService (``runtime.ray_serve:build_app``); wrapped with ``serve.ingress()`` there."""
+
+    def __init__(self, replicas_handle, config: dict, deployment: str):
+        import ray
+        from ray import serve
+
+        from .ray_replica import keep_grpc_on_loopback
+        from .ray_serve import replica_details
+        from .server import ServerConfig
+
+        if is_loopback(ray.util.get_node_ip_address()):
+            keep_grpc_on_loopback()
+
+        app = serve.get_replica_context().app_name
+        self.front = Front(replicas_handle, ServerConfig(**config), lambda: replica_details(app, deployment))
+
+    def __serve_build_asgi_app__(self):
+        return self.front

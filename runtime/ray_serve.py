@@ -118,7 +118,7 @@ def connect(opts: ReplicaOptions, say=None) -> bool:
     return started
 
 
-def _deployment(art: str, config, opts: ReplicaOptions):
+def _deployment(art: str, config, opts: ReplicaOptions, loopback: bool | None = None):
     from ray import serve
 
     from .ray_replica import KilnReplica
@@ -143,7 +143,46 @@ def _deployment(art: str, config, opts: ReplicaOptions):
         logging_config={"log_level": "WARNING", "enable_access_log": False})
     load = {"backend": opts.backend, "threads": threads, "trust_engine_code": opts.trust_engine_code}
     cfg = {k: getattr(config, k) for k in config.__dataclass_fields__}
-    return dep.bind(art, load, cfg, opts.loopback)
+    return dep.bind(art, load, cfg, opts.loopback if loopback is None else loopback)
+
+
+def build_app(args: dict):
+    """A Serve application builder for Serve config files and KubeRay RayService (``serveConfigV2``)::
+
+        import_path: runtime.ray_serve:build_app
+        args: {art: /models/smollm2, replicas: 2, threads: 1, autoscale: "1:4", api_key: ..., max_batch: 8}
+
+    The replicas as with `kiln serve --replicas`, and the front end as a deployment (``kiln-front``) behind
+    Ray's HTTP proxy (its host and port come from the config's http_options). ``args``: ``art`` (the same
+    path on every node), ``replicas``, ``autoscale`` ("MIN:MAX"), ``threads``, ``backend``,
+    ``trust_engine_code``, ``front_replicas`` (default 1) and any ServerConfig field (``host`` only decides
+    the Host-header check: loopback names only when it is a loopback address; default 0.0.0.0)."""
+    import ray
+    from ray import serve
+
+    from .ray_front import FrontDeployment
+    from .server import ServerConfig
+
+    args = dict(args)
+    art = str(args.pop("art"))
+    auto = args.pop("autoscale", None)
+    if isinstance(auto, str):
+        lo, _, hi = auto.partition(":")
+        auto = (int(lo), int(hi))
+    opts = ReplicaOptions(replicas=int(args.pop("replicas", 2)), autoscale=tuple(auto) if auto else None,
+                          ray_address="cluster", threads=args.pop("threads", None),
+                          backend=args.pop("backend", "auto"),
+                          trust_engine_code=bool(args.pop("trust_engine_code", False)))
+    front_replicas = int(args.pop("front_replicas", 1))
+    config = ServerConfig(**{"host": "0.0.0.0", **args})
+    loopback = is_loopback(ray.util.get_node_ip_address())
+    replicas = _deployment(art, config, opts, loopback)
+    front = serve.deployment(serve.ingress()(FrontDeployment), name=f"{DEPLOYMENT}-front",
+                             num_replicas=front_replicas, ray_actor_options={"num_cpus": 0},
+                             max_ongoing_requests=config.max_connections,
+                             logging_config={"log_level": "WARNING", "enable_access_log": False})
+    cfg = {k: getattr(config, k) for k in config.__dataclass_fields__}
+    return front.bind(replicas, cfg, DEPLOYMENT)
 
 
 def _wait_running(app: str, timeout_s: float, say=None):
@@ -217,7 +256,7 @@ def serve_replicated(art, config, opts: ReplicaOptions, on_ready=None, say=None)
         _wait_running(app, opts.ready_timeout_s, say)
         from .ray_front import Front
 
-        front = Front(handle, config, lambda: _replicas(app))
+        front = Front(handle, config, lambda: replica_details(app))
         server = uvicorn_server(front, config)
         if on_ready:
             on_ready(f"http://{host}:{port}")
@@ -227,12 +266,12 @@ def serve_replicated(art, config, opts: ReplicaOptions, on_ready=None, say=None)
         _teardown(app, started)
 
 
-def _replicas(app: str) -> list[dict]:
-    """Serve's details of the deployment's replicas (replica_id, state, actor_name, pid, node_ip, ...)."""
+def replica_details(app: str, deployment: str = DEPLOYMENT) -> list[dict]:
+    """Serve's details of a deployment's replicas (replica_id, state, actor_name, pid, node_ip, ...)."""
     from ray.serve.context import _get_global_client
 
     details = _get_global_client().get_serve_details()
-    dep = details.get("applications", {}).get(app, {}).get("deployments", {}).get(DEPLOYMENT, {})
+    dep = details.get("applications", {}).get(app, {}).get("deployments", {}).get(deployment, {})
     return list(dep.get("replicas", []))
 
 

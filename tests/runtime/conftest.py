@@ -254,6 +254,12 @@ def sockets_of(pids) -> list[dict]:
             cols = row.split()
             if cols[9] in inode_pid:
                 local, peer = _addr(cols[1]), _addr(cols[2])
+                pid = inode_pid[cols[9]]
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+                except OSError:
+                    cmd = "?"
                 out.append({"proto": proto, "listening": proto.startswith("tcp") and cols[3] == "0A",
-                            "local": local, "peer": peer, "pid": inode_pid[cols[9]]})
+                            "local": local, "peer": peer, "pid": pid, "cmd": cmd})
     return out

@@ -2,18 +2,24 @@
 `kiln run`'s greedy text; the plain server's own request tests (test_server, test_server_input,
 test_server_logprobs: every test that takes its `live` fixture) run unchanged against the Ray-served one, and
 a set of refusals is compared answer for answer with a plain server; /health and /metrics cover both replicas;
-every Ray socket stays on loopback. Nothing of Ray is imported without --replicas."""
+every Ray socket stays on loopback. The same app from a Serve config file (`serve run`, the format of a
+KubeRay RayService's serveConfigV2) behind Ray's own HTTP proxy on 127.0.0.1. Nothing of Ray is imported
+without --replicas."""
 import inspect
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.runtime import test_server, test_server_input, test_server_logprobs
-from tests.runtime.conftest import RayLive, process_tree, sockets_of
+from tests.runtime.conftest import RAY_LOOPBACK_ENV, RayLive, _stop, process_tree, sockets_of
 from tests.runtime.server_live import Live
 
 pytestmark = pytest.mark.ray
@@ -21,8 +27,59 @@ ROOT = Path(__file__).resolve().parents[2]
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
+SERVE_CONFIG = """\
+proxy_location: HeadOnly
+http_options: {{host: 127.0.0.1, port: {port}}}
+applications:
+- name: kiln-config
+  route_prefix: /
+  import_path: runtime.ray_serve:build_app
+  args: {{art: "{art}", replicas: 2, threads: 1, max_batch: 4, max_queue: 8, host: 127.0.0.1}}
+"""
+
+
+class ConfigApp(Live):
+    """`serve run CONFIG --address HEAD`: build_app behind Ray's HTTP proxy (started first, so the Serve
+    instance on the head has a proxy, on 127.0.0.1)."""
+
+    def __init__(self, head, art, tmp: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url, self.model = f"http://127.0.0.1:{self.port}", "model"
+        cfg = tmp / "serve.yaml"
+        cfg.write_text(SERVE_CONFIG.format(port=self.port, art=art))
+        serve = Path(sys.executable).with_name("serve")
+        self.log = tmp / "serve-run.log"
+        self.proc = subprocess.Popen([str(serve), "run", str(cfg), "--address", head.address], cwd=ROOT,
+                                     stdin=subprocess.DEVNULL, stdout=self.log.open("w"),
+                                     stderr=subprocess.STDOUT,
+                                     env={**os.environ, **RAY_LOOPBACK_ENV, "RAY_AUTH_MODE": "token"})
+        end = time.monotonic() + 240
+        while True:
+            try:
+                if json.loads(self.raw("GET", "/health", timeout=10)[1]).get("replicas") == 2:
+                    break
+            except (OSError, ValueError):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > end:
+                self.close()
+                raise AssertionError("serve run did not come up:\n" + self.log.read_text()[-3000:])
+            time.sleep(0.5)
+
+    def close(self):
+        _stop(self.proc, signal.SIGINT, 60)
+
+
 @pytest.fixture(scope="module")
-def live(ray_head, tiny_onnx, tiny_engine, tmp_path_factory):
+def config_app(ray_head, tiny_onnx, tmp_path_factory):
+    app = ConfigApp(ray_head, tiny_onnx, tmp_path_factory.mktemp("serve-config"))
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def live(ray_head, config_app, tiny_onnx, tiny_engine, tmp_path_factory):
     srv = RayLive(tiny_onnx, tiny_engine, tmp_path_factory.mktemp("ray-serve"), ray_address=ray_head.address,
                   max_batch=4, max_queue=8)
     yield srv
@@ -110,13 +167,29 @@ def test_health_and_metrics_cover_every_replica(live):
     assert live.metric("kiln_replicas") == 2 and live.metric("kiln_worker_alive") == 2
 
 
-def test_every_ray_socket_is_on_loopback(live, ray_head):
-    pids = process_tree(ray_head.proc.pid, live.proc.pid)
+def test_every_ray_socket_is_on_loopback(live, ray_head, config_app):
+    pids = process_tree(ray_head.proc.pid, live.proc.pid, config_app.proc.pid)
     socks = sockets_of(pids)
     assert sum(s["listening"] for s in socks) >= 5  # GCS, raylet, workers, agents, the front end
     bad = [s for s in socks if not s["local"][0].is_loopback
            or not (s["peer"][0].is_loopback or s["peer"][0].is_unspecified)]
     assert not bad, bad
+
+
+# ---- the Serve-config (KubeRay RayService) form ----------------------------------------------------------
+def test_serve_config_app_behind_rays_proxy(config_app, live, tiny_onnx, tiny_engine):
+    h = json.loads(config_app.raw("GET", "/health")[1])
+    assert h["replicas"] == 2 and h["replica_states"] == {"RUNNING": 2}
+    c = config_app.client()
+    want = _kiln_run(tiny_onnx, "The module", 24)
+    r = c.completions.create(model="model", prompt="The module", max_tokens=24, **GREEDY)
+    assert r.choices[0].text == want
+    s = c.completions.create(model="model", prompt="The module", max_tokens=24, stream=True, **GREEDY)
+    assert "".join(ch.choices[0].text for ch in s if ch.choices) == want
+    for path, body in REFUSALS[:8] + REFUSALS[-5:]:
+        a, b = live.post(path, body), config_app.post(path, body)
+        assert (a[0], json.loads(a[1])) == (b[0], json.loads(b[1])), (path, str(body)[:80])
+    assert config_app.requests("completions", 200) == 2 and config_app.metric("kiln_replicas") == 2
 
 
 # ---- without --replicas, nothing of Ray ----------------------------------------------------------------
