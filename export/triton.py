@@ -10,7 +10,9 @@ Layout written (Triton "Model Repository" docs)::
 
 ``max_batch_size`` is 0: the batch dimension is explicit in every tensor (the KV cache carries it), so
 clients send whole batches and keep the cache between calls (present.* of one call are the next call's
-past_key_values.*). The model dir is written atomically; an existing one is replaced only with ``force``.
+past_key_values.*). A quantized cache (``kiln export onnx --kv-cache int8``, IO contract 3) is TYPE_INT8 codes
+plus TYPE_FP32 ``*_scale`` tensors [-1, kv_heads, -1, 1], listed like the rest; Triton has no FP8 data type,
+so an ``fp8`` cache is refused. The model dir is written atomically; an existing one is replaced only with ``force``.
 """
 from __future__ import annotations
 
@@ -76,11 +78,17 @@ DTYPE_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "
                    "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
 
 
+FP8_KV = ("Triton has no FP8 data type for the {what}'s FP8 KV cache; export it with --kv-cache int8 (or "
+          "float) for Triton")
+
+
 def manifest_io(manifest: Manifest) -> tuple[list[Tensor], list[Tensor]]:
     """IO from kiln.json's ``io`` block (names, dtypes, shapes as the exporter recorded them), else the contract."""
     io = manifest.io
     if io is None:
         return contract_io(manifest)
+    if io.kv_quantized and io.kv_dtype not in DTYPE_TO_TRITON:
+        raise ExportError(FP8_KV.format(what="engine"))
     try:
         conv = [[Tensor(t.name, DTYPE_TO_TRITON[t.dtype], tuple(d if isinstance(d, int) else -1 for d in t.shape))
                  for t in tensors] for tensors in (io.inputs, io.outputs)]
@@ -98,6 +106,8 @@ def onnx_io(path: Path) -> tuple[list[Tensor], list[Tensor]]:
 
     def conv(vi) -> Tensor:
         tt = vi.type.tensor_type
+        if tt.elem_type == 17 and vi.name.startswith(("past_key_values.", "present.")):
+            raise ExportError(f"{path}: " + FP8_KV.format(what="graph"))
         if tt.elem_type not in ONNX_TO_TRITON:
             raise ExportError(f"{path}: {vi.name} has ONNX element type {tt.elem_type}, which Triton cannot carry")
         dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)

@@ -104,13 +104,16 @@ def _torch_ppl(source, text, seq_len, windows, allow_pickle, progress):
               help="Tokens per window (windows do not overlap).")
 @click.option("--windows", type=click.IntRange(1, None), default=8, show_default=True,
               help="Score the first N windows of the corpus.")
+@click.option("--chunk", type=click.IntRange(1, None), default=None,
+              help="ONNX/engine artifacts: feed each window through the KV cache N tokens at a time, so attention "
+                   "reads what the cache stored (a quantized cache's codes); default: the whole window at once.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) weights.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="Threads for ONNX Runtime artifacts.")
 @click.option("--trust-engine-code", is_flag=True,
               help="Let a TensorRT engine built --version-compatible run the native code its plan carries. "
                    "Only for engines you built or trust.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object last on stdout.")
-def ppl(source, text, seq_len, windows, allow_pickle, threads, trust_engine_code, as_json):
+def ppl(source, text, seq_len, windows, chunk, allow_pickle, threads, trust_engine_code, as_json):
     """Perplexity of SOURCE: the corpus tokenized once without special tokens, consecutive
     non-overlapping windows of --seq-len tokens, the first --windows of them, log-softmax in float64.
 
@@ -124,12 +127,19 @@ def ppl(source, text, seq_len, windows, allow_pickle, threads, trust_engine_code
         from runtime.evaluate import perplexity as rt_ppl
 
         eng = Engine.load(source, threads=threads, trust_engine_code=trust_engine_code)
-        res = rt_ppl(eng, text=text, seq_len=seq_len, windows=windows, progress=not as_json)
+        res = rt_ppl(eng, text=text, seq_len=seq_len, windows=windows, progress=not as_json, chunk=chunk)
         kind = eng.manifest.kind
     else:
+        if chunk is not None:
+            raise click.UsageError("--chunk feeds an ONNX or engine artifact's KV cache; a model or checkpoint "
+                                   "is scored one pass per window")
         kind, res = _torch_ppl(source, text, seq_len, windows, allow_pickle, progress=not as_json)
     out = res.to_dict() | {"source": source, "kind": kind, "seconds": round(time.perf_counter() - t0, 2)}
+    if chunk is not None:
+        out["chunk"] = min(chunk, seq_len)
     if as_json:
         emit_json(out)
     else:
-        click.echo(f"perplexity {res.ppl:.4f} over {res.tokens} tokens ({res.windows} x {res.seq_len}, {res.corpus})")
+        fed = f", fed {min(chunk, seq_len)} at a time" if chunk is not None else ""
+        click.echo(f"perplexity {res.ppl:.4f} over {res.tokens} tokens ({res.windows} x {res.seq_len}{fed}, "
+                   f"{res.corpus})")

@@ -1,11 +1,17 @@
 """Perplexity of a runtime artifact with exactly the protocol of compress/evaluate.py (no torch):
 the corpus tokenized once without special tokens, the first ``windows`` non-overlapping windows of
-``seq_len`` tokens, log-softmax in float64 over every position of each window."""
+``seq_len`` tokens, log-softmax in float64 over every position of each window.
+
+``chunk``: feed each window through the KV cache ``chunk`` tokens at a time, so attention reads the keys and
+values the cache stored (a quantized cache's codes and scales) instead of one pass over the window; None or
+``seq_len`` is one pass (``Engine.score``). On a float cache every chunk gives the same perplexity within
+float round-off (tests/runtime/test_kv_quant.py)."""
 from __future__ import annotations
 
 import numpy as np
 
 from .corpus import BUILTIN, DEFAULT_EVAL_WINDOWS, corpus_name, eval_windows, load_text
+from .errors import EngineError
 from .scoring import PerplexityResult, combine, window_nll
 
 
@@ -13,8 +19,31 @@ def corpus_ids(engine, text_spec: str = BUILTIN) -> list[int]:
     return engine.tokenizer.encode(load_text(text_spec), add_special_tokens=False)
 
 
+def chunked_nll(engine, ids, chunk: int) -> float:
+    """Sum of -log p over one window (``window_nll``'s S-1 predictions), the window fed ``chunk`` tokens a
+    step into one cache; logits stay [chunk, vocab] at a time."""
+    ids = np.asarray(ids, dtype=np.int64)
+    s = len(ids)
+    if not 0 < s <= engine.context_length:
+        raise EngineError(f"perplexity needs windows of 1..{engine.context_length} tokens, got {s}")
+    be, nll, prev = engine.backend, 0.0, None
+    with engine._lock:
+        cache = be.allocate(1, s)
+        for a in range(0, s, chunk):
+            e = min(a + chunk, s)
+            out = be.forward(cache, ids[None, a:e], np.ones((1, e), np.int64), np.arange(a, e, dtype=np.int64)[None],
+                             last_only=False)[0]  # [e-a, vocab]: row r predicts ids[a+r+1]
+            # the previous chunk's last row predicts ids[a]; this chunk's last row waits for the next chunk
+            rows = out if prev is None else np.concatenate([prev, out])
+            nll += window_nll(rows, ids[a - (prev is not None):e])
+            prev = np.array(out[-1:])
+    return nll
+
+
 def perplexity(engine, text: str = BUILTIN, seq_len: int = 512, windows: int | None = DEFAULT_EVAL_WINDOWS,
-               progress: bool = False, ids: list[int] | None = None) -> PerplexityResult:
+               progress: bool = False, ids: list[int] | None = None, chunk: int | None = None) -> PerplexityResult:
+    if chunk is not None and chunk < 1:
+        raise EngineError(f"chunk must be at least 1 token, got {chunk}")
     ids = corpus_ids(engine, text) if ids is None else ids
     wins = eval_windows(ids, seq_len, windows)
     bar = None
@@ -25,8 +54,11 @@ def perplexity(engine, text: str = BUILTIN, seq_len: int = 512, windows: int | N
     nll = 0.0
     try:
         for w in wins:
-            logits = engine.score(w)  # [S, V]
-            nll += window_nll(logits, np.asarray(w))
+            if chunk is None or chunk >= len(w):
+                logits = engine.score(w)  # [S, V]
+                nll += window_nll(logits, np.asarray(w))
+            else:
+                nll += chunked_nll(engine, w, chunk)
             if bar:
                 bar.advance()
     finally:

@@ -94,7 +94,7 @@ def _masks(b: GraphBuilder) -> str:
 def _attention_plain(b, q, k, v, mask, layer, arch, ns, kv) -> tuple[str, str, str]:
     nh, kvh, hd = arch.heads, arch.kv_heads, arch.head_dim
     rep = nh // kvh
-    pk, pv = kvcache.append(b, kv, k, v, layer, ns)  # [B,kvh,T,hd] float: what the cache holds
+    pk, pv = kvcache.append(b, kv, k, v, layer, ns, hd)  # [B,kvh,T,hd] float: what the cache holds
     qg = b.op("Reshape", [q, b.const([0, kvh, rep, -1, hd])], f"{ns}/Reshape_q")  # [B,kvh,rep,S,hd]
     kt = b.op("Transpose", [pk], f"{ns}/Transpose_k", perm=[0, 1, 3, 2])  # [B,kvh,hd,T]
     kt = b.op("Unsqueeze", [kt, b.const([2])], f"{ns}/Unsqueeze_k")  # [B,kvh,1,hd,T]
@@ -160,7 +160,7 @@ def build_decoder(b: GraphBuilder, w, arch, rope_cos: np.ndarray, rope_sin: np.n
             k4 = b.op("RotaryEmbedding", [_heads(b, k, kvh, hd, f"{ns}/attn/k_heads"), cos, sin, "position_ids"],
                       f"{ns}/attn/k_rotary/RotaryEmbedding", interleaved=0)  # [B,kvh,S,hd]
             v4 = _heads(b, v, kvh, hd, f"{ns}/attn/v_heads")
-            pk, pv = kvcache.append(b, kv, k4, v4, i, f"{ns}/attn")  # [B,kvh,T,hd] float
+            pk, pv = kvcache.append(b, kv, k4, v4, i, f"{ns}/attn", hd)  # [B,kvh,T,hd] float
             o = b.op("Attention", [q4, pk, pv, mask], f"{ns}/attn/Attention",
                      scale=float(1.0 / np.sqrt(hd)))  # [B,nh,S,hd], GQA from the head counts
             o = b.op("Transpose", [o], f"{ns}/attn/Transpose_o", perm=[0, 2, 1, 3])

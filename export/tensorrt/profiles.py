@@ -10,6 +10,9 @@ The graph contract (docs/CONTRACTS.md) is fixed: ``input_ids``/``position_ids [B
 
 Batch is 1..max_batch, tuned at 1. ``T`` always stays within 1..max_seq. An input the rules do not cover is
 an error here, not a TensorRT build failure an hour later (the classic one: a KV input left out).
+
+A quantized KV cache (IO contract 3) adds ``past_key_values.{i}.key_scale|value_scale [B, kv_heads, P, 1]``
+beside the codes: they get P's ranges like the codes, and when one layer has them every layer must.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from runtime.records import POSITIONS, ProfileRecord
 from ..errors import ExportError
 
 KV_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+SCALE_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)_scale$")
 ROLES = {"input_ids": ("B", "S"), "position_ids": ("B", "S"), "attention_mask": ("B", "T"),
          POSITIONS: ("K",)}
 
@@ -87,11 +91,13 @@ def _roles(spec: InputSpec, kv_heads: int, head_dim: int) -> tuple:
         roles = ROLES[spec.name]
     elif KV_RE.match(spec.name):
         roles = ("B", kv_heads, "P", head_dim)
+    elif SCALE_RE.match(spec.name):
+        roles = ("B", kv_heads, "P", 1)
     else:
         raise ExportError(
             f"graph input {spec.name!r} is dynamic and has no optimization-profile rule; the engine would "
             "fail to build. Expected input_ids, attention_mask, position_ids, logits_positions and "
-            "past_key_values.N.key|value"
+            "past_key_values.N.key|value (and .key_scale|value_scale for a quantized cache)"
         )
     if len(roles) != len(spec.dims):
         raise ExportError(f"graph input {spec.name} has rank {len(spec.dims)}, expected {len(roles)} "
@@ -112,7 +118,16 @@ def derive_profiles(inputs: list[InputSpec], flags: ProfileFlags, *, layers: int
     if missing:
         raise ExportError(f"the graph lacks input(s) {', '.join(missing[:6])}"
                           f"{' ...' if len(missing) > 6 else ''}; it does not follow the llmkiln IO contract")
-    extra_kv = sorted(n for n in names if KV_RE.match(n) and n not in kv_expected)
+    scales = {n for n in names if SCALE_RE.match(n)}
+    if scales:  # a quantized cache: every layer's key and value carry their scales
+        scale_expected = {f"{n}_scale" for n in kv_expected}
+        missing = sorted(scale_expected - scales, key=_kv_order)
+        if missing:
+            raise ExportError(f"the graph lacks KV scale input(s) {', '.join(missing[:6])}"
+                              f"{' ...' if len(missing) > 6 else ''}; a quantized cache has one per key and value "
+                              "of every layer (re-export with kiln export onnx --kv-cache)")
+        kv_expected |= scale_expected
+    extra_kv = sorted(n for n in names if (KV_RE.match(n) or SCALE_RE.match(n)) and n not in kv_expected)
     if extra_kv:
         raise ExportError(f"the graph has KV input(s) {', '.join(extra_kv)} beyond the {layers} layers "
                           "kiln.json records")
@@ -130,8 +145,8 @@ def derive_profiles(inputs: list[InputSpec], flags: ProfileFlags, *, layers: int
 
 
 def _kv_order(name: str):
-    m = KV_RE.match(name)
-    return (int(m.group(1)), m.group(2)) if m else (-1, name)
+    m = KV_RE.match(name) or SCALE_RE.match(name)
+    return (int(m.group(1)), m.group(0)) if m else (-1, name)
 
 
 def graph_inputs(model) -> list[InputSpec]:
