@@ -109,13 +109,35 @@ def connect(opts: ReplicaOptions, say=None) -> bool:
     else:
         if say:
             say(f"joining the Ray cluster at {opts.ray_address}")
-        ray.init(address=opts.ray_address, logging_level=quiet, namespace="kiln")
+        _reachable(opts.ray_address)
+        try:
+            ray.init(address=opts.ray_address, logging_level=quiet, namespace="kiln")
+        except ConnectionError as e:
+            hint = "" if os.environ.get("RAY_AUTH_MODE") else (
+                "; a cluster with token authentication (Ray's default) needs RAY_AUTH_MODE=token here and "
+                "its token (~/.ray/auth_token or RAY_AUTH_TOKEN)")
+            raise EngineError(f"cannot join the Ray cluster at {opts.ray_address} ({e}){hint}") from None
         started = False
     ip = ray.util.get_node_ip_address()
     if opts.loopback and ip != "127.0.0.1":
         ray.shutdown()
         raise EngineError(f"Ray chose the node address {ip}, not 127.0.0.1; refusing to serve off loopback")
     return started
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """Ray retries an address that does not answer for minutes: a plain TCP connect first (host:port only)."""
+    import socket
+
+    if "://" in address or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise EngineError(f"cannot reach the Ray cluster at {address} ({getattr(e, 'strerror', None) or e}); "
+                          "--ray-address is the head's GCS address, HOST:PORT (`ray start --head --port`)") \
+            from None
 
 
 def _deployment(art: str, config, opts: ReplicaOptions, loopback: bool | None = None):
@@ -214,8 +236,8 @@ def _failure_line(st) -> str:
     text = str(getattr(st, "message", "")) + " " + " ".join(
         str(getattr(d, "message", "")) for d in getattr(st, "deployments", {}).values())
     for line in text.splitlines():
-        if "kiln: " in line:
-            return line[line.index("kiln: ") + 6:].strip()
+        if "Error: kiln: " in line:  # the replica's own one-line EngineError, not its source line
+            return line[line.index("Error: kiln: ") + 13:].strip()
     for line in reversed(text.splitlines()):
         if "Error:" in line:
             return "a replica failed to start: " + line.strip()[:300]
@@ -250,6 +272,7 @@ def serve_replicated(art, config, opts: ReplicaOptions, on_ready=None, say=None)
         if opts.autoscale and started and threads * opts.autoscale[1] > cpus and say:
             say(f"note: --autoscale up to {opts.autoscale[1]} replicas x {threads} threads is more than the "
                 f"{cpus:g} CPUs here; Ray will place only what fits")
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO lines from Serve's client here
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
         target = serve.RunTarget(_deployment(art, config, opts), name=app, route_prefix=None)
         [handle] = serve.run_many([target], wait_for_applications_running=False)
