@@ -4,15 +4,11 @@ from __future__ import annotations
 
 
 def available_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else a large number (no limit known)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 50
+    """MemAvailable (runtime.sysinfo), else a large number (no limit known)."""
+    from runtime.sysinfo import mem_available
+
+    avail = mem_available()
+    return avail if avail is not None else 1 << 50
 
 
 def parameter_count(config) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from runtime.layerspec import LayerSpec
-from runtime.records import PrunePass, QuantPass
+from runtime.records import QuantPass
 
 
 @dataclass

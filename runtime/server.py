@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .errors import EngineError
+from .sysinfo import mem_available
 from .http_guard import HttpError, check_content_type, check_host, is_loopback, parse_json, read_body
 from .openai_api import Limits, parse
 from .openai_shapes import TokenText, error_body, full_response, new_id
@@ -60,18 +61,6 @@ class ServerConfig:
             raise EngineError(f"kv-budget-mb must be positive, got {self.kv_budget_mb}")
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
             raise EngineError(f"max-tokens-cap must be at least 1, got {self.max_tokens_cap}")
-
-
-def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def max_prompt_chars(engine) -> int:

@@ -276,22 +276,14 @@ def prune_streamed(source, out, config, *, text: str, calib_samples: int, calib_
     from ..checkpoint import source_record
     from ..hfdir import architecture_from_config, quiet_transformers
     from ..lazy import LazyModel
-    from ..quant.entry import SIDE_FILES, layer_tensors, source_dir, write_tables
+    from ..quant.entry import SIDE_FILES, layer_tensors, open_float_source, write_tables
     from ..sequential import Streamed
-    from ..sources import SourceInfo, resolve
     from ..tensorfile import ShardWriter
     from .unstructured import layer_targets
 
     out = Path(out)
-    if out.exists() and not force:
-        raise CompressError(f"{out} already exists; pass --force to replace it")
-    info = source if isinstance(source, SourceInfo) else resolve(str(source), quiet=not progress)
-    if info.manifest is not None and info.manifest.quantized:
-        raise CompressError(f"{source} is quantized; prune the float model first, then quantize "
-                            "(kiln compress prune ... then kiln compress quantize ...)")
-    root = source_dir(info, quiet=not progress)
-    if root.resolve() == out.resolve():
-        raise CompressError("the output dir must differ from the input")
+    info, root = open_float_source(source, out, force, progress, "prune the float model first, then quantize "
+                                   "(kiln compress prune ... then kiln compress quantize ...)")
     lazy = LazyModel(root)
     check_fits(config, lazy.config)
     targets = layer_targets(config, lazy.num_layers, lazy.linear_names)

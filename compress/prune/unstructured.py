@@ -1,8 +1,7 @@
 """Module transforms for unstructured and N:M pruning (Magnitude, Wanda, SparseGPT): zeros in place."""
 from __future__ import annotations
 
-from ..errors import CompressError
-from .capture import InputStats, capture_layer_inputs, decoder_layers, run_layer
+from .capture import InputStats
 from .config import SparseGPT, Wanda
 from .masks import check_divisible, magnitude_scores, mask_for, sparsegpt_prune, wanda_scores
 
@@ -32,48 +31,6 @@ def prune_magnitude(model, config, progress=None) -> dict:
         keep = mask_for(magnitude_scores(lin.weight.detach()), config.sparsity)
         _apply(lin, lin.weight.detach(), keep)
         masks[name] = keep
-        if progress:
-            progress.advance()
-    return masks
-
-
-def prune_sequential(model, config: Wanda | SparseGPT, calib, progress=None) -> dict:
-    """Wanda or SparseGPT, one decoder layer at a time on the outputs of the already-pruned layers before it."""
-    targets = target_linears(model, config)
-    layers = decoder_layers(model)
-    prefix = {i: f"model.layers.{i}." for i in range(len(layers))}
-    outside = [n for n in targets if not any(n.startswith(p) for p in prefix.values())]
-    if outside:
-        raise CompressError(f"{config.method} prunes Linear layers inside decoder layers only; "
-                            f"add {outside[0]!r} to ignore or use magnitude")
-    kind = "hessian" if isinstance(config, SparseGPT) else "sqnorm"
-    inputs = capture_layer_inputs(model, calib)
-    masks = {}
-    for i, layer in enumerate(layers):
-        mods = {n: targets[n] for n in targets if n.startswith(prefix[i])}
-        if mods:
-            stats = InputStats(mods, kind)
-            try:
-                import torch
-
-                with torch.no_grad():
-                    for hs, kw in inputs:
-                        stats.new_call()
-                        layer(hs, **kw)
-            finally:
-                stats.remove()
-            for n, lin in mods.items():
-                w = lin.weight.detach()
-                if kind == "sqnorm":
-                    keep = mask_for(wanda_scores(w, stats.get(n)), config.sparsity)
-                    new_w = w
-                else:
-                    new_w, keep = sparsegpt_prune(w, stats.get(n), config.sparsity, config.blocksize, config.damp)
-                _apply(lin, new_w, keep)
-                masks[n] = keep
-            del stats
-        if i + 1 < len(layers):
-            inputs = [(o, kw) for o, (_, kw) in zip(run_layer(layer, inputs), inputs)]
         if progress:
             progress.advance()
     return masks

@@ -143,6 +143,22 @@ def source_dir(info, quiet: bool) -> Path:
     return Path(info.path)
 
 
+def open_float_source(source, out: Path, force: bool, progress: bool, quantized: str):
+    """(SourceInfo, HF-format dir) of a source a streamed pass reads: ``out`` must not exist (unless
+    ``force``) nor be the source; a quantized source is refused with ``quantized`` (one line)."""
+    from ..sources import SourceInfo, resolve
+
+    if out.exists() and not force:
+        raise CompressError(f"{out} already exists; pass --force to replace it")
+    info = source if isinstance(source, SourceInfo) else resolve(str(source), quiet=not progress)
+    if info.manifest is not None and info.manifest.quantized:
+        raise CompressError(f"{source} is already quantized ({info.manifest.preset()}); {quantized}")
+    root = source_dir(info, quiet=not progress)
+    if out.resolve() in (root.resolve(), Path(info.path).resolve()):
+        raise CompressError("the output dir must differ from the input")
+    return info, root
+
+
 def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, calib_samples: int = 16,
                         seq_len: int = 512, eval_windows: int | None = 8, eval_text: str | None = None,
                         force: bool = False, progress: bool = False, device: str = "auto",
@@ -162,21 +178,13 @@ def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, 
     from ..hfdir import architecture_from_config, quiet_transformers
     from ..lazy import LazyModel
     from ..sequential import Streamed
-    from ..sources import SourceInfo, resolve
     from ..tensorfile import ShardWriter
     from .api import check, run_pass
 
     t0 = time.perf_counter()
     out = Path(out)
-    if out.exists() and not force:
-        raise CompressError(f"{out} already exists; pass --force to replace it")
-    info = source if isinstance(source, SourceInfo) else resolve(str(source), quiet=not progress)
-    if info.manifest is not None and info.manifest.quantized:
-        raise CompressError(f"{source} is already quantized ({info.manifest.preset()}); "
-                            "quantize the float or pruned checkpoint it came from")
-    root = source_dir(info, quiet=not progress)
-    if root.resolve() == out.resolve() or Path(info.path).resolve() == out.resolve():
-        raise CompressError("the output dir must differ from the input")
+    info, root = open_float_source(source, out, force, progress,
+                                   "quantize the float or pruned checkpoint it came from")
     dev = pick_device(device)
     lazy = LazyModel(root, device=dev)
     with quiet_transformers():

@@ -28,7 +28,6 @@ HEAD_GRAPH_BYTES = 256 << 20
 def subgraph(model, inputs: list[str], outputs: list[str], hidden: int):
     """The nodes computing ``outputs`` from ``inputs`` (and the graph's own inputs), as a standalone model
     whose initializers still point into the same model.onnx.data."""
-    import onnx
     from onnx import TensorProto, helper
 
     g = model.graph
