@@ -17,7 +17,7 @@ def test_int8_weight_only_round_trip_on_smollm2(smollm2, tmp_path):
     base = perplexity(model, tok, seq_len=256, windows=2, ids=ids).ppl
     q = copy.deepcopy(model)
     rec = quantize_(q, Int8WeightOnly(method="rtn"))
-    assert len(rec["layers"]) == 30 * 7 + 1
+    assert len(rec.layers) == 30 * 7 + 1
     ppl = perplexity(q, tok, seq_len=256, windows=2, ids=ids).ppl
     assert 1.0 < ppl / base < 1.01, (ppl, base)
     out = tmp_path / "q"
