@@ -192,7 +192,8 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
 
                 validator = lambda p: validate_graph(model, tok, p, arch, specs, kv=cfg.kv_cache)  # noqa: E731
         elif cfg.validate:
-            validator = _layer_validator(b.boundaries, lazy, direct.root, arch, specs, mode_why, progress)
+            validator = _layer_validator(b.boundaries, lazy, direct.root, arch, specs, mode_why, progress,
+                                         cfg.kv_cache)
         manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, specs, io, validator, before_rename,
                                   direct=direct)
         t_val = time.perf_counter() - t0 - t_load - t_build
@@ -201,7 +202,7 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
     return manifest
 
 
-def _layer_validator(boundaries, lazy, root, arch, specs, why, progress):
+def _layer_validator(boundaries, lazy, root, arch, specs, why, progress, kv="float"):
     def run(onnx_path):
         from compress.hfdir import quiet_transformers
 
@@ -218,7 +219,7 @@ def _layer_validator(boundaries, lazy, root, arch, specs, why, progress):
             bar = make_bar(len(boundaries), "validating layer by layer")
         try:
             return validate_layers(onnx_path, boundaries, lazy, tok, arch, specs, why,
-                                   progress=bar.advance if bar else None)
+                                   progress=bar.advance if bar else None, kv=kv)
         finally:
             if bar:
                 bar.close()

@@ -16,13 +16,22 @@ import numpy as np
 from runtime.records import POSITIONS, LayerCheck, Validation
 
 from ..errors import ExportError
-from .validate import PROMPT, _rel, checkpoint_tolerances
+from .validate import KV_TOLERANCES, PROMPT, _rel, checkpoint_tolerances
 
 LAYER_GRAPH_TOLERANCE = 1e-3
 # The graph-math check runs with basic optimizations, which fold a DequantizeLinear of a constant into a float32
 # copy of the weights: for a quantized lm_head over a big vocabulary (128k x 4096: 2.1 GB) that copy would be
 # the biggest thing in memory, so that one cut is checked as the runtime runs it only.
 HEAD_GRAPH_BYTES = 256 << 20
+
+
+def _empty_past(elem: int, kv_heads: int, last: int):
+    """A zero-length past of ONNX element type ``elem`` ([1, kv_heads, 0, last]); FP8 codes go in typed."""
+    if elem == 17:  # FLOAT8E4M3FN: numpy has no such dtype, ONNX Runtime takes the bytes tagged with it
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros((1, kv_heads, 0, last), np.uint8), 17)
+    return np.zeros((1, kv_heads, 0, last), {1: np.float32, 3: np.int8}[elem])
 
 
 def subgraph(model, inputs: list[str], outputs: list[str], hidden: int):
@@ -76,8 +85,9 @@ def _session(model, folder: Path, basic: bool):
 
 
 def validate_layers(onnx_path: Path, boundaries: list, lazy, tokenizer, arch, specs: dict,
-                    reason: str, progress=None) -> Validation:
-    """Each cut of the graph against the torch layers of the checkpoint ``lazy`` (compress.lazy.LazyModel)."""
+                    reason: str, progress=None, kv: str = "float") -> Validation:
+    """Each cut of the graph against the torch layers of the checkpoint ``lazy`` (compress.lazy.LazyModel).
+    ``kv``: the graph's KV cache format (a quantized one loosens the tolerances as in ``validate``)."""
     import onnx
     import torch
 
@@ -87,6 +97,8 @@ def validate_layers(onnx_path: Path, boundaries: list, lazy, tokenizer, arch, sp
 
     graph_tol, tol = checkpoint_tolerances(specs)
     graph_tol = LAYER_GRAPH_TOLERANCE if graph_tol is None else graph_tol
+    if kv != "float":
+        graph_tol, tol = max(graph_tol, KV_TOLERANCES[kv]), max(tol, KV_TOLERANCES[kv])
     model = onnx.load(str(onnx_path), load_external_data=False)
     folder = Path(onnx_path).parent
     ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"][:24]
@@ -118,10 +130,10 @@ def validate_layers(onnx_path: Path, boundaries: list, lazy, tokenizer, arch, sp
             feed[ins[0]] = x
             if len(ins) > 1:
                 feed[ins[1]] = np.zeros_like(x)  # the residual split as (x, 0): the skip-norm adds them
-            for kind in ("key", "value"):
-                name = f"past_key_values.{i}.{kind}"
-                if name in feed or any(v.name == name for v in sub.graph.input):
-                    feed[name] = np.zeros((1, arch.kv_heads, 0, arch.head_dim), np.float32)
+            for v in sub.graph.input:  # a zero-length past: float, or a quantized cache's codes and scales
+                if v.name.startswith(f"past_key_values.{i}."):
+                    dims = v.type.tensor_type.shape.dim
+                    feed[v.name] = _empty_past(v.type.tensor_type.elem_type, arch.kv_heads, dims[3].dim_value)
             vals = []
             quantized_head = last and "lm_head" in specs and arch.vocab * arch.hidden * 4 > HEAD_GRAPH_BYTES
             for basic in (True, False):
