@@ -140,11 +140,8 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
             from None
 
 
-def _deployment(art: str, config, opts: ReplicaOptions, loopback: bool | None = None):
-    from ray import serve
-
-    from .ray_replica import KilnReplica
-
+def deployment_options(config, opts: ReplicaOptions) -> dict:
+    """The replicas' Serve deployment options (``serve.deployment(KilnReplica, **these)``)."""
     threads = replica_threads(opts)
     scaling: dict = {"num_replicas": opts.replicas}
     if opts.autoscale:
@@ -155,15 +152,23 @@ def _deployment(art: str, config, opts: ReplicaOptions, loopback: bool | None = 
             "target_ongoing_requests": max(1, config.max_batch // 2),
             "upscale_delay_s": 10.0, "downscale_delay_s": 60.0, "metrics_interval_s": 2.0,
             "look_back_period_s": 10.0}}
-    dep = serve.deployment(
-        KilnReplica, name=DEPLOYMENT, **scaling,
-        ray_actor_options={"num_cpus": threads},
-        # a replica takes a batch at a time; the rest wait at the front end's router, which routes each to
-        # the replica that has room first; beyond max_queue waiting the front end answers 429
-        max_ongoing_requests=config.max_batch, max_queued_requests=max(1, config.max_queue),
-        health_check_period_s=2.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=5.0,
-        logging_config={"log_level": "WARNING", "enable_access_log": False})
-    load = {"backend": opts.backend, "threads": threads, "trust_engine_code": opts.trust_engine_code}
+    return {"name": DEPLOYMENT, **scaling,
+            "ray_actor_options": {"num_cpus": threads},  # = the replica's intra-op threads
+            # a replica takes a batch at a time; the rest wait at the front end's router, which sends each to
+            # a replica that has room; beyond max_queue waiting the front end answers 429
+            "max_ongoing_requests": config.max_batch, "max_queued_requests": max(1, config.max_queue),
+            "health_check_period_s": 2.0, "health_check_timeout_s": 30.0, "graceful_shutdown_timeout_s": 5.0,
+            "logging_config": {"log_level": "WARNING", "enable_access_log": False}}
+
+
+def _deployment(art: str, config, opts: ReplicaOptions, loopback: bool | None = None):
+    from ray import serve
+
+    from .ray_replica import KilnReplica
+
+    dep = serve.deployment(KilnReplica, **deployment_options(config, opts))
+    load = {"backend": opts.backend, "threads": replica_threads(opts),
+            "trust_engine_code": opts.trust_engine_code}
     cfg = {k: getattr(config, k) for k in config.__dataclass_fields__}
     return dep.bind(art, load, cfg, opts.loopback if loopback is None else loopback)
 

@@ -199,7 +199,7 @@ import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] == "ray":
-            raise ImportError(f"{name} is blocked in this test")
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 
 sys.meta_path.insert(0, Block())
@@ -210,6 +210,8 @@ assert r.exit_code == 0 and "--replicas" in r.output, r.output
 r = CliRunner().invoke(kiln.cli.cli, ["serve", sys.argv[1], "--ray-address", "127.0.0.1:1"])
 assert r.exit_code == 2 and "--replicas" in r.output, r.output
 assert not [m for m in sys.modules if m.split(".")[0] == "ray"]
+r = CliRunner().invoke(kiln.cli.cli, ["serve", sys.argv[1], "--replicas", "2", "--port", "0"])
+assert r.exit_code == 2 and "pip install 'llmkiln[ray]'" in r.output and len(r.output.splitlines()) == 1, r.output
 print("OK")
 """
 
