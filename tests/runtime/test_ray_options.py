@@ -23,7 +23,8 @@ def test_autoscale_is_serves_autoscaling_on_ongoing_requests():
     d = deployment_options(ServerConfig(max_batch=8), ReplicaOptions(replicas=2, autoscale=(1, 4), threads=1))
     a = d["autoscaling_config"]
     assert "num_replicas" not in d
-    assert (a["min_replicas"], a["initial_replicas"], a["max_replicas"], a["target_ongoing_requests"]) == (1, 2, 4, 4)
+    got = (a["min_replicas"], a["initial_replicas"], a["max_replicas"], a["target_ongoing_requests"])
+    assert got == (1, 2, 4, 4)
 
 
 @pytest.mark.parametrize("kw,msg", [({"replicas": 3, "autoscale": (1, 2)}, "outside --autoscale"),
