@@ -67,8 +67,8 @@ class ConfigApp(Live):
                 raise AssertionError("serve run did not come up:\n" + self.log.read_text()[-3000:])
             time.sleep(0.5)
 
-    def close(self):
-        _stop(self.proc, signal.SIGINT, 60)
+    def close(self):  # the head's shutdown takes the Serve application with it
+        _stop(self.proc, signal.SIGTERM, 60)
 
 
 @pytest.fixture(scope="module")
