@@ -94,6 +94,35 @@ def one_round(srv: Served, model: str, clients: int, requests: int, max_tokens: 
             "tokens_per_cpu_s": sum(tokens) / cpu if cpu else None, "errors": errors}
 
 
+_BATCH_EFFICIENCY = r"""
+import json, resource, sys, time
+from runtime import Engine
+eng = Engine.load(sys.argv[1], threads=1)
+ps = [f"Write a short story about topic {i}. It begins on a quiet evening when the wind changes."
+      for i in range(8)]
+eng.generate(ps[:2], max_new_tokens=8, ignore_eos=True)
+out = {}
+for n in (4, 8, 4, 8):
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    res = eng.generate(ps[:n], max_new_tokens=int(sys.argv[2]), ignore_eos=True)
+    toks = sum(len(x.token_ids) for x in res)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    out.setdefault(n, []).append(toks / (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime))
+print(json.dumps({n: max(v) for n, v in out.items()}))
+"""
+
+
+def batch_efficiency(art: Path, max_tokens: int) -> dict:
+    """Tokens per CPU second of the engine alone (1 thread, no server) at batch 4 and at batch 8: 8 clients
+    on two replicas decode 4 rows a step each, on one replica 8 rows, and a step costs far from rows x one
+    row."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", _BATCH_EFFICIENCY, str(art), str(max_tokens)],
+                       capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    return {int(k): v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
+
+
 def load1() -> float:
     return os.getloadavg()[0]
 
@@ -149,6 +178,10 @@ def main() -> int:
         return 1
     out["b_over_a"], out["b_over_c"] = b / a, b / c
     gate = out["b_over_a"] >= 1.6 and out["b_over_c"] >= 0.9
+    eff = out["engine_tokens_per_cpu_s"] = batch_efficiency(art, args.max_tokens)
+    print(f"engine alone, 1 thread: {eff[4]:.1f} tokens per CPU s at batch 4, {eff[8]:.1f} at batch 8: two "
+          f"replicas of 4 rows on two free cores can reach at most 2 x {eff[4]:.1f} / {eff[8]:.1f} = "
+          f"{2 * eff[4] / eff[8]:.2f} x one replica of 8 rows on one")
     print(f"B / A = {b / a:.2f} (gate >= 1.6)   B / C = {b / c:.2f} (gate >= 0.9)   "
           f"{'PASS' if gate else 'FAIL'}; load average {out['load1_before']:.2f} before, "
           f"{out['load1_after']:.2f} after")
