@@ -303,8 +303,7 @@ class FrontDeployment:
         import ray
         from ray import serve
 
-        from .ray_replica import keep_grpc_on_loopback
-        from .ray_serve import replica_details
+        from .ray_replica import keep_grpc_on_loopback, replica_details
         from .server import ServerConfig
 
         if is_loopback(ray.util.get_node_ip_address()):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import EngineError
 
+DEPLOYMENT = "kiln"  # the replicas' deployment name (the front end is DEPLOYMENT-front)
 SERVE_NAMESPACE = "serve"  # Ray Serve's actors live in this namespace
 # scope keys that travel from the front end to a replica (all plain data)
 SCOPE_KEYS = ("http_version", "method", "scheme", "path", "raw_path", "root_path", "query_string", "headers",
@@ -151,3 +152,12 @@ class KilnReplica:
         app = getattr(self, "app", None)
         if app is not None:
             app.close()
+
+
+def replica_details(app: str, deployment: str = DEPLOYMENT) -> list[dict]:
+    """Serve's details of a deployment's replicas (replica_id, state, actor_name, pid, node_ip, ...)."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    dep = details.get("applications", {}).get(app, {}).get("deployments", {}).get(deployment, {})
+    return list(dep.get("replicas", []))

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from .errors import EngineError
 from .http_guard import is_loopback
+from .ray_replica import DEPLOYMENT, replica_details
 
-DEPLOYMENT = "kiln"
 LOOPBACK_ENV = {
     # Ray on Linux turns a node address of 127.0.0.1 into the machine's network address
     # (services.resolve_ip_for_localhost) unless Ray runs as a single-machine cluster, which this variable
@@ -292,15 +292,6 @@ def serve_replicated(art, config, opts: ReplicaOptions, on_ready=None, say=None)
     finally:
         sock.close()
         _teardown(app, started)
-
-
-def replica_details(app: str, deployment: str = DEPLOYMENT) -> list[dict]:
-    """Serve's details of a deployment's replicas (replica_id, state, actor_name, pid, node_ip, ...)."""
-    from ray.serve.context import _get_global_client
-
-    details = _get_global_client().get_serve_details()
-    dep = details.get("applications", {}).get(app, {}).get("deployments", {}).get(deployment, {})
-    return list(dep.get("replicas", []))
 
 
 def _teardown(app: str, started: bool) -> None:
