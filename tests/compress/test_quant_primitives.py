@@ -194,3 +194,24 @@ def test_gptq_matches_the_textbook_loop_and_the_chunked_scale_search():
         assert (codes == ref).float().mean() >= 0.999, fmt
     # the scale search, a few rows at a time, picks exactly what it picks over the whole matrix
     assert torch.equal(int4_scale_search(w, 32, f.diag, rows=7), int4_scale_search(w, 32, f.diag, rows=1 << 30))
+
+
+def test_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    from compress.quant.gptq import factor
+
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x[:, :4] *= 30
+    x[:, 7] = 0  # a dead input
+    h = x.T @ x / 256
+    f = factor(h.clone(), damp=0.01)
+    hp = h.clone()
+    hp[7, 7] = 1.0
+    d = torch.diag(hp)
+    hp = hp[f.perm][:, f.perm]
+    hp.diagonal().add_(0.01 * d.mean())
+    u = f.hinv.double()
+    assert torch.equal(u, torch.triu(u)) and bool(f.dead[7]) and f.dead.sum() == 1
+    assert torch.allclose(u.T @ u, torch.linalg.inv(hp), rtol=1e-5, atol=1e-6 * torch.linalg.inv(hp).abs().max())
+    # the textbook route (Cholesky, inverse, Cholesky of the inverse) gives the same factor
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True)
+    assert torch.allclose(u, ref, rtol=1e-5, atol=1e-6 * ref.abs().max())
