@@ -175,6 +175,7 @@ def test_recovery_is_deterministic_and_keeps_zeros(tiny, calib):
     assert any(not torch.equal(runs[0][k] != 0, orig[k] != 0) or not torch.equal(runs[0][k], orig[k]) for k in orig)
 
 
+@pytest.mark.slow  # end to end, ~20-30 s on 2 cores: CI runs it, the fast loop skips it
 def test_recovery_lowers_distillation_loss(tiny, calib):
     from compress.prune import kd_loss
 

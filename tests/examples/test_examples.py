@@ -97,6 +97,7 @@ def test_openai_client_against_kiln_serve(art):
         proc.wait(10)
 
 
+@pytest.mark.slow  # end to end, ~20-30 s on 2 cores: CI runs it, the fast loop skips it
 def test_pipeline_api(tiny_dir, tmp_path):
     r = subprocess.run([sys.executable, str(EX / "pipeline_api.py"), str(tiny_dir), str(tmp_path / "o")],
                        capture_output=True, text=True, env=_env(), timeout=600)

@@ -1,3 +1,4 @@
+import pytest
 import json
 
 from click.testing import CliRunner
@@ -5,6 +6,7 @@ from click.testing import CliRunner
 from kiln.cli import cli
 
 
+@pytest.mark.slow  # end to end, ~20-30 s on 2 cores: CI runs it, the fast loop skips it
 def test_pipeline_tiny_end_to_end_and_resume(tiny_dir, tmp_path):
     out = tmp_path / "out"
     recipe = tmp_path / "r.yaml"

@@ -2,6 +2,8 @@
 (samples), opset or a weaker validation redoes the stages it shapes; an unchanged recipe reuses everything."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from click.testing import CliRunner
@@ -21,6 +23,7 @@ def _run(tiny_dir, out, recipe, samples, export=""):
     return {s["name"]: s for s in json.loads(r.stdout.strip().splitlines()[-1])["stages"]}
 
 
+@pytest.mark.slow  # end to end, ~20-30 s on 2 cores: CI runs it, the fast loop skips it
 def test_reuse_follows_calibration_opset_and_validation(tiny_dir, tmp_path):
     from export.onnx import export_onnx
 

@@ -13,7 +13,7 @@ import pytest
 from tests.runtime import test_server_limits
 from tests.runtime.conftest import RayLive, need_ray, process_tree, sockets_of
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a Ray cluster per module: CI, not the fast loop
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from tests.runtime import test_server, test_server_input, test_server_logprobs
 from tests.runtime.conftest import RAY_LOOPBACK_ENV, RayLive, _stop, process_tree, sockets_of
 from tests.runtime.server_live import Live
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a Ray cluster per module: CI, not the fast loop
 ROOT = Path(__file__).resolve().parents[2]
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
