@@ -2,10 +2,9 @@
 (samples), opset or a weaker validation redoes the stages it shapes; an unchanged recipe reuses everything."""
 from __future__ import annotations
 
-import pytest
-
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from kiln.cli import cli
