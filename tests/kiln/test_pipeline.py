@@ -1,6 +1,6 @@
-import pytest
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from kiln.cli import cli
