@@ -94,13 +94,30 @@ class SafetensorsFiles:
             row = n // shape[0]
             lo, hi, _ = rows.indices(shape[0])
             off, n, shape = off + lo * row, (hi - lo) * row, (hi - lo,) + shape[1:]
-        arr = np.fromfile(path, dtype=RAW[dt], count=n // np.dtype(RAW[dt]).itemsize, offset=off).reshape(shape)
         if dt == "BF16" and not raw:
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr
+            return _bf16_as_float32(path, off, n // 2, shape)
+        return np.fromfile(path, dtype=RAW[dt], count=n // np.dtype(RAW[dt]).itemsize, offset=off).reshape(shape)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.get(name)
+
+
+BF16_CHUNK = 1 << 22  # elements read and widened at a time (8 MB of bf16)
+
+
+def _bf16_as_float32(path: Path, off: int, count: int, shape: tuple) -> np.ndarray:
+    """bfloat16 values at ``off`` as float32, read a chunk at a time straight into the result: the only big
+    allocation is the float32 array itself (a whole-table bf16 copy beside it would add half its size)."""
+    out = np.empty(count, np.float32)
+    bits = out.view(np.uint32)
+    for lo in range(0, count, BF16_CHUNK):
+        k = min(BF16_CHUNK, count - lo)
+        chunk = np.fromfile(path, dtype=np.uint16, count=k, offset=off + 2 * lo)
+        if chunk.size != k:
+            raise TensorFileError(f"{path}: truncated while reading (expected {count} bfloat16 values)")
+        bits[lo:lo + k] = chunk
+        bits[lo:lo + k] <<= 16
+    return out.reshape(shape)
 
 
 def checkpoint_files(root: Path) -> list[Path]:

@@ -55,22 +55,24 @@ class GraphBuilder:
         elem = NP_TO_ONNX[arr.dtype] if elem is None else elem
         dims = list(arr.shape) if dims is None else list(dims)
         t = TensorProto(name=name, data_type=elem, dims=dims)
-        raw = arr.tobytes() if arr.dtype.byteorder != ">" else arr.astype(arr.dtype.newbyteorder("<")).tobytes()
-        if len(raw) <= _INLINE_BYTES:
-            t.raw_data = raw
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        size = arr.nbytes
+        if size <= _INLINE_BYTES:
+            t.raw_data = arr.tobytes()
         else:
-            align = _PAGE if len(raw) >= 1 << 16 else 64
+            align = _PAGE if size >= 1 << 16 else 64
             pad = (-self._offset) % align
             if pad:
                 self._data.write(b"\0" * pad)
                 self._offset += pad
-            self._data.write(raw)
+            self._data.write(memoryview(arr.reshape(-1)).cast("B"))  # the array's own bytes: no copy of a big table
             t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", DATA_NAME), ("offset", str(self._offset)), ("length", str(len(raw)))):
+            for k, v in (("location", DATA_NAME), ("offset", str(self._offset)), ("length", str(size))):
                 e = t.external_data.add()
                 e.key, e.value = k, v
-            self._offset += len(raw)
-            self.data_bytes += len(raw)
+            self._offset += size
+            self.data_bytes += size
         self.inits.append(t)
         self._names.add(name)
         return name

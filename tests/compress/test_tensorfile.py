@@ -25,6 +25,17 @@ def test_reads_what_safetensors_wrote_including_bf16_and_fp8(tmp_path):
     assert st.shape("a") == (3, 5) and st.dtype("b") == "BF16" and st.nbytes("a") == 60
 
 
+def test_bf16_is_widened_chunk_by_chunk_exactly(tmp_path, monkeypatch):
+    import compress.tensorfile as tf
+
+    t = torch.randn(101, 13).to(torch.bfloat16)
+    save_file({"pad": torch.ones(3, dtype=torch.int8), "t": t}, str(tmp_path / "x.safetensors"))
+    monkeypatch.setattr(tf, "BF16_CHUNK", 17)  # chunks that split rows, and a short last chunk
+    st = SafetensorsFiles([tmp_path / "x.safetensors"])
+    np.testing.assert_array_equal(st["t"], t.float().numpy())
+    np.testing.assert_array_equal(st.get("t", rows=slice(40, 77)), t[40:77].float().numpy())
+
+
 def test_shards_hold_whole_groups_and_safetensors_reads_them(tmp_path):
     rng = np.random.default_rng(0)
     groups = [{f"l{i}.w": (rng.standard_normal((64, 32)).astype(np.float32), "F32"),
