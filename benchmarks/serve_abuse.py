@@ -151,7 +151,8 @@ class Probes:
             fits = max(1, min(self.args.max_batch, room))
             socks = []
             body = json.dumps({"prompt": ids, "max_tokens": longest, "stream": True, "ignore_eos": True}).encode()
-            for _ in range(self.args.max_batch):
+            n = self.args.max_batch + 1  # one more than the batch holds: someone must wait, by bytes or by slots
+            for _ in range(n):
                 s = socket.create_connection((HOST, srv.port), timeout=30)
                 s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                           b"Content-Length: %d\r\n\r\n" % len(body) + body)
@@ -165,7 +166,7 @@ class Probes:
             for s in socks:
                 s.close()
             active, queued, reserved = (max(x[i] for x in seen) for i in range(3))
-            self.add(f"{self.args.max_batch} requests of {len(ids) + longest} positions each",
+            self.add(f"{n} requests of {len(ids) + longest} positions each",
                      f"at most {fits} running, the rest queued, KV <= budget",
                      f"max {active:.0f} running, max {queued:.0f} queued, KV max {reserved / MB:.0f} of "
                      f"{budget / MB:.0f} MiB", active == fits and queued >= 1 and reserved <= budget)
