@@ -62,7 +62,7 @@ def factor(hess: torch.Tensor, damp: float = 0.01) -> Factor:
     h.diagonal().add_(damp * torch.mean(d))
     low = torch.linalg.cholesky(h)
     del h
-    eye = torch.eye(n, dtype=low.dtype)
+    eye = torch.eye(n, dtype=low.dtype, device=low.device)
     inv = torch.linalg.solve_triangular(low, eye, upper=False, out=eye)  # L^-1, in place of the identity
     del low
     hinv = inv.flip(0, 1)
