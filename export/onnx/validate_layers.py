@@ -111,6 +111,7 @@ def validate_layers(onnx_path: Path, boundaries: list, lazy, tokenizer, arch, sp
     base = {"input_ids": ids, "attention_mask": np.ones((1, S), np.int64),
             "position_ids": np.arange(S, dtype=np.int64)[None], POSITIONS: np.arange(S, dtype=np.int64)}
     src = Streamed(lazy)
+    big_head = arch.vocab * arch.hidden * 4 > HEAD_GRAPH_BYTES  # a float32 copy of the head table
     checks = []
     with torch.no_grad():
         ((h, kw),) = src.capture(forward_loop([torch.from_numpy(ids)]))
@@ -139,13 +140,12 @@ def validate_layers(onnx_path: Path, boundaries: list, lazy, tokenizer, arch, sp
                     dims = v.type.tensor_type.shape.dim
                     feed[v.name] = _empty_past(v.type.tensor_type.elem_type, arch.kv_heads, dims[3].dim_value)
             vals = []
-            quantized_head = last and "lm_head" in specs and arch.vocab * arch.hidden * 4 > HEAD_GRAPH_BYTES
+            quantized_head = last and big_head and "lm_head" in specs
             for basic in (True, False):
                 if basic and quantized_head:
                     vals.append(None)
                     continue
-                big_head = last and arch.vocab * arch.hidden * 4 > HEAD_GRAPH_BYTES
-                got = _session(sub, folder, basic, prepack=not big_head).run(wanted[: len(outs)], feed)
+                got = _session(sub, folder, basic, prepack=not (last and big_head)).run(wanted[: len(outs)], feed)
                 y = got[0] if len(got) == 1 else got[0] + got[1]
                 vals.append(_rel(y, ref)[1])
                 del got, y
