@@ -61,6 +61,12 @@ def _q(*scheme_args: str) -> tuple[str, ...]:
     return ("compress", "quantize", "{model}", *scheme_args)
 
 
+def _run(art: str) -> tuple[str, ...]:
+    """32 greedy tokens from the artifact, as JSON."""
+    return ("run", art, "Hello", "--max-new-tokens", "32", "--temperature", "0", "--ignore-eos", "--threads", "2",
+            "--json")
+
+
 INT8, INT4, INT4R = "{out}/ckpt-int8-wo-rtn", "{out}/ckpt-int4-gptq", "{out}/ckpt-int4-rtn"
 ONNX8, ONNX4, ONNX4R = "{out}/onnx-int8-wo-rtn", "{out}/onnx-int4-gptq", "{out}/onnx-int4-rtn"
 STEPS = [
@@ -79,15 +85,13 @@ STEPS = [
     Step("eval-int8-ckpt", "eval", (("eval", "ppl", INT8, "--windows", "2", "--json"),), needs=(INT8,)),
     Step("eval-int4-onnx", "eval", (("eval", "ppl", ONNX4, "--windows", "2", "--threads", "2", "--json"),),
          needs=(ONNX4,)),
-    Step("run-int4", "run", (("run", ONNX4, "Hello", "--max-new-tokens", "32", "--temperature", "0",
-                              "--ignore-eos", "--threads", "2", "--json"),), needs=(ONNX4,)),
+    Step("run-int4", "run", (_run(ONNX4),), needs=(ONNX4,)),
     # int4 by round-to-nearest: the same tensors, graph and artifact size as GPTQ's, at a fraction of its time
     Step("quant-int4-rtn", "rtn",
          (_q("--scheme", "int4", "--method", "rtn", "-o", INT4R, "--eval-windows", "0"),), output=INT4R),
     Step("export-int4-rtn", "export", (("export", "onnx", INT4R, "-o", ONNX4R, "--max-memory", "{mem}"),),
          needs=(INT4R,), output=ONNX4R),
-    Step("run-int4-rtn", "run", (("run", ONNX4R, "Hello", "--max-new-tokens", "32", "--temperature", "0",
-                                  "--ignore-eos", "--threads", "2", "--json"),), needs=(ONNX4R,)),
+    Step("run-int4-rtn", "run", (_run(ONNX4R),), needs=(ONNX4R,)),
     Step("pipeline", "pipeline",
          (("pipeline", "{model}", "-o", "{out}/pipeline", "--no-bench", "--max-memory", "{mem}"),
           ("pipeline", "{model}", "-o", "{out}/pipeline", "--no-bench")),
