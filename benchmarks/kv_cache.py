@@ -14,9 +14,10 @@
 
     .venv/bin/python benchmarks/kv_cache.py                       # quantizes + exports into --work if missing
     .venv/bin/python benchmarks/kv_cache.py --kv int8,fp8 --windows 8 --threads 2
+    .venv/bin/python benchmarks/kv_cache.py --form ort --kv int8    # the ort form: static int8 scales
 
 The int8-wo checkpoint is ``kiln compress quantize smollm2-135m --scheme int8-wo --method rtn``; each cache
-format is ``kiln export onnx CK --kv-cache KV`` (validated against torch). Prints a markdown table and one
+format is ``kiln export onnx CK --form FORM --kv-cache KV`` (validated against torch). Prints a markdown table and one
 JSON line. The box's load average is printed beside the speed figures: on a shared 2-core machine only the
 ratios of the same run mean anything.
 """
@@ -45,15 +46,15 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
-def artifacts(work: Path, kvs: list[str], source: str) -> dict[str, Path]:
+def artifacts(work: Path, kvs: list[str], source: str, form: str = "portable") -> dict[str, Path]:
     ck = work / "ck"
     if not (ck / "kiln.json").exists():
         _run(KILN + ["compress", "quantize", source, "--scheme", "int8-wo", "--method", "rtn", "-o", str(ck)])
     out = {}
     for kv in ["float"] + kvs:
-        art = work / f"onnx-kv-{kv}"
+        art = work / (f"onnx-kv-{kv}" if form == "portable" else f"onnx-{form}-kv-{kv}")
         if not (art / "kiln.json").exists():
-            _run(KILN + ["export", "onnx", str(ck), "-o", str(art), "--kv-cache", kv, "--json"])
+            _run(KILN + ["export", "onnx", str(ck), "-o", str(art), "--form", form, "--kv-cache", kv, "--json"])
         out[kv] = art
     return out
 
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/kiln-kv-bench", help="where the checkpoint and artifacts go (reused)")
     ap.add_argument("--source", default="smollm2-135m")
     ap.add_argument("--kv", default="int8", help="quantized formats to compare with float (int8,fp8)")
+    ap.add_argument("--form", choices=("portable", "ort"), default="portable",
+                    help="the artifacts' form, float cache included (ort: int8 only, static scales)")
     ap.add_argument("--windows", type=int, default=4, help="2048-token windows for perplexity")
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8, help="decode steps per round")
@@ -125,7 +128,7 @@ def main() -> None:
     from runtime.evaluate import corpus_ids, perplexity
 
     kvs = [k for k in args.kv.split(",") if k]
-    arts = artifacts(Path(args.work), kvs, args.source)
+    arts = artifacts(Path(args.work), kvs, args.source, args.form)
     engines = {kv: Engine.load(a, threads=args.threads) for kv, a in arts.items()}
     load0 = os.getloadavg()
     res = {kv: {} for kv in engines}
@@ -144,7 +147,7 @@ def main() -> None:
     for kv in engines:
         res[kv].update(speed[kv])
     f = res["float"]
-    print(f"\nSmolLM2-135M int8-wo, ONNX Runtime CPU, --threads {args.threads}; perplexity {args.windows} x {CTX} "
+    print(f"\nSmolLM2-135M int8-wo, {args.form} form, ONNX Runtime CPU, --threads {args.threads}; perplexity {args.windows} x {CTX} "
           f"pydoc fed {args.chunk} at a time; decode at {CTX}..{speed['float']['context'][1]} context, batch 1, "
           f"median of {args.steps * args.rounds} steps interleaved; capacity within --kv-budget-mb "
           f"{args.budget_mb}; load average {load0[0]:.1f} / {load1[0]:.1f} / {load2[0]:.1f} (start / before "
@@ -167,7 +170,7 @@ def main() -> None:
             gates[kv]["ppl_within_0.5%"] = abs(r["ppl"] / f["ppl"] - 1) <= 0.005
         print(f"\ngates {kv}: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in gates[kv].items()))
     print(json.dumps({"results": res, "gates": gates, "load": [load0, load1, load2], "threads": args.threads,
-                      "windows": args.windows, "chunk": args.chunk, "budget_mb": args.budget_mb}))
+                      "windows": args.windows, "chunk": args.chunk, "budget_mb": args.budget_mb, "form": args.form}))
 
 
 if __name__ == "__main__":

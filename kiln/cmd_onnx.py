@@ -23,9 +23,13 @@ from .common import emit_json, parse_size, stderr
               help="With --exporter optimum: the Python of a venv that has optimum-onnx "
                    "[env: KILN_OPTIMUM_PYTHON].")
 @click.option("--kv-cache", type=click.Choice(["float", "int8", "fp8"]), default="float", show_default=True,
-              help="How the graph stores the KV cache. int8 / fp8: codes plus one float32 scale per token and KV "
-                   "head, quantized and dequantized inside the graph (about 1/4 of float32's bytes: more "
-                   "concurrent streams per GB). --form portable only.")
+              help="How the graph stores the KV cache (about 1/4 of float32's bytes: more concurrent streams "
+                   "per GB). --form portable: int8 or fp8 codes plus one float32 scale per token and KV head. "
+                   "--form ort: int8 codes read directly by GroupQueryAttention, with static scales per KV head "
+                   "and channel calibrated at export on --calib.")
+@click.option("--calib", "calib", default="builtin:pydoc", show_default=True,
+              help="With --form ort --kv-cache int8: the corpus the KV scales are calibrated on (text or JSONL "
+                   "file; its end, never the windows evaluation reads).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs torch self-validation.")
 @click.option("--validation", type=click.Choice(["auto", "whole-model", "per-layer"]), default="auto",
               show_default=True,
@@ -36,8 +40,8 @@ from .common import emit_json, parse_size, stderr
               help="Memory budget for the validation choice (e.g. 6GiB; default: the memory available now).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only after the new artifact is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object last on stdout.")
-def onnx_cmd(source, out, form, opset, exporter, optimum_python, kv_cache, no_validate, validation, max_memory,
-             force, as_json):
+def onnx_cmd(source, out, form, opset, exporter, optimum_python, kv_cache, calib, no_validate, validation,
+             max_memory, force, as_json):
     """Export SOURCE (model, GGUF, alias or compressed checkpoint) to an ONNX artifact dir with KV cache.
 
     The graph is written from the weights (no tracing), weights in model.onnx.data, and checked against
@@ -59,7 +63,8 @@ def onnx_cmd(source, out, form, opset, exporter, optimum_python, kv_cache, no_va
     t0 = time.perf_counter()
     m = export_onnx(source, out, form=form, opset=opset, validate=not no_validate, force=force,
                     progress=not as_json, exporter=exporter, optimum_python=optimum_python, validation=validation,
-                    max_memory=parse_size(max_memory, "--max-memory") if max_memory else None, kv_cache=kv_cache)
+                    max_memory=parse_size(max_memory, "--max-memory") if max_memory else None, kv_cache=kv_cache,
+                    calib_corpus=calib)
     secs = round(time.perf_counter() - t0, 2)
     from runtime.layerspec import summarize
     from runtime.strict import to_json
@@ -82,7 +87,7 @@ def onnx_cmd(source, out, form, opset, exporter, optimum_python, kv_cache, no_va
     else:
         stderr("validation skipped (--no-validate)")
     via = " via optimum" if exporter == "optimum" else ""
-    via += f", KV cache {kv_cache}" if kv_cache != "float" else ""
+    via += f", KV cache {kv_cache}{' (static scales)' if m.io.kv_static else ''}" if kv_cache != "float" else ""
     click.echo(f"wrote {out} ({m.preset()}, {m.io.form}, opset {m.io.opset}{via}, {size / 1e6:.1f} MB) "
                f"in {secs} s")
 

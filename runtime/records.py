@@ -16,7 +16,10 @@ IO_VERSION = 2  # 2: the graph takes ``logits_positions`` [K] and returns logits
 # ``past_key_values.{i}.key_scale`` / ``present.{i}.key_scale`` [batch, kv_heads, seq, 1] (docs/CONTRACTS.md).
 # Float-cache artifacts stay version 2, so a reader that predates quantized caches refuses only what it cannot run.
 IO_VERSION_QUANTIZED_KV = 3
-IO_VERSIONS = (IO_VERSION, IO_VERSION_QUANTIZED_KV)
+# 4: version 2 with an int8 KV cache whose scales are static, one per KV head and channel, stored in the graph
+# (the ONNX Runtime form's GroupQueryAttention reads the codes directly): past/present are int8 codes only.
+IO_VERSION_STATIC_KV = 4
+IO_VERSIONS = (IO_VERSION, IO_VERSION_QUANTIZED_KV, IO_VERSION_STATIC_KV)
 POSITIONS = "logits_positions"
 # kv_dtype: the cache's storage type. float32 / float16: plain values; int8 / float8e4m3fn: codes whose
 # per-token-and-head scales travel beside them as float32 tensors (SCALE_SUFFIX)
@@ -25,8 +28,13 @@ QUANTIZED_KV = ("int8", "float8e4m3fn")
 SCALE_SUFFIX = "_scale"
 
 
-def io_version(kv_dtype: str) -> int:
-    """The IO contract version an artifact with this KV storage type is written with."""
+def io_version(kv_dtype: str, static_scales: bool = False) -> int:
+    """The IO contract version an artifact with this KV storage type is written with; ``static_scales``: the
+    codes' scales are constants in the graph (version 4, int8 only) rather than tensors beside the codes."""
+    if static_scales:
+        if kv_dtype != "int8":
+            raise ValueError(f"static KV scales exist for an int8 cache only, not {kv_dtype}")
+        return IO_VERSION_STATIC_KV
     return IO_VERSION_QUANTIZED_KV if kv_dtype in QUANTIZED_KV else IO_VERSION
 
 
@@ -100,10 +108,14 @@ class IOSpec:
     def __post_init__(self):
         if self.version not in IO_VERSIONS:
             raise ValueError(f"IO contract version {self.version} is not supported (this llmkiln reads "
-                             f"{' and '.join(map(str, IO_VERSIONS))}); re-export the artifact")
+                             f"{', '.join(map(str, IO_VERSIONS[:-1]))} and {IO_VERSIONS[-1]}); re-export the artifact")
         if self.kv_dtype not in FLOAT_KV + QUANTIZED_KV:
             raise ValueError(f"kv_dtype must be one of {', '.join(FLOAT_KV + QUANTIZED_KV)}, got {self.kv_dtype!r}")
-        if self.version != io_version(self.kv_dtype):
+        if self.version == IO_VERSION_STATIC_KV:
+            if self.kv_dtype != "int8" or self.form != "ort":
+                raise ValueError(f"IO contract version {IO_VERSION_STATIC_KV} (static KV scales) is an int8 cache "
+                                 f"of the ort form, not {self.kv_dtype} of the {self.form} form")
+        elif self.version != io_version(self.kv_dtype):
             raise ValueError(f"a {self.kv_dtype} KV cache is IO contract version {io_version(self.kv_dtype)}, "
                              f"not {self.version}; re-export the artifact")
 
@@ -113,8 +125,13 @@ class IOSpec:
 
     @property
     def kv_quantized(self) -> bool:
-        """The cache holds codes plus per-token scales (IO contract version 3)."""
+        """The cache holds codes: with per-token scale tensors (version 3) or static scales (version 4)."""
         return self.kv_dtype in QUANTIZED_KV
+
+    @property
+    def kv_static(self) -> bool:
+        """The codes' scales are constants inside the graph (IO contract version 4)."""
+        return self.version == IO_VERSION_STATIC_KV
 
     @property
     def kv_scales(self) -> tuple[str, ...]:

@@ -22,7 +22,11 @@ def check_graph(path: Path) -> None:
         raise ExportError(f"the built graph fails the ONNX checker ({' '.join(str(e).split())[:300]})") from None
 
 
-def _write_side_files(tmp: Path, model, tok) -> None:
+def write_side_files(tmp: Path, model, tok, direct=None) -> None:
+    """Tokenizer and generation config into ``tmp``: copied from ``direct``'s dir, else saved from ``model``/``tok``."""
+    if direct is not None:
+        direct.copy_side_files(tmp)
+        return
     tok.save_pretrained(str(tmp))
     gc = getattr(model, "generation_config", None)
     if gc is not None:
@@ -41,10 +45,7 @@ def write_artifact(tmp: Path, model, tok, info, arch, onnx_path: Path, specs: di
     from runtime.manifest import Manifest
     from runtime.records import Validation
 
-    if direct is not None:
-        direct.copy_side_files(tmp)
-    else:
-        _write_side_files(tmp, model, tok)
+    write_side_files(tmp, model, tok, direct)
     validation = validator(onnx_path) if validator is not None else None
     passes = list(info.manifest.passes) if info.manifest is not None else []
     manifest = Manifest(kind="onnx", architecture=arch, source=source_record(info), passes=passes, io=io,

@@ -5,7 +5,8 @@ IO (docs/CONTRACTS.md, IO contract version 2):
   past_key_values.{i}.key|value [B,kv_heads,P,head_dim] float32   (P = T - S; zero-length on the first call)
   -> logits [B,K,vocab] float32 (the K positions asked for), present.{i}.key|value [B,kv_heads,T,head_dim]
 A quantized cache (``kv``, IO contract version 3) makes past/present int8 or FP8 codes with float32
-``.key_scale`` / ``.value_scale`` tensors [B,kv_heads,P|T,1] beside them (``kvcache``).
+``.key_scale`` / ``.value_scale`` tensors [B,kv_heads,P|T,1] beside them (``kvcache``); the ort form's int8
+cache (version 4) is codes only, its scales constants in the graph (``kvstatic``).
 
 ``fused=True`` uses the opset-23 ``RMSNormalization`` / ``RotaryEmbedding`` / ``Attention`` ops; otherwise the
 same math is written with plain opset-21 ops. ``form="ort"`` builds the ONNX Runtime form (``ortform``) with
@@ -41,9 +42,10 @@ def io_tensors(arch, kv: kvcache.KVFormat = kvcache.FLOAT) -> tuple[tuple[Tensor
 
 def io_spec(arch, *, form: str, opset: int, exporter: str = "kiln", weight_block: int | None = None,
             kv: kvcache.KVFormat = kvcache.FLOAT) -> IOSpec:
-    """The ``io`` record of kiln.json (version 2 for a float cache, 3 for a quantized one)."""
+    """The ``io`` record of kiln.json (version 2 for a float cache, 3 for a quantized one with per-token scale
+    tensors, 4 for the ort form's int8 cache with static scales)."""
     inputs, outputs = io_tensors(arch, kv)
-    return IOSpec(version=io_version(kv.dtype), form=form, opset=opset, inputs=inputs, outputs=outputs,
+    return IOSpec(version=io_version(kv.dtype, kv.static), form=form, opset=opset, inputs=inputs, outputs=outputs,
                   kv_dtype=kv.dtype, exporter=exporter, weight_block=weight_block)
 
 

@@ -32,16 +32,26 @@ class OnnxExportConfig:
         from .kvcache import kv_format
 
         kv_format(self.kv_cache)
-        if self.form == "ort" and self.kv_cache != "float":
-            raise ExportError(f"--form ort keeps a float KV cache (ONNX Runtime's GroupQueryAttention takes an "
-                              f"{self.kv_cache} cache only with static scales calibrated ahead); export "
-                              f"--kv-cache {self.kv_cache} with --form portable (per-token scales in the graph)")
+        if self.form == "ort" and self.kv_cache == "fp8":
+            raise ExportError("--form ort takes --kv-cache int8 (static scales, calibrated at export), not fp8: "
+                              "ONNX Runtime's CPU GroupQueryAttention has no FP8 cache; export --kv-cache fp8 "
+                              "with --form portable (per-token scales in the graph)")
         if self.form == "ort" and self.opset not in (None, FUSED_OPSET):
             raise ExportError(f"--form ort is built at opset {FUSED_OPSET} (standard RotaryEmbedding and "
                               f"RMSNormalization beside the com.microsoft ops), got --opset {self.opset}")
         if self.opset is not None and self.opset not in (PLAIN_OPSET, 22, FUSED_OPSET):
             raise ExportError(f"--opset must be 21 or 22 (plain ops) or 23 (fused Attention/RoPE/RMSNorm), "
                               f"got {self.opset}")
+
+    @property
+    def static_kv(self) -> bool:
+        """The ort form's int8 cache: scales calibrated at export, constants in the graph (kvstatic)."""
+        return self.form == "ort" and self.kv_cache == "int8"
+
+    @property
+    def kv_check(self) -> str:
+        """The cache format as validation's tolerances name it (validate.KV_TOLERANCES)."""
+        return "int8-static" if self.static_kv else self.kv_cache
 
     @property
     def resolved_opset(self) -> int:
@@ -75,7 +85,7 @@ VALIDATION_MODES = ("auto", "whole-model", "per-layer")
 def export_onnx(source, out, *, form: str = "portable", opset: int | None = None, validate: bool = True,
                 force: bool = False, progress: bool = False, before_rename=None, exporter: str = "kiln",
                 optimum_python: str | None = None, validation: str = "auto", max_memory: int | None = None,
-                kv_cache: str = "float"):
+                kv_cache: str = "float", calib_corpus: str | None = None):
     """Build ``out`` (model.onnx + model.onnx.data + tokenizer + kiln.json) from ``source``.
 
     ``source`` is anything ``compress.load_model`` accepts (alias, .gguf, HF dir, llmkiln checkpoint, SourceInfo).
@@ -84,7 +94,8 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
     model and the artifact fit ``max_memory``, default the memory available; else per layer),
     ``whole-model`` or ``per-layer``. Returns the written Manifest. Raises ExportError (or CompressError for
     an unloadable source). ``kv_cache``: ``float`` (IO contract 2) or ``int8`` / ``fp8`` (codes + per-token
-    scales, IO contract 3; export.onnx.kvcache).
+    scales, IO contract 3; export.onnx.kvcache); with ``form="ort"``, ``int8`` is codes with static per-channel
+    scales calibrated on ``calib_corpus`` (default builtin:pydoc; IO contract 4, export.onnx.kvstatic).
     """
     if validation not in VALIDATION_MODES:
         raise ExportError(f"validation must be one of {', '.join(VALIDATION_MODES)}, got {validation!r}")
@@ -107,7 +118,7 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
                            whole_model_validator, write_artifact)
     from .decoder import build_decoder, io_spec
     from .graph import GraphBuilder
-    from .kvcache import kv_format
+    from .kvcache import FLOAT, STATIC_INT8, kv_format
     from .qdq import graph_block
     from .direct import DIRECT_ROPE, file_source, rope_tables_numpy, rope_type
     from .weights import Weights, precheck, weights_for
@@ -170,7 +181,7 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
         b = GraphBuilder(tmp, cfg.resolved_opset)
         try:
             build_decoder(b, w, arch, cos, sin, fused=cfg.fused, progress=bar.advance if bar else None,
-                          form=cfg.form, kv=kv_format(cfg.kv_cache))
+                          form=cfg.form, kv=FLOAT if cfg.static_kv else kv_format(cfg.kv_cache))
             label = info.manifest.preset() if info.manifest is not None else "fp32"
             onnx_path = b.finish("llmkiln_decoder", doc=f"llmkiln {arch.model_type} decoder ({label})",
                                  metadata={"preset": label, "form": cfg.form,
@@ -180,26 +191,48 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
             if bar:
                 bar.close()
         check_graph(onnx_path)
+        if cfg.static_kv:
+            _static_kv(tmp, onnx_path, model, tok, direct, arch, calib_corpus, progress)
         t_build = time.perf_counter() - t0 - t_load
         grouped = [s.group_size for s in specs.values() if s.group_size]
         io = io_spec(arch, form=cfg.form, opset=cfg.resolved_opset,
-                     weight_block=graph_block(min(grouped)) if grouped else None, kv=kv_format(cfg.kv_cache))
+                     weight_block=graph_block(min(grouped)) if grouped else None,
+                     kv=STATIC_INT8 if cfg.static_kv else kv_format(cfg.kv_cache))
         validator = None
         if cfg.validate and model is not None:
             validator = whole_model_validator(model, tok, arch, specs)
             if cfg.kv_cache != "float":
                 from .validate import validate as validate_graph
 
-                validator = lambda p: validate_graph(model, tok, p, arch, specs, kv=cfg.kv_cache)  # noqa: E731
+                validator = lambda p: validate_graph(model, tok, p, arch, specs, kv=cfg.kv_check)  # noqa: E731
         elif cfg.validate:
             validator = _layer_validator(b.boundaries, lazy, direct.root, arch, specs, mode_why, progress,
-                                         cfg.kv_cache)
+                                         cfg.kv_check)
         manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, specs, io, validator, before_rename,
                                   direct=direct)
         t_val = time.perf_counter() - t0 - t_load - t_build
     manifest.timings = {"load_s": round(t_load, 3), "build_s": round(t_build, 3), "validate_s": round(t_val, 3),
                         "weights_from": "safetensors files" if direct is not None else "torch model"}
     return manifest
+
+
+def _static_kv(tmp, onnx_path, model, tok, direct, arch, corpus, progress) -> None:
+    """Calibrate the float-cache graph's KV scales and make its cache int8 (export.onnx.kvstatic)."""
+    from .artifact import write_side_files
+    from .kvstatic import DEFAULT_WINDOWS, calibrate, make_static
+
+    write_side_files(tmp, model, tok, direct)  # the tokenizer calibration encodes its corpus with
+    bar = None
+    if progress:
+        from runtime.progress import bar as make_bar
+
+        bar = make_bar(DEFAULT_WINDOWS, "calibrating the int8 KV cache")
+    try:
+        scales = calibrate(onnx_path, tmp, arch, corpus, progress=bar.advance if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    make_static(onnx_path, scales, arch)
 
 
 def _layer_validator(boundaries, lazy, root, arch, specs, why, progress, kv="float"):

@@ -42,6 +42,7 @@ class KVFormat:
     dtype: str
     elem: int  # ONNX element type of past/present
     qmax: float = 0.0  # largest code magnitude (quantized formats)
+    static: bool = False  # scales are constants in the graph (the ort form, export.onnx.kvstatic): codes only
 
     @property
     def quantized(self) -> bool:
@@ -54,6 +55,7 @@ FORMATS = {
     "fp8": KVFormat("fp8", "float8e4m3fn", TensorProto.FLOAT8E4M3FN, 448.0),
 }
 FLOAT = FORMATS["float"]
+STATIC_INT8 = KVFormat("int8", "int8", TensorProto.INT8, 127.0, static=True)
 ONNX_TYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int8": TensorProto.INT8,
               "float8e4m3fn": TensorProto.FLOAT8E4M3FN}
 TINY = float(np.finfo(np.float32).tiny)  # the scale of an all-zero row: its codes are 0 and so is x
@@ -71,7 +73,7 @@ def kv_tensors(fmt: KVFormat, layer: int, kvh: int, hd: int):
     out = []
     for kind in ("key", "value"):
         out.append((f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}", fmt.dtype, hd))
-        if fmt.quantized:
+        if fmt.quantized and not fmt.static:
             out.append((f"past_key_values.{layer}.{kind}{SCALE_SUFFIX}", f"present.{layer}.{kind}{SCALE_SUFFIX}",
                         "float32", 1))
     return out

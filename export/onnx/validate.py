@@ -44,7 +44,9 @@ def tolerances(spec: LayerSpec) -> tuple[float, float]:
 FLOAT_TOLERANCE = 1e-3  # a float graph against its torch model: ORT's float32 kernels only
 # A quantized KV cache (--kv-cache, export/onnx/kvcache.py) against the torch model's float cache: the largest
 # max |Δlogits| / range measured on the tiny test models and SmolLM2, with headroom (docs/RUNTIME.md)
-KV_TOLERANCES = {"int8": 0.02, "fp8": 0.1}
+# int8-static: the ort form's static per-channel scales (kvstatic), coarser than per-token ones for tokens far
+# below their channel's calibrated peak: 0.026 measured on SmolLM2 int8-wo
+KV_TOLERANCES = {"int8": 0.02, "fp8": 0.1, "int8-static": 0.05}
 
 
 def checkpoint_tolerances(specs: dict) -> tuple[float | None, float]:
@@ -99,7 +101,8 @@ def ort_session(path, threads: int | None = None, basic: bool = False):
 def run_ort(sess, ids, past, arch):
     feeds = _feeds(ids, past, arch)
     kv_in = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-    if len(kv_in) != 2 * arch.layers:  # a quantized cache: codes and scales, in the order of the outputs
+    if len(kv_in) != 2 * arch.layers or kv_in[0].type != "tensor(float)":
+        # a quantized cache: codes (and per-token scales, in the order of the outputs)
         import onnxruntime as ort
 
         zero = {"tensor(int8)": np.int8, "tensor(float8e4m3fn)": np.uint8, "tensor(float)": np.float32}

@@ -6,7 +6,9 @@ Portable artifacts read the past from one buffer and write past + new into anoth
 cache grows or its rows change.
 
 A quantized cache (IO contract 3: int8 or FP8 codes plus float32 per-token scales, export/onnx/kvcache.py)
-lives in a ``QuantHostKVCache``: the codes and the scales in two ping-pong slabs that move together."""
+lives in a ``QuantHostKVCache``: the codes and the scales in two ping-pong slabs that move together. The ort
+form's int8 cache (IO contract 4: static scales inside the graph, export/onnx/kvstatic.py) is codes only, in a
+``SharedKVCache`` of int8 like the float one."""
 from __future__ import annotations
 
 import os
@@ -130,12 +132,15 @@ class OnnxRuntimeBackend(Backend):
                        for w in ("key", "value")]
         # (past, present, TensorProto type, last dim) per bound KV tensor, in the cache's ptrs order
         self._kv_binds = [(pin, pout, self.kv_code, self.head_dim) for pin, pout in self._names]
-        if self.kv_quantized:
+        # the ort form's int8 cache keeps its scales in the graph (IO contract 4): codes only, shared in place
+        self.kv_static = self.kv_quantized and self.shared_kv
+        if self.kv_static and self.kv_fp8:
+            raise EngineError("model.onnx: the ort form has an int8 KV cache or a float one, not FP8; re-export it")
+        if self.kv_quantized and not self.kv_static:
             scales = [(pin + SCALE, pout + SCALE) for pin, pout in self._names]
             miss = [n for pin, pout in scales for n, have in ((pin, ins), (pout, outs)) if n not in have]
-            if miss or self.shared_kv:
-                raise EngineError(f"model.onnx has a {kv.type} KV cache but "
-                                  f"{'no ' + miss[0] if miss else 'the ort form'}; re-export it with "
+            if miss:
+                raise EngineError(f"model.onnx has a {kv.type} KV cache but no {miss[0]}; re-export it with "
                                   "`kiln export onnx --kv-cache`")
             self._kv_binds += [(pin, pout, _ONNX_CODE[np.float32], 1) for pin, pout in scales]
 
@@ -143,12 +148,13 @@ class OnnxRuntimeBackend(Backend):
     def kv_bytes_per_token(self) -> int:
         """Bytes of KV cache one row takes per position: codes plus their float32 scales for a quantized cache,
         twice for the portable graph's two buffers (past and present)."""
-        per_head = self.head_dim * np.dtype(self.kv_dtype).itemsize + (4 if self.kv_quantized else 0)
+        per_head = self.head_dim * np.dtype(self.kv_dtype).itemsize + (4 if self.kv_quantized and not self.kv_static
+                                                                         else 0)
         return self.layers * 2 * self.kv_heads * per_head * (1 if self.shared_kv else 2)
 
     # ---- Backend --------------------------------------------------------------------------------------
     def allocate(self, batch: int, max_len: int) -> KVCache:
-        if self.kv_quantized:
+        if self.kv_quantized and not self.kv_static:
             return _OrtQuantCache(self.sess, self.layers, self.kv_heads, self.head_dim, self.kv_dtype, batch,
                                   max_len, fp8=self.kv_fp8)
         cls = _OrtSharedCache if self.shared_kv else _OrtCache
@@ -225,7 +231,8 @@ class OnnxRuntimeBackend(Backend):
     def describe(self) -> dict:
         return {"backend": self.name, "providers": self.providers,
                 "threads": self.threads or os.cpu_count(), "logits_positions": self.positions,
-                **({"kv_cache": "fp8" if self.kv_fp8 else "int8"} if self.kv_quantized else {})}
+                **({"kv_cache": "fp8" if self.kv_fp8 else "int8" + (" (static scales)" if self.kv_static else "")}
+                   if self.kv_quantized else {})}
 
     def close(self) -> None:
         self.sess = None

@@ -1,0 +1,127 @@
+"""The ONNX Runtime form's int8 KV cache (``--form ort --kv-cache int8``, IO contract version 4).
+
+ONNX Runtime's ``GroupQueryAttention`` reads an int8 cache directly (no dequantized copy of the past) when its
+scales are static: one float32 per KV head and channel, ``k_scale`` / ``v_scale`` [1, kv_heads, 1, head_dim],
+constants of the graph. The export builds the float-cache graph, runs it on calibration windows (the end of the
+calibration corpus, never the windows evaluation reads) and takes, per layer, KV head and channel, the largest
+|value| seen and, for keys, the largest norm of the channel pair rotary turns together (which bounds the key at
+every position, ``pair_amax``): ``scale = amax / 127``. It then turns the
+graph's past/present into int8 and gives every attention node its scales. A value beyond what calibration saw
+is clipped to ±127 codes. The portable graph's per-token scales (``kvcache``, version 3) need no calibration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.records import POSITIONS
+
+from ..errors import ExportError
+
+QMAX = 127.0
+TINY = float(np.finfo(np.float32).tiny)
+DEFAULT_WINDOWS, DEFAULT_SEQ_LEN = 8, 512
+
+
+@dataclass(frozen=True)
+class KVScales:
+    """Per layer [kv_heads, head_dim] float32 scales of the keys and of the values."""
+
+    key: np.ndarray  # [layers, kv_heads, head_dim]
+    value: np.ndarray
+    windows: int
+    seq_len: int
+
+
+def scales_from_amax(amax: np.ndarray) -> np.ndarray:
+    """amax (any shape) -> amax / 127 as float32, an all-zero channel getting the tiniest scale."""
+    return np.maximum(np.asarray(amax, np.float32) / np.float32(QMAX), np.float32(TINY)).astype(np.float32)
+
+
+def pair_amax(k: np.ndarray) -> np.ndarray:
+    """k [B, kv_heads, S, head_dim] after rotary -> [kv_heads, head_dim]: for channels i and i + head_dim/2 (the
+    pair rotary turns together), the largest norm of the pair over B and S, for both channels. Rotary keeps a
+    pair's norm, so this bounds the key at any position, not only the positions calibration ran (a plain
+    per-channel amax from short windows clips the slowly turning channels at longer contexts)."""
+    half = k.shape[-1] // 2
+    a, b = k[..., :half].astype(np.float32), k[..., half:].astype(np.float32)
+    norm = np.sqrt(a * a + b * b).max(axis=(0, 2))  # [kv_heads, half]
+    return np.concatenate([norm, norm], axis=-1)
+
+
+def calibrate(onnx_path: Path, tokenizer_dir: Path, arch, corpus: str | None = None,
+              windows: int = DEFAULT_WINDOWS, seq_len: int = DEFAULT_SEQ_LEN, progress=None) -> KVScales:
+    """Run the float-cache graph at ``onnx_path`` on ``windows`` calibration windows and return the scales."""
+    import onnxruntime as ort
+
+    from runtime.corpus import BUILTIN, CorpusError, calibration_windows, load_text
+    from runtime.tokenizer import Tokenizer
+
+    seq_len = min(seq_len, arch.max_position) if getattr(arch, "max_position", None) else seq_len
+    try:
+        ids = Tokenizer(tokenizer_dir).encode(load_text(corpus or BUILTIN), add_special_tokens=False)
+        wins = calibration_windows(ids, seq_len, windows)
+    except CorpusError as e:
+        raise ExportError(f"KV cache calibration: {e}") from None
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    kin = {i.name: i for i in sess.get_inputs()}
+    key_amax = np.zeros((arch.layers, arch.kv_heads, arch.head_dim), np.float32)
+    value_amax = np.zeros_like(key_amax)
+    names = [f"present.{i}.{k}" for i in range(arch.layers) for k in ("key", "value")]
+    for w in wins:
+        s = len(w)
+        feeds = {"input_ids": np.asarray([w], np.int64), "attention_mask": np.ones((1, s), np.int64),
+                 "position_ids": np.arange(s, dtype=np.int64)[None]}
+        if POSITIONS in kin:
+            feeds[POSITIONS] = np.asarray([s - 1], np.int64)
+        for i in range(arch.layers):
+            for k in ("key", "value"):
+                feeds[f"past_key_values.{i}.{k}"] = np.zeros((1, arch.kv_heads, 0, arch.head_dim), np.float32)
+        outs = sess.run(names, feeds)
+        for i in range(arch.layers):  # present [1, kv_heads, s, head_dim]
+            np.maximum(key_amax[i], pair_amax(outs[2 * i]), out=key_amax[i])
+            np.maximum(value_amax[i], np.abs(outs[2 * i + 1]).max(axis=(0, 2)), out=value_amax[i])
+        if progress is not None:
+            progress()
+    if not (np.isfinite(key_amax).all() and np.isfinite(value_amax).all()):
+        raise ExportError("KV cache calibration: the float graph produced non-finite keys or values")
+    return KVScales(scales_from_amax(key_amax), scales_from_amax(value_amax), len(wins), seq_len)
+
+
+def make_static(onnx_path: Path, scales: KVScales, arch) -> None:
+    """Rewrite ``onnx_path`` (the graph only: its external data file is untouched) so past/present are int8 and
+    each layer's GroupQueryAttention quantizes and reads them with that layer's scales."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    g = model.graph
+    kv = [v for v in list(g.input) + list(g.output) if v.name.startswith(("past_key_values.", "present."))]
+    if len(kv) != 4 * arch.layers:
+        raise ExportError(f"{onnx_path}: expected {4 * arch.layers} KV inputs and outputs, found {len(kv)}")
+    for v in kv:
+        v.type.tensor_type.elem_type = TensorProto.INT8
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    if len(gqa) != arch.layers:
+        raise ExportError(f"{onnx_path}: expected {arch.layers} GroupQueryAttention nodes, found {len(gqa)}")
+    shape = (1, arch.kv_heads, 1, arch.head_dim)
+    for n in gqa:
+        layer = int(n.output[1].split(".")[1])  # present.{layer}.key
+        names = []
+        for kind, table in (("key", scales.key), ("value", scales.value)):
+            name = f"/model/layers.{layer}/attn/kv_cache/{kind}_scale"
+            g.initializer.append(numpy_helper.from_array(table[layer].reshape(shape).astype(np.float32), name))
+            names.append(name)
+        ins = list(n.input) + [""] * (12 - len(n.input))  # up to head_sink (index 11); k_scale, v_scale follow
+        del n.input[:]
+        n.input.extend(ins[:12] + names)
+        n.attribute.extend([helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                            helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                            helper.make_attribute("kv_cache_bit_width", 8)])
+    tmp = onnx_path.with_name(onnx_path.name + ".static")
+    onnx.save(model, str(tmp))
+    tmp.replace(onnx_path)
