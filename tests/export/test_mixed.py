@@ -102,3 +102,28 @@ def test_ort_form_takes_the_mix_without_static_scales(mixed, tmp_path):
     names = {n.name for n in onnx.load(str(tmp_path / "art" / "model.onnx"), load_external_data=False).graph.node}
     assert "/model/layers.2/attn/qkv_proj/MatMul" in names  # q/k/v share a spec: stacked into one product
     assert "/model/layers.0/attn/qkv_proj/MatMul" in names and np.isfinite(m.validation.value)
+
+
+def test_exact_kernel_is_refused_in_one_line(mixed, tmp_path):
+    """A spec asking for the exact weight-only kernel (float activations) is refused before any graph is
+    written: no exporter builds one (docs/QUANTIZATION.md)."""
+    import json
+    import shutil
+
+    from export.errors import ExportError
+    from export.onnx import export_onnx
+
+    root, _, _ = mixed
+    ck = tmp_path / "ck"
+    shutil.copytree(root / "ck", ck)
+    doc = json.loads((ck / "kiln.json").read_text())
+    layers = next(p["layers"] for p in doc["passes"] if "model.layers.2.mlp.down_proj" in p["layers"])
+    layers["model.layers.2.mlp.down_proj"]["kernel"] = "exact"
+    (ck / "kiln.json").write_text(json.dumps(doc))
+    with pytest.raises(ExportError, match=r"^1 Linear\(s\) ask for the exact .*model\.layers\.2\.mlp\.down_proj"):
+        export_onnx(str(ck), tmp_path / "art")
+    assert not (tmp_path / "art").exists()
+    layers["model.layers.2.mlp.down_proj"]["kernel"] = "fast"
+    (ck / "kiln.json").write_text(json.dumps(doc))
+    m = export_onnx(str(ck), tmp_path / "art", validate=False)
+    assert m.layer_specs()["model.layers.2.mlp.down_proj"].kernel == "fast"
