@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .scoring import log_sum_exp
+
 SCORE_CHUNK = 256  # prompt positions per forward when scoring a prompt
-_LSE_ROWS = 64  # rows converted to float64 at once
 
 
 @dataclass(frozen=True)
@@ -19,16 +20,6 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
-
-
-def _lse(x: np.ndarray) -> np.ndarray:
-    # x: [n, V] -> [n] log-sum-exp in float64
-    out = np.empty(x.shape[0], dtype=np.float64)
-    for i in range(0, x.shape[0], _LSE_ROWS):
-        r = x[i:i + _LSE_ROWS].astype(np.float64)
-        m = r.max(axis=-1, keepdims=True)
-        out[i:i + _LSE_ROWS] = m[:, 0] + np.log(np.exp(r - m).sum(axis=-1))
-    return out
 
 
 def _top(row: np.ndarray, lse: float, k: int) -> tuple[tuple[int, float], ...]:
@@ -42,7 +33,7 @@ def _top(row: np.ndarray, lse: float, k: int) -> tuple[tuple[int, float], ...]:
 
 def rows_logprobs(logits: np.ndarray, targets, k: int) -> list[TokenLogprob]:
     """logits [n, V] (float32), targets [n] token ids: each target's logprob and the top ``k`` per row."""
-    lse = _lse(logits)
+    lse = log_sum_exp(logits)
     return [TokenLogprob(int(t), float(logits[i, int(t)]) - float(lse[i]), _top(logits[i], float(lse[i]), k))
             for i, t in enumerate(targets)]
 
@@ -52,7 +43,7 @@ class RowScorer:
     them: ``before(row)`` keeps what is needed, ``after(token)`` returns the ``TokenLogprob``."""
 
     def __init__(self, row: np.ndarray, k: int):
-        self.lse = float(_lse(row[None])[0])
+        self.lse = float(log_sum_exp(row[None])[0])
         self.top = _top(row, self.lse, k)
         self.row = row.copy()  # sampling overwrites the backend's buffer
 
