@@ -147,8 +147,8 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
     exact = sorted(n for n, s in specs.items() if s.kernel == "exact")
     if exact:
         raise ExportError(f"{len(exact)} Linear(s) ask for the exact weight-only kernel (e.g. {exact[0]}), which the "
-                          "exporter does not build: ONNX Runtime's float-activation MatMulNBits measured 11x (int4) "
-                          "to 77x (int8) slower than its fast kernel at batch 1; make those Linears float instead "
+                          "exporter does not build: ONNX Runtime's float-activation MatMulNBits measured 2x (int4) "
+                          "to 137x (int8) slower than its fast kernel at batch 1; make those Linears float instead "
                           "(docs/QUANTIZATION.md)")
     if cfg.form == "ort":
         from .ortform import ort_form_refusal
