@@ -227,14 +227,16 @@ def _static_kv(tmp, onnx_path, model, tok, direct, arch, corpus, progress) -> No
     from .artifact import write_side_files
     from .kvstatic import DEFAULT_WINDOWS, calibrate, make_static
 
-    write_side_files(tmp, model, tok, direct)  # the tokenizer calibration encodes its corpus with
+    tok_dir = direct.root if direct is not None else tmp
+    if direct is None:  # a source read through transformers: its tokenizer is saved where the artifact's goes
+        write_side_files(tmp, model, tok)
     bar = None
     if progress:
         from runtime.progress import bar as make_bar
 
         bar = make_bar(DEFAULT_WINDOWS, "calibrating the int8 KV cache")
     try:
-        scales = calibrate(onnx_path, tmp, arch, corpus, progress=bar.advance if bar else None)
+        scales = calibrate(onnx_path, tok_dir, arch, corpus, progress=bar.advance if bar else None)
     finally:
         if bar:
             bar.close()
