@@ -49,6 +49,20 @@ class OnnxExportConfig:
         return self.form == "ort" and self.kv_cache == "int8"
 
     @property
+    def kv_io(self):
+        """The cache as the artifact's IO states it (export.onnx.kvcache.KVFormat)."""
+        from .kvcache import STATIC_INT8, kv_format
+
+        return STATIC_INT8 if self.static_kv else kv_format(self.kv_cache)
+
+    @property
+    def kv_graph(self):
+        """The cache the graph is built with: float for the static int8 cache, made int8 after calibration."""
+        from .kvcache import FLOAT
+
+        return FLOAT if self.static_kv else self.kv_io
+
+    @property
     def kv_check(self) -> str:
         """The cache format as validation's tolerances name it (validate.KV_TOLERANCES)."""
         return "int8-static" if self.static_kv else self.kv_cache
@@ -118,7 +132,6 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
                            whole_model_validator, write_artifact)
     from .decoder import build_decoder, io_spec
     from .graph import GraphBuilder
-    from .kvcache import FLOAT, STATIC_INT8, kv_format
     from .qdq import graph_block
     from .direct import DIRECT_ROPE, file_source, rope_tables_numpy, rope_type
     from .weights import Weights, precheck, weights_for
@@ -187,7 +200,7 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
         b = GraphBuilder(tmp, cfg.resolved_opset)
         try:
             build_decoder(b, w, arch, cos, sin, fused=cfg.fused, progress=bar.advance if bar else None,
-                          form=cfg.form, kv=FLOAT if cfg.static_kv else kv_format(cfg.kv_cache))
+                          form=cfg.form, kv=cfg.kv_graph)
             label = info.manifest.preset() if info.manifest is not None else "fp32"
             onnx_path = b.finish("llmkiln_decoder", doc=f"llmkiln {arch.model_type} decoder ({label})",
                                  metadata={"preset": label, "form": cfg.form,
@@ -202,8 +215,7 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
         t_build = time.perf_counter() - t0 - t_load
         grouped = [s.group_size for s in specs.values() if s.group_size]
         io = io_spec(arch, form=cfg.form, opset=cfg.resolved_opset,
-                     weight_block=graph_block(min(grouped)) if grouped else None,
-                     kv=STATIC_INT8 if cfg.static_kv else kv_format(cfg.kv_cache))
+                     weight_block=graph_block(min(grouped)) if grouped else None, kv=cfg.kv_io)
         validator = None
         if cfg.validate and model is not None:
             validator = whole_model_validator(model, tok, arch, specs)

@@ -22,7 +22,7 @@ inside its own attention kernels.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from onnx import TensorProto
@@ -55,7 +55,7 @@ FORMATS = {
     "fp8": KVFormat("fp8", "float8e4m3fn", TensorProto.FLOAT8E4M3FN, 448.0),
 }
 FLOAT = FORMATS["float"]
-STATIC_INT8 = KVFormat("int8", "int8", TensorProto.INT8, 127.0, static=True)
+STATIC_INT8 = replace(FORMATS["int8"], static=True)
 ONNX_TYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int8": TensorProto.INT8,
               "float8e4m3fn": TensorProto.FLOAT8E4M3FN}
 TINY = float(np.finfo(np.float32).tiny)  # the scale of an all-zero row: its codes are 0 and so is x

@@ -19,6 +19,7 @@ import numpy as np
 from runtime.records import POSITIONS
 
 from ..errors import ExportError
+from .validate import past_feeds, step_feeds
 
 QMAX = 127.0
 TINY = float(np.finfo(np.float32).tiny)
@@ -68,19 +69,15 @@ def calibrate(onnx_path: Path, tokenizer_dir: Path, arch, corpus: str | None = N
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    kin = {i.name: i for i in sess.get_inputs()}
+    positions = any(i.name == POSITIONS for i in sess.get_inputs())
+    empty = past_feeds(sess, None, 1, arch.kv_heads)
     key_amax = np.zeros((arch.layers, arch.kv_heads, arch.head_dim), np.float32)
     value_amax = np.zeros_like(key_amax)
     names = [f"present.{i}.{k}" for i in range(arch.layers) for k in ("key", "value")]
     for w in wins:
-        s = len(w)
-        feeds = {"input_ids": np.asarray([w], np.int64), "attention_mask": np.ones((1, s), np.int64),
-                 "position_ids": np.arange(s, dtype=np.int64)[None]}
-        if POSITIONS in kin:
-            feeds[POSITIONS] = np.asarray([s - 1], np.int64)
-        for i in range(arch.layers):
-            for k in ("key", "value"):
-                feeds[f"past_key_values.{i}.{k}"] = np.zeros((1, arch.kv_heads, 0, arch.head_dim), np.float32)
+        feeds = {**step_feeds(np.asarray([w], np.int64)), **empty}
+        if positions:
+            feeds[POSITIONS] = np.asarray([len(w) - 1], np.int64)  # one row of logits: only the cache is read
         outs = sess.run(names, feeds)
         for i in range(arch.layers):  # present [1, kv_heads, s, head_dim]
             np.maximum(key_amax[i], pair_amax(outs[2 * i]), out=key_amax[i])

@@ -69,18 +69,27 @@ class ValidationConfig:
             raise ExportError("validation needs a prompt of at least 4 tokens")
 
 
-def _feeds(ids: np.ndarray, past: list[np.ndarray] | None, arch) -> dict:
+def step_feeds(ids: np.ndarray, past_len: int = 0) -> dict:
+    """input_ids [B,S], an all-ones attention_mask [B,P+S] and position_ids P..P+S-1, as the contract states."""
     B, S = ids.shape
-    P = 0 if past is None else past[0].shape[2]
-    feeds = {
-        "input_ids": ids.astype(np.int64),
-        "attention_mask": np.ones((B, P + S), np.int64),
-        "position_ids": np.broadcast_to(np.arange(P, P + S, dtype=np.int64), (B, S)).copy(),
-    }
-    for i in range(arch.layers):
-        for j, kind in enumerate(("key", "value")):
-            feeds[f"past_key_values.{i}.{kind}"] = (
-                np.zeros((B, arch.kv_heads, 0, arch.head_dim), np.float32) if past is None else past[2 * i + j])
+    return {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((B, past_len + S), np.int64),
+            "position_ids": np.broadcast_to(np.arange(past_len, past_len + S, dtype=np.int64), (B, S)).copy()}
+
+
+_ZERO = {"tensor(int8)": np.int8, "tensor(float8e4m3fn)": np.uint8, "tensor(float)": np.float32}
+
+
+def past_feeds(sess, past: list | None, batch: int, kv_heads: int) -> dict:
+    """The graph's past_key_values.* inputs in its own types: ``past`` (the previous call's present outputs,
+    in output order: codes, and per-token scales for a version-3 cache) or zero-length tensors."""
+    import onnxruntime as ort
+
+    feeds = {}
+    kv_in = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    for j, i in enumerate(kv_in):
+        x = past[j] if past is not None else np.zeros((batch, kv_heads, 0, i.shape[3]), _ZERO[i.type])
+        # FP8 codes come back as uint8 bytes; they go in tagged with their ONNX type (17: FLOAT8E4M3FN)
+        feeds[i.name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(x, 17) if i.type.endswith("e4m3fn)") else x
     return feeds
 
 
@@ -99,19 +108,8 @@ def ort_session(path, threads: int | None = None, basic: bool = False):
 
 
 def run_ort(sess, ids, past, arch):
-    feeds = _feeds(ids, past, arch)
-    kv_in = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-    if len(kv_in) != 2 * arch.layers or kv_in[0].type != "tensor(float)":
-        # a quantized cache: codes (and per-token scales, in the order of the outputs)
-        import onnxruntime as ort
-
-        zero = {"tensor(int8)": np.int8, "tensor(float8e4m3fn)": np.uint8, "tensor(float)": np.float32}
-        for j, i in enumerate(kv_in):
-            x = (past[j] if past is not None else
-                 np.zeros((ids.shape[0], arch.kv_heads, 0, i.shape[3]), zero[i.type]))
-            # FP8 codes come back as uint8 bytes; they go in tagged with their ONNX type (17: FLOAT8E4M3FN)
-            feeds[i.name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(x, 17) if i.type.endswith("e4m3fn)") \
-                else x
+    feeds = step_feeds(ids, 0 if past is None else past[0].shape[2])
+    feeds.update(past_feeds(sess, past, ids.shape[0], arch.kv_heads))
     if any(i.name == POSITIONS for i in sess.get_inputs()):
         feeds[POSITIONS] = np.arange(ids.shape[1], dtype=np.int64)  # logits for every position
     outs = sess.run(None, feeds)
