@@ -14,7 +14,8 @@ WeightFormat = Literal["float", "int8", "fp8", "int4"]
 ActFormat = Literal["int8", "fp8"]
 Granularity = Literal["tensor", "token"]
 Sparsity = Literal["2:4", "unstructured"]
-Kernel = Literal["fast", "exact"]
+Kernel = Literal["fast", "fine", "exact"]
+KERNELS = ("fast", "fine", "exact")
 
 WEIGHT_FORMATS = ("float", "int8", "fp8", "int4")
 GROUPED_FORMATS = ("int8", "int4")  # formats whose scales may come per block of inputs
@@ -28,7 +29,9 @@ class LayerSpec:
     act_granularity: ``tensor`` = one calibrated static scale, ``token`` = one scale per token at run time.
     sparsity: ``2:4`` (at most 2 non-zeros in every 4 inputs of a row) or ``unstructured`` zeros, else None.
     kernel: how a CPU backend computes a weight-only product: ``fast`` (ONNX Runtime's kernel that quantizes
-    the activations per block) or ``exact`` (float activations); None = the backend's default (fast).
+    the activations to int8 per block of 32 inputs), ``fine`` (the same kernel with blocks of 16: closer to the
+    checkpoint, an extra float32 scale per 16 inputs) or ``exact`` (float activations); None = the backend's
+    default (fast). Only int8 and int4 weights have a choice.
     """
 
     weight: WeightFormat = "float"
@@ -58,8 +61,11 @@ class LayerSpec:
                 raise ValueError("per-token (dynamic) activation scales exist for int8 only")
         elif self.act_granularity is not None:
             raise ValueError("act_granularity without act")
-        if self.kernel is not None and (self.weight == "float" or self.act is not None):
-            raise ValueError("kernel applies to weight-only quantized Linears")
+        if self.kernel is not None:
+            if self.kernel not in KERNELS:
+                raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+            if self.weight not in GROUPED_FORMATS or self.act is not None:
+                raise ValueError("kernel applies to weight-only int8 and int4 Linears")
 
     @property
     def quantized(self) -> bool:

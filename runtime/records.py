@@ -103,7 +103,7 @@ class IOSpec:
     kv_dtype: str = "float32"
     external_data: str | None = "model.onnx.data"
     exporter: Literal["kiln", "optimum"] = "kiln"
-    weight_block: int | None = None  # inputs per scale in the graph's blocked DequantizeLinear (grouped weights)
+    weight_block: int | None = None  # smallest inputs-per-scale of the graph's blocked DequantizeLinears
 
     def __post_init__(self):
         if self.version not in IO_VERSIONS:

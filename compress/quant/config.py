@@ -22,6 +22,7 @@ TENSORRT_IGNORE = ("lm_head",)  # a tied table feeds Gather, which TensorRT does
 DEFAULT_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 METHODS = ("gptq", "rtn")
+CPU_KERNELS = ("fast", "fine")  # LayerSpec.kernel values a weight-only preset may ask for
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,11 @@ def _check_method(method: str) -> None:
         raise CompressError(f"method must be 'gptq' or 'rtn', got {method!r}")
 
 
+def _check_kernel(kernel) -> None:
+    if kernel is not None and kernel not in CPU_KERNELS:
+        raise CompressError(f"kernel must be one of {', '.join(CPU_KERNELS)}, got {kernel!r}")
+
+
 def _check_damp(damp) -> None:
     if not (0.0 < float(damp) < 1.0):
         raise CompressError(f"damp must be in (0, 1), got {damp!r}")
@@ -97,20 +103,27 @@ class Int8WeightOnly(QuantConfig):
     ``method``: ``gptq`` (error-compensating rounding on calibration data, layer by layer) or ``rtn``
     (round to nearest; with calibration data and ``weight_clip_search`` the per-channel clip is chosen by
     activation-weighted MSE).
+    ``kernel``: recorded in every LayerSpec (lm_head included) for the CPU backend: ``fine`` has ONNX Runtime
+    quantize the activations per 16 inputs instead of 32 (docs/QUANTIZATION.md); None = its default.
     """
 
     method: str = "gptq"
     damp: float = 0.01
     weight_clip_search: bool = False
+    kernel: str | None = None
     scheme = "int8-wo"
 
     def __post_init__(self):
         super().__post_init__()
         _check_method(self.method)
         _check_damp(self.damp)
+        _check_kernel(self.kernel)
 
     def layer_spec(self, name, in_features):
-        return LayerSpec("int8")
+        return LayerSpec("int8", kernel=self.kernel)
+
+    def head_spec(self, in_features):
+        return LayerSpec("int8", kernel=self.kernel)
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,7 @@ class Int8Grouped(QuantConfig):
     group_size: int = 128
     method: str = "gptq"
     damp: float = 0.01
+    kernel: str | None = None
     scheme = "int8-group"
 
     def __post_init__(self):
@@ -131,9 +145,13 @@ class Int8Grouped(QuantConfig):
             raise CompressError(f"group_size must be 32, 64 or 128, got {self.group_size!r}")
         _check_method(self.method)
         _check_damp(self.damp)
+        _check_kernel(self.kernel)
 
     def layer_spec(self, name, in_features):
-        return LayerSpec("int8", group_size=_group(in_features, self.group_size))
+        return LayerSpec("int8", group_size=_group(in_features, self.group_size), kernel=self.kernel)
+
+    def head_spec(self, in_features):
+        return LayerSpec("int8", kernel=self.kernel)
 
 
 @dataclass(frozen=True)
@@ -149,6 +167,7 @@ class Int4(QuantConfig):
     method: str = "gptq"
     lm_head: str = "int8"
     damp: float = 0.01
+    kernel: str | None = None
     scheme = "int4"
 
     def __post_init__(self):
@@ -159,12 +178,15 @@ class Int4(QuantConfig):
         if self.lm_head not in ("int8", "int4"):
             raise CompressError(f"lm_head must be 'int8' or 'int4' (or ignore it to keep it float), got {self.lm_head!r}")
         _check_damp(self.damp)
+        _check_kernel(self.kernel)
 
     def layer_spec(self, name, in_features):
-        return LayerSpec("int4", group_size=_group(in_features, self.group_size))
+        return LayerSpec("int4", group_size=_group(in_features, self.group_size), kernel=self.kernel)
 
     def head_spec(self, in_features):
-        return self.layer_spec("lm_head", in_features) if self.lm_head == "int4" else LayerSpec("int8")
+        if self.lm_head == "int4":
+            return self.layer_spec("lm_head", in_features)
+        return LayerSpec("int8", kernel=self.kernel)
 
 
 @dataclass(frozen=True)

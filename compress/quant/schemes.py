@@ -82,7 +82,7 @@ def int8_weight_only(job, config: Int8WeightOnly, ctx: QuantContext) -> None:
             for n in g.linears:
                 h[n] = job.float_stats[g.linears[0]].mean_sq
     for n in live:
-        quantize_int8_linear(job, n, h.get(n))
+        quantize_int8_linear(job, n, h.get(n), _spec(job, config, n))
 
 
 @QUANT_TRANSFORMS.register(Int8Grouped)

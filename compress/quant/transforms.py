@@ -45,10 +45,11 @@ def round_to_nearest(w: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, to
     return quantize_weight(w, spec.weight)
 
 
-def quantize_int8_linear(model, name: str, h: torch.Tensor | None = None) -> QuantLinear:
+def quantize_int8_linear(model, name: str, h: torch.Tensor | None = None,
+                         spec: LayerSpec = LayerSpec("int8")) -> QuantLinear:
     w = model.get_submodule(name).weight.detach().float()
     s = int8_scale_search(w, h)
-    return replace_linear(model, name, P.quantize_int8(w, s), s, LayerSpec("int8"))
+    return replace_linear(model, name, P.quantize_int8(w, s), s, spec)
 
 
 @torch.no_grad()

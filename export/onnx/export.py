@@ -213,9 +213,10 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
         if cfg.static_kv:
             _static_kv(tmp, onnx_path, model, tok, direct, arch, calib_corpus, progress)
         t_build = time.perf_counter() - t0 - t_load
-        grouped = [s.group_size for s in specs.values() if s.group_size]
-        io = io_spec(arch, form=cfg.form, opset=cfg.resolved_opset,
-                     weight_block=graph_block(min(grouped)) if grouped else None, kv=cfg.kv_io)
+        blocks = [graph_block(s.group_size, s.kernel) for s in specs.values() if s.quantized]
+        blocks = [k for k in blocks if k is not None]
+        io = io_spec(arch, form=cfg.form, opset=cfg.resolved_opset, weight_block=min(blocks) if blocks else None,
+                     kv=cfg.kv_io)
         validator = None
         if cfg.validate and model is not None:
             validator = whole_model_validator(model, tok, arch, specs)

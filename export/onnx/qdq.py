@@ -6,7 +6,8 @@ input 1 directly (symmetric, zero point 0):
   fp8   : FLOAT8E4M3FN codes [in,out], float scale [out], DequantizeLinear(axis=1)
   int4  : INT4 codes [in,out] (ONNX packing), float scale [in/block,out], DequantizeLinear(axis=0, block_size)
   int8 with groups: INT8 codes [in,out], float scale [in/block,out], DequantizeLinear(axis=0, block_size)
-Grouped scales are written at blocks of at most 32 inputs (graph_block). Activations: static fp8/int8 -> QuantizeLinear -> DequantizeLinear with the calibrated per-tensor scale;
+Grouped scales are written at blocks of at most 32 inputs (graph_block); a Linear whose spec asks for the
+``fine`` kernel has its scales (per channel or per group) written at blocks of 16, repeated. Activations: static fp8/int8 -> QuantizeLinear -> DequantizeLinear with the calibrated per-tensor scale;
 ``int8-dyn`` (per token, ORT CPU scheme) -> s_t = max|x_t|/127, Round(x/s_t) * s_t, then the int8 weight
 DequantizeLinear -> MatMul as for weight-only (see _dynamic_int8 for why not MatMulInteger).
 """
@@ -23,6 +24,7 @@ from .graph import GraphBuilder
 
 EMBED = "model.embed_tokens"
 GRAPH_BLOCK = 32
+FINE_BLOCK = 16  # kernel "fine": the fast kernel's activation blocks at 16 inputs
 
 
 # ---- pure array helpers ------------------------------------------------------------------------------
@@ -95,39 +97,49 @@ def _per_channel(b: GraphBuilder, w, module: str, spec: LayerSpec, d_in: int, d_
     return b.op("DequantizeLinear", [codes_t, s], f"{ns}/weight_quant/DequantizeLinear", axis=1)
 
 
-def graph_block(group: int) -> int:
-    """Block size the graph stores grouped scales at: at most GRAPH_BLOCK (each scale repeated), because ONNX
-    Runtime's MatMulNBits kernel quantizes the activations per block of the weight's block size; the
-    dequantized weights are the same numbers (docs/QUANTIZATION.md)."""
-    return min(group, GRAPH_BLOCK)
+def graph_block(group: int | None, kernel: str | None = None) -> int | None:
+    """Block size the graph stores a weight's scales at: grouped scales at most GRAPH_BLOCK (each scale
+    repeated), because ONNX Runtime's MatMulNBits kernel quantizes the activations per block of the weight's
+    block size; the ``fine`` kernel at most FINE_BLOCK, per-channel scales included. The dequantized weights
+    are the same numbers (docs/QUANTIZATION.md). None: per-channel scales, DequantizeLinear(axis=1)."""
+    cap = FINE_BLOCK if kernel == "fine" else GRAPH_BLOCK
+    if group is None:
+        return cap if kernel == "fine" else None
+    return min(group, cap)
 
 
-def _blocked_scale(b: GraphBuilder, w, module: str, g: int, d_in: int, d_out: int) -> tuple[str, int]:
-    """Scales [out, in/g] stored transposed as [in/blk, out] at the graph's block size."""
+def _blocked_scale(b: GraphBuilder, w, module: str, spec: LayerSpec, d_in: int, d_out: int,
+                   name: str | None = None) -> tuple[str, int]:
+    """Scales [out, in/g] (or [out] per channel) stored transposed as [in/blk, out] at the graph's block size,
+    as initializer ``name`` (default: the module's weight_scale)."""
+    g = spec.group_size or d_in
     if d_in % g:
         raise ExportError(f"{module}.weight: in-features {d_in} not divisible by group_size {g}")
-    scale = w.get(f"{module}.weight_scale", (d_out, d_in // g))
-    blk = graph_block(g)
+    blk = graph_block(spec.group_size, spec.kernel)
+    if d_in % blk:
+        raise ExportError(f"{module}.weight: in-features {d_in} not divisible by the graph's block of {blk}")
+    scale = w.get(f"{module}.weight_scale", (d_out, d_in // g) if spec.group_size else (d_out,)).reshape(d_out, -1)
     st = np.repeat(np.ascontiguousarray(scale.T), g // blk, axis=0)  # [in/blk, out]
-    return b.initializer(f"{module}.weight_scale", np.ascontiguousarray(st)), blk
+    return b.initializer(name or f"{module}.weight_scale", np.ascontiguousarray(st)), blk
 
 
 def _int4_blocked(b: GraphBuilder, w, module: str, spec: LayerSpec, d_in: int, d_out: int, ns: str) -> str:
     """int4 codes [in,out] (ONNX packing), scales per block of inputs: DequantizeLinear(axis=0, block_size)."""
     wname = f"{module}.weight"
     codes = w.get(wname, (d_out, d_in // 2), raw=True)
-    s, blk = _blocked_scale(b, w, module, spec.group_size, d_in, d_out)
+    s, blk = _blocked_scale(b, w, module, spec, d_in, d_out)
     codes_t = b.initializer(wname, pack_int4(unpack_int4(codes).T), elem=TensorProto.INT4, dims=[d_in, d_out])
     return b.op("DequantizeLinear", [codes_t, s], f"{ns}/weight_quant/DequantizeLinear", axis=0, block_size=blk)
 
 
 def _int8_blocked(b: GraphBuilder, w, module: str, spec: LayerSpec, d_in: int, d_out: int, ns: str) -> str:
-    """int8 codes [in,out], scales per block of inputs: DequantizeLinear(axis=0, block_size)."""
+    """int8 codes [in,out], scales per block of inputs (or per channel, repeated per block for the ``fine``
+    kernel): DequantizeLinear(axis=0, block_size)."""
     wname = f"{module}.weight"
     codes = w.get(wname, (d_out, d_in), raw=True)
     if codes.dtype != np.int8:
         raise ExportError(f"{wname}: int8 codes expected, found {codes.dtype}")
-    s, blk = _blocked_scale(b, w, module, spec.group_size, d_in, d_out)
+    s, blk = _blocked_scale(b, w, module, spec, d_in, d_out)
     codes_t = b.initializer(wname, np.ascontiguousarray(codes.T))
     return b.op("DequantizeLinear", [codes_t, s], f"{ns}/weight_quant/DequantizeLinear", axis=0, block_size=blk)
 
@@ -154,7 +166,8 @@ def linear(b: GraphBuilder, w, x: str, module: str, d_in: int, d_out: int, ns: s
     else:
         if spec.act is not None:
             x = _emitter(ACT_EMITTERS, (spec.act, spec.act_granularity), module, spec)(b, w, x, module, spec.act, ns)
-        emit = _emitter(WEIGHT_EMITTERS, (spec.weight, spec.group_size is not None), module, spec)
+        blocked = graph_block(spec.group_size, spec.kernel) is not None
+        emit = _emitter(WEIGHT_EMITTERS, (spec.weight, blocked), module, spec)
         y = b.op("MatMul", [x, emit(b, w, module, spec, d_in, d_out, ns)], f"{ns}/MatMul")
     if w.has(f"{module}.bias"):
         bias = b.initializer(f"{module}.bias", w.get(f"{module}.bias", (d_out,)))
@@ -222,8 +235,13 @@ def lm_head(b: GraphBuilder, w, h: str, arch) -> str:
     if spec is not None and spec.group_size is None:
         # the embedding's [H,V] codes and scales, aliased (same bytes in model.onnx.data, stored once)
         codes = b.alias("lm_head.weight", of=f"{EMBED}.weight")
-        scale = b.alias("lm_head.weight_scale", of=f"{EMBED}.weight_scale")
-        dq = b.op("DequantizeLinear", [codes, scale], f"{ns}/weight_quant/DequantizeLinear", axis=1)  # [H,V]
+        if spec.kernel == "fine":  # the row scales repeated per block of 16 inputs: [H/16, V]
+            scale, blk = _blocked_scale(b, w, EMBED, spec, H, V, name="lm_head.weight_scale")
+            dq = b.op("DequantizeLinear", [codes, scale], f"{ns}/weight_quant/DequantizeLinear", axis=0,
+                      block_size=blk)
+        else:
+            scale = b.alias("lm_head.weight_scale", of=f"{EMBED}.weight_scale")
+            dq = b.op("DequantizeLinear", [codes, scale], f"{ns}/weight_quant/DequantizeLinear", axis=1)  # [H,V]
         return b.op("MatMul", [h, dq], f"{ns}/MatMul", outputs=["logits"])[0]
     h2 = b.op("Reshape", [h, b.const([-1, H])], f"{ns}/Reshape_in")  # [B*S,H]
     if spec is None:

@@ -63,3 +63,65 @@ def test_grouped_weights_are_written_at_blocks_of_32(int4_ckpt, monkeypatch):
     err_native = np.abs(_logits(int4_ckpt / "native" / "model.onnx", every, f) - exact).mean()
     err32 = np.abs(_logits(int4_ckpt / "b32" / "model.onnx", every, f) - exact).mean()
     assert err32 < 0.8 * err_native
+
+
+@pytest.fixture(scope="module")
+def int8_ckpts(tiny_dir, tmp_path_factory):
+    """int8-wo RTN checkpoints of the same outlier model, with the default (fast) and the fine kernel."""
+    import torch
+
+    from compress.calib import calibration_batches
+    from compress.checkpoint import source_record
+    from compress.loading import load_model
+    from compress.quant import config_for, quantize_, save_quantized
+
+    root = tmp_path_factory.mktemp("int8fine")
+    for kernel in (None, "fine"):
+        model, tok, info = load_model(str(tiny_dir))
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.input_layernorm.weight[:2] *= 30
+                layer.post_attention_layernorm.weight[:2] *= 30
+        quantize_(model, config_for("int8-wo", method="rtn", kernel=kernel),
+                  calib=calibration_batches(tok, samples=2, seq_len=32))
+        save_quantized(model, tok, root / f"ck-{kernel or 'fast'}", source=source_record(info))
+    return root
+
+
+def test_fine_kernel_writes_blocks_of_16_and_stays_closer(int8_ckpts):
+    """kernel "fine": the same int8 weights, their per-channel scales repeated per block of 16 inputs, so ONNX
+    Runtime's fused kernel quantizes the activations per 16 inputs; the logits come closer to the exact math."""
+    from export.onnx import export_onnx
+    from tests.export.onnx_helpers import feeds
+
+    for k in ("fast", "fine"):
+        export_onnx(str(int8_ckpts / f"ck-{k}"), int8_ckpts / k, validate=False)
+    fine = read_manifest(int8_ckpts / "fine")
+    assert {s.kernel for s in fine.layer_specs().values()} == {"fine"}
+    assert fine.io.weight_block == 16 and _blocks(int8_ckpts / "fine" / "model.onnx") == [16]
+    assert read_manifest(int8_ckpts / "fast").io.weight_block is None
+    assert _blocks(int8_ckpts / "fast" / "model.onnx") == []
+
+    arch = fine.architecture
+    f = feeds(arch, np.random.default_rng(0).integers(0, arch.vocab, (1, 48)))
+    basic, every = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    exact = _logits(int8_ckpts / "fast" / "model.onnx", basic, f)
+    np.testing.assert_allclose(_logits(int8_ckpts / "fine" / "model.onnx", basic, f), exact, atol=1e-5)
+    err_fast = np.abs(_logits(int8_ckpts / "fast" / "model.onnx", every, f) - exact).mean()
+    err_fine = np.abs(_logits(int8_ckpts / "fine" / "model.onnx", every, f) - exact).mean()
+    print(f"fused-kernel error: fast {err_fast:.3e}, fine {err_fine:.3e}")
+    assert err_fine < 0.8 * err_fast
+
+
+def test_fine_kernel_spec_rules():
+    from compress.errors import CompressError
+    from compress.quant import config_for
+    from runtime.layerspec import LayerSpec
+
+    with pytest.raises(ValueError, match="int8 and int4"):
+        LayerSpec("fp8", kernel="fine")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        LayerSpec("int8", kernel="slow")
+    with pytest.raises(CompressError, match="kernel must be one of fast, fine"):
+        config_for("int8-wo", kernel="exact")
+    assert config_for("int4", kernel="fine").head_spec(64) == LayerSpec("int8", kernel="fine")

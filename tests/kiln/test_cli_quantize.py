@@ -41,3 +41,19 @@ def test_unknown_scheme_and_short_calibration(tiny_dir, tmp_path):
               "--calib", str(short)])
     assert r.exit_code == 2 and "calibration text too short" in r.output and "tokens" in r.output
     assert not (tmp_path / "y").exists()
+
+
+def test_kernel_option(tiny_dir, tmp_path):
+    """--kernel fine is recorded in every LayerSpec of a weight-only scheme; elsewhere it is a one-line error."""
+    out = tmp_path / "fine"
+    r = _run(["compress", "quantize", str(tiny_dir), "--scheme", "int8-wo", "--method", "rtn", "--kernel", "fine",
+              "-o", str(out), "--eval-windows", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    layers = json.loads((out / "kiln.json").read_text())["passes"][-1]["layers"]
+    assert len(layers) == 15 and {v["kernel"] for v in layers.values()} == {"fine"}
+    r = _run(["compress", "quantize", str(tiny_dir), "--scheme", "fp8", "--kernel", "fine", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--kernel applies to the weight-only schemes" in r.output
+    r = _run(["compress", "quantize", str(tiny_dir), "--budget", "1.01", "--formats", "int8-wo,float", "--kernel",
+              "fine", "-o", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "--kernel and --method apply to --scheme" in r.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
