@@ -13,11 +13,12 @@ search (``stats.budget``). The model is held in memory (a model of SmolLM2's siz
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import time
 from pathlib import Path
 
-from compress.budget.search import COSTS, choose, move_up
+from compress.budget.search import COSTS, KERNEL_BLOCKS, choose, move_up
 from compress.errors import CompressError
 from runtime.corpus import BUILTIN
 
@@ -27,7 +28,9 @@ ACT_FORMATS = ("fp8", "int8-sq", "int8-dyn")
 def format_config(fmt: str, targets: tuple[str, ...]):
     from compress.quant import config as C
 
-    make = {"int8-wo": lambda: C.Int8WeightOnly(targets=targets), "int8-group": lambda: C.Int8Grouped(targets=targets),
+    make = {"int8-wo": lambda: C.Int8WeightOnly(targets=targets),
+            "int8-fine": lambda: C.Int8WeightOnly(targets=targets, kernel="fine"),
+            "int8-group": lambda: C.Int8Grouped(targets=targets),
             "int4": lambda: C.Int4(targets=targets), "fp8": lambda: C.Fp8(targets=targets, ignore=()),
             "int8-sq": lambda: C.SmoothQuantInt8(targets=targets, ignore=(), float_inputs=()),
             "int8-dyn": lambda: C.Int8Dynamic(targets=targets)}
@@ -55,8 +58,12 @@ def apply(model, groups, formats: dict[str, str], calib, head_int8: bool, progre
     for g in groups:
         if formats[g.name] != "float":
             by.setdefault(formats[g.name], []).extend(g.linears)
-    for fmt in sorted(by, key=lambda f: (f not in ACT_FORMATS, f)):
-        quantize_(model, format_config(fmt, tuple(by[fmt])), calib=calib, progress=progress)
+    fine = tuple(by.pop("int8-fine", ()))  # int8-wo weights too: one pass, with the fine kernel recorded
+    for fmt in sorted(set(by) | ({"int8-wo"} if fine else set()), key=lambda f: (f not in ACT_FORMATS, f)):
+        config = format_config(fmt, tuple(by.get(fmt, ())) + (fine if fmt == "int8-wo" else ()))
+        if fmt == "int8-wo" and fine:
+            config = dataclasses.replace(config, fine=fine)
+        quantize_(model, config, calib=calib, progress=progress)
     if head_int8:
         quantize_(model, Int8WeightOnly(targets=("lm_head",), method="rtn"))
 
@@ -97,7 +104,7 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
     mods = dict(model0.named_modules())
     sizes = {g.name: sum(mods[n].weight.numel() for n in g.linears) for g in groups}
     t1 = time.perf_counter()
-    scores = group_scores(model0, batches[:sensitivity_windows], cands)
+    scores = group_scores(model0, batches[:sensitivity_windows], cands, KERNEL_BLOCKS[target])
     t_sens = time.perf_counter() - t1
     choice = choose(scores, sizes, cands, target, float(budget))
     rounds = []
@@ -170,8 +177,6 @@ def _replace(src: Path, dst: Path, force: bool) -> None:
 
 def _finish(ck: Path, out: Path, force: bool, record: dict) -> None:
     """The chosen checkpoint to ``out``, with the search recorded in its last quantize pass."""
-    import dataclasses
-
     from runtime.manifest import read_manifest
 
     m = read_manifest(ck)

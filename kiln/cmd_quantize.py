@@ -17,7 +17,8 @@ SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4", "int8-group")
               help="Instead of one scheme: the cheapest mix of --formats, group by group, whose perplexity ratio "
                    "on the exported artifact stays within this (e.g. 1.015); the artifact goes to OUT-onnx.")
 @click.option("--formats", default=None, help="With --budget: candidate formats, e.g. fp8,int8-wo,float (h100) or "
-                                              "int4,int8-wo (cpu).")
+                                              "int4,int8-wo,int8-fine,float (cpu; int8-fine: int8-wo with the "
+                                              "fine kernel).")
 @click.option("--target", type=click.Choice(["cpu", "h100"]), default="cpu", show_default=True,
               help="With --budget: what the cost is (cpu: bytes per decode step; h100: Tensor Core time).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output checkpoint dir.")

@@ -16,6 +16,9 @@ Granularity = Literal["tensor", "token"]
 Sparsity = Literal["2:4", "unstructured"]
 Kernel = Literal["fast", "fine", "exact"]
 KERNELS = ("fast", "fine", "exact")
+# inputs per activation scale of ONNX Runtime's fast weight-only kernel (MatMulNBits quantizes its input per
+# block of the weight's block size), by kernel: what the exporters write the weight scales at
+ACT_BLOCK = {"fast": 32, "fine": 16}
 
 WEIGHT_FORMATS = ("float", "int8", "fp8", "int4")
 GROUPED_FORMATS = ("int8", "int4")  # formats whose scales may come per block of inputs

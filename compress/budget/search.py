@@ -2,8 +2,10 @@
 within the budget. Pure functions of the sensitivity scores, the groups' sizes and a cost table.
 
 Costs per weight (docs/QUANTIZATION.md, "--budget"):
-  cpu  : bytes one decode step streams on ONNX Runtime CPU: float32 4, int8 (per channel) 1, int8 with
-         groups of 32 and int4 the codes plus a float32 scale per 32 inputs (1.125, 0.625).
+  cpu  : bytes one decode step streams on ONNX Runtime CPU: float32 4; int8 (per channel or in groups) and
+         int4 the codes plus a float32 scale per 32 inputs (ONNX Runtime's kernel keeps a scale per block even
+         for per-channel weights): 1.125, 0.625; ``int8-fine`` (int8-wo with the ``fine`` kernel) a scale per
+         16 inputs: 1.25.
   h100 : relative time of a Linear on H100 Tensor Cores against bf16 (1.0): FP8 and INT8 run at twice BF16's
          dense rate with half the bytes (0.5); weight-only INT8 halves the bytes but computes in bf16 (0.6);
          weight-only INT4 quarters them (0.35). From the H100 datasheet's throughputs (BF16 989, FP8/INT8 1979
@@ -15,9 +17,14 @@ import math
 from dataclasses import dataclass
 
 COSTS = {
-    "cpu": {"float": 4.0, "int8-wo": 1.0, "int8-dyn": 1.0, "int8-group": 1.125, "int4": 0.625},
+    "cpu": {"float": 4.0, "int8-wo": 1.125, "int8-fine": 1.25, "int8-dyn": 1.125, "int8-group": 1.125,
+            "int4": 0.625},
     "h100": {"float": 1.0, "int8-wo": 0.6, "int8-group": 0.62, "int4": 0.35, "fp8": 0.5, "int8-sq": 0.5},
 }
+
+# the weight-only formats' input as the target's kernel sees it: quantized to int8 per this many inputs
+# (runtime.layerspec.ACT_BLOCK); the sensitivity proxy applies it (compress.budget.sensitivity)
+KERNEL_BLOCKS = {"cpu": {"int8-wo": 32, "int8-group": 32, "int4": 32, "int8-fine": 16}, "h100": {}}
 
 
 @dataclass

@@ -3,7 +3,8 @@ proxy from one forward and backward pass per calibration window, no quantized fo
 
 For a Linear with input X and output y = X Wᵀ, quantizing it to format f changes its output by
 Δy_f = q_f(X) q_f(W)ᵀ − X Wᵀ (round-to-nearest weights; activation formats also quantize X with a static
-scale at the calibration max, or per token). With G = ∂(Σ_t loss_t)/∂y from the float model, the loss
+scale at the calibration max, or per token; on the cpu target, weight-only formats see X as ONNX Runtime's
+kernel re-quantizes it, to int8 per block of 32 inputs, or 16 for ``int8-fine``). With G = ∂(Σ_t loss_t)/∂y from the float model, the loss
 change is ≈ ½ Σ_t (Σ_o G_t,o Δy_t,o)², summed here over the Linears of a group (they are quantized
 together) and divided by the number of tokens: the predicted increase of the mean log-perplexity. Groups are
 assumed to add up. ``docs/QUANTIZATION.md`` shows how it ranks groups against measured perplexity.
@@ -20,7 +21,7 @@ ACT = {"fp8": "fp8", "int8-sq": "int8", "int8-dyn": "int8-dyn"}
 
 def fake_weight(w: torch.Tensor, fmt: str) -> torch.Tensor:
     """Round-to-nearest dequantized weight [out, in] of format ``fmt``."""
-    if fmt in ("int8-wo", "int8-sq", "int8-dyn"):
+    if fmt in ("int8-wo", "int8-fine", "int8-sq", "int8-dyn"):
         s = P.int8_weight_scale(w)
         return P.dequantize(P.quantize_int8(w, s), s)
     if fmt == "int8-group":
@@ -35,18 +36,24 @@ def fake_weight(w: torch.Tensor, fmt: str) -> torch.Tensor:
     raise ValueError(fmt)
 
 
-def fake_input(x: torch.Tensor, fmt: str, amax: torch.Tensor) -> torch.Tensor:
+def fake_input(x: torch.Tensor, fmt: str, amax: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """The input as format ``fmt`` computes with it: activation formats at their static (or per-token) scale;
+    weight-only formats as the target's kernel re-quantizes it per ``block`` inputs (None: float)."""
     act = ACT.get(fmt)
     if act is None:
-        return x
+        return x if block is None else P.fake_quant_int8_blocks(x, block)
     if act == "int8-dyn":
         return P.fake_quant_int8_dynamic(x)
     return P.ACT_FAKE_QUANT[act](x, P.static_scale(amax, act))
 
 
-def group_scores(model, batches: list[torch.Tensor], formats: list[str]) -> dict[str, dict[str, float]]:
+def group_scores(model, batches: list[torch.Tensor], formats: list[str],
+                 blocks: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
     """{group name: {format: predicted increase of mean log-perplexity}} for every input group of the decoder
-    (compress.quant.calibrate.layer_groups), on the calibration windows ``batches`` ([1, S] token tensors)."""
+    (compress.quant.calibrate.layer_groups), on the calibration windows ``batches`` ([1, S] token tensors).
+    ``blocks``: {weight-only format: inputs per activation scale of the target's kernel}
+    (compress.budget.search.KERNEL_BLOCKS); formats not in it see a float input."""
+    blocks = blocks or {}
     groups = layer_groups(model)
     formats = [f for f in formats if f != "float"]
     mods = dict(model.named_modules())
@@ -81,7 +88,9 @@ def group_scores(model, batches: list[torch.Tensor], formats: list[str]) -> dict
             y = x @ w.T
             grp = member[name].name
             for fmt in formats:
-                dy = fake_input(x, fmt, amax[grp]) @ wq[name, fmt].T - y
+                blk = blocks.get(fmt)
+                xin = fake_input(x, fmt, amax[grp], blk if blk and x.shape[-1] % blk == 0 else None)
+                dy = xin @ wq[name, fmt].T - y
                 key = (grp, fmt)
                 per_token[key] = per_token.get(key, 0) + (g * dy).sum(dim=1)  # [S]
         return f

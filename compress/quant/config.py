@@ -105,12 +105,14 @@ class Int8WeightOnly(QuantConfig):
     activation-weighted MSE).
     ``kernel``: recorded in every LayerSpec (lm_head included) for the CPU backend: ``fine`` has ONNX Runtime
     quantize the activations per 16 inputs instead of 32 (docs/QUANTIZATION.md); None = its default.
+    ``fine``: patterns of Linears that get the ``fine`` kernel whatever ``kernel`` says (--budget's choice).
     """
 
     method: str = "gptq"
     damp: float = 0.01
     weight_clip_search: bool = False
     kernel: str | None = None
+    fine: tuple = ()
     scheme = "int8-wo"
 
     def __post_init__(self):
@@ -118,9 +120,10 @@ class Int8WeightOnly(QuantConfig):
         _check_method(self.method)
         _check_damp(self.damp)
         _check_kernel(self.kernel)
+        object.__setattr__(self, "fine", check_patterns(self.fine, "fine"))
 
     def layer_spec(self, name, in_features):
-        return LayerSpec("int8", kernel=self.kernel)
+        return LayerSpec("int8", kernel="fine" if matches(name, self.fine) else self.kernel)
 
     def head_spec(self, in_features):
         return LayerSpec("int8", kernel=self.kernel)

@@ -125,6 +125,17 @@ def fake_quant_int8_dynamic(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x / s) * s
 
 
+def fake_quant_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """What ONNX Runtime's fast weight-only CPU kernel (MatMulNBits, accuracy level 4) does to its input:
+    each row's inputs in blocks of ``block``, codes round-half-even(x * 127 / amax), dequantized with the float32
+    scale amax / 127 (an all-zero block stays zero). x [..., in] with ``in`` divisible by ``block``."""
+    shape = x.shape
+    xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 127.0)).reshape(shape)
+
+
 ACT_FAKE_QUANT = {"int8": fake_quant_int8_static, "fp8": fake_quant_fp8_static}
 
 

@@ -16,15 +16,15 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from runtime.layerspec import LayerSpec
+from runtime.layerspec import ACT_BLOCK, LayerSpec
 from runtime.records import POSITIONS
 
 from ..errors import ExportError
 from .graph import GraphBuilder
 
 EMBED = "model.embed_tokens"
-GRAPH_BLOCK = 32
-FINE_BLOCK = 16  # kernel "fine": the fast kernel's activation blocks at 16 inputs
+GRAPH_BLOCK = ACT_BLOCK["fast"]
+FINE_BLOCK = ACT_BLOCK["fine"]
 
 
 # ---- pure array helpers ------------------------------------------------------------------------------

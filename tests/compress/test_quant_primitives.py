@@ -215,3 +215,34 @@ def test_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
     # the textbook route (Cholesky, inverse, Cholesky of the inverse) gives the same factor
     ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True)
     assert torch.allclose(u, ref, rtol=1e-5, atol=1e-6 * ref.abs().max())
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_fake_quant_int8_blocks_is_onnx_runtime_kernel_input(block):
+    """The budget's proxy sees a weight-only Linear's input as ONNX Runtime's fast kernel (MatMulNBits,
+    accuracy level 4) quantizes it: the fake-quantized product matches the kernel to float32 round-off, and
+    is further from the float product than that."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = 256, 48
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, k, generator=g) * torch.linspace(0.1, 8.0, k)  # uneven channels, like hidden states
+    codes = torch.randint(-127, 128, (n, k), generator=g)
+    scale = torch.rand(n, generator=g) * 1e-2 + 1e-3
+    blob = (codes + 128).to(torch.uint8).reshape(n, k // block, block).numpy()
+    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
+                            block_size=block, accuracy_level=4)
+    s = scale[:, None].expand(n, k // block).contiguous().numpy()
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+                              [numpy_helper.from_array(blob, "B"), numpy_helper.from_array(s.reshape(-1), "S")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y_ort = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0]).double()
+    w = (codes.double() * scale.double()[:, None])
+    y_fake = P.fake_quant_int8_blocks(x, block).double() @ w.T
+    y_float = x.double() @ w.T
+    span = float(y_float.abs().max())
+    assert float((y_ort - y_fake).abs().max()) / span < 2e-6
+    assert float((y_ort - y_float).abs().max()) / span > 1e-4
