@@ -195,8 +195,11 @@ class LayerJob:
         finally:
             for h in handles:
                 h.remove()
-        done: dict[int, torch.Tensor] = {}
-        return {n: done.setdefault(id(a), a.get()) for n, a in accs.items()}
+        means: dict[int, torch.Tensor] = {}
+        for a in accs.values():  # get() divides in place: once per accumulator, however many Linears share it
+            if id(a) not in means:
+                means[id(a)] = a.get()
+        return {n: means[id(a)] for n, a in accs.items()}
 
 
 def run_float(job: LayerJob, rows: int, draws: OrderedDraws | None) -> None:

@@ -161,3 +161,32 @@ def test_untied_head_streams_in_row_blocks(tmp_path, monkeypatch):
     x = torch.randint(3, 500, (1, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, streamed(input_ids=x).logits)
+
+
+def test_a_shared_hessian_is_the_mean_once(tiny_dir):
+    """q/k/v (and gate/up) share one input and one Hessian: each gets mean x x^T, divided by the token count
+    once however many Linears share it (windows of 37 tokens, so a second division would not be exact)."""
+    from compress.quant.calibrate import capture_layer_inputs
+    from compress.sequential import LayerJob, Stream, layer_groups_of
+
+    model, tok, _ = load_model(str(tiny_dir))
+    batches = calibration_batches(tok, samples=2, seq_len=37)
+    inputs = capture_layer_inputs(model, forward_loop(batches))
+    layer = model.model.layers[0]
+    job = LayerJob(0, layer, layer_groups_of(model.config, 0, layer), None, Stream(inputs))
+    names = [f"model.layers.0.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                             "mlp.gate_proj", "mlp.up_proj")]
+    seen = {}
+    hooks = [layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("attn", []).append(a[0])),
+             layer.mlp.gate_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("mlp", []).append(a[0]))]
+    with torch.no_grad():
+        for h, kw in inputs:
+            layer(h, **kw)
+    for hd in hooks:
+        hd.remove()
+    hess = job.hessians(names)
+    for key, group in (("attn", names[:3]), ("mlp", names[3:])):
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[key]]).double()
+        want = (x.T @ x / x.shape[0]).float()
+        for n in group:
+            torch.testing.assert_close(hess[n], want, rtol=1e-4, atol=1e-6)
