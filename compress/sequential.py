@@ -233,19 +233,21 @@ def run_float(job: LayerJob, rows: int, draws: OrderedDraws | None) -> None:
 
 def run_sequential(source, transform, *, loop=None, streams: frozenset = frozenset(), rows: int = 0,
                    draw_seed: int | None = None, progress: str | None = None, done=None,
-                   activation_budget: int | None = None) -> dict:
+                   activation_budget: int | None = None, last=None) -> dict:
     """Run ``transform(job)`` on every decoder layer of ``source`` in order; ``done(i, layer)`` after each
     (streamed: write it out). ``streams``: which calibration streams the pass reads ("float", "quant"); a
-    stream bigger than ``activation_budget`` bytes is kept in temporary files. Returns
+    stream bigger than ``activation_budget`` bytes is kept in temporary files. ``last(stream)``: called with
+    the quant stream after the last layer (the final norm's input), when the pass carries one. Returns
     {"calibration_tokens", "seconds", "activations_on_disk"}."""
     import tempfile
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kiln-activations-") as spill:
-        return _run(source, transform, loop, streams, rows, draw_seed, progress, done, activation_budget, spill, t0)
+        return _run(source, transform, loop, streams, rows, draw_seed, progress, done, activation_budget, spill, t0,
+                    last)
 
 
-def _run(source, transform, loop, streams, rows, draw_seed, progress, done, budget, spill, t0) -> dict:
+def _run(source, transform, loop, streams, rows, draw_seed, progress, done, budget, spill, t0, last) -> dict:
     inputs = None
     if streams:
         if loop is None:
@@ -283,5 +285,7 @@ def _run(source, transform, loop, streams, rows, draw_seed, progress, done, budg
     finally:
         if bar:
             bar.close()
+    if last is not None and quant_in is not None:
+        last(quant_in)
     on_disk = any(s is not None and s.on_disk for s in (float_in, quant_in))
     return {"calibration_tokens": tokens, "seconds": round(time.perf_counter() - t0, 1), "activations_on_disk": on_disk}

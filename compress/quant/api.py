@@ -15,6 +15,7 @@ from ..passes import QuantReport
 from ..registry import QUANT_TRANSFORMS
 from . import schemes  # noqa: F401  (registers the transforms)
 from .config import QuantConfig
+from .gptq import head_factor
 from .modules import QuantLinear, layer_linears
 from .transforms import quantize_lm_head
 
@@ -62,11 +63,16 @@ def quantize_(model, config: QuantConfig, calib=None, progress: bool = False) ->
                                 "(or pruned) model, or select Linears that are still float")
         raise CompressError(f"no Linear matches targets {list(config.targets)} minus ignore {list(config.ignore)}")
     before = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    stats = run_pass(InMemory(model), config, targets, loop, progress)
+    head_in: dict = {}
+    last = None
+    if head and config.needs_calibration and getattr(config, "gptq_head", False):
+        last = lambda stream: head_in.setdefault("factor", head_factor(  # noqa: E731
+            model.model.norm, stream, model.config.hidden_size, config.damp))
+    stats = run_pass(InMemory(model), config, targets, loop, progress, last=last)
     head_rec = None
     if head:
         with torch.no_grad():
-            head_rec = quantize_lm_head(model, config.head_spec(model.config.hidden_size))
+            head_rec = quantize_lm_head(model, config.head_spec(model.config.hidden_size), head_in.get("factor"))
     layers = {n: m.spec for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in before}
     if head_rec is not None:
         layers["lm_head"] = head_rec["spec"]
@@ -89,8 +95,9 @@ def check(hf_config, config: QuantConfig, calib) -> None:
 
 
 def run_pass(source, config: QuantConfig, targets: set, loop, progress: bool, done=None,
-             activation_budget: int | None = None) -> dict:
-    """Quantize ``targets`` of every decoder layer of ``source`` (compress.sequential). Returns the stats."""
+             activation_budget: int | None = None, last=None) -> dict:
+    """Quantize ``targets`` of every decoder layer of ``source`` (compress.sequential); ``last(stream)`` gets
+    the quant stream after the last layer. Returns the stats."""
     from ..sequential import run_sequential
     from .schemes import QuantContext, streams_for
 
@@ -102,7 +109,7 @@ def run_pass(source, config: QuantConfig, targets: set, loop, progress: bool, do
     label = f"{'gptq' if 'quant' in streams else 'quantize'} {config.scheme}" if progress else None
     run = run_sequential(source, lambda job: transform(job, config, ctx), loop=loop, streams=streams,
                          rows=getattr(config, "rows_per_batch", 0), draw_seed=0, progress=label, done=done,
-                         activation_budget=activation_budget)
+                         activation_budget=activation_budget, last=last)
     if run["calibration_tokens"]:
         ctx.stats["calibration_tokens"] = run["calibration_tokens"]
     if run["activations_on_disk"]:

@@ -106,6 +106,8 @@ class Int8WeightOnly(QuantConfig):
     ``kernel``: recorded in every LayerSpec (lm_head included) for the CPU backend: ``fine`` has ONNX Runtime
     quantize the activations per 16 inputs instead of 32 (docs/QUANTIZATION.md); None = its default.
     ``fine``: patterns of Linears that get the ``fine`` kernel whatever ``kernel`` says (--budget's choice).
+    ``gptq_head``: with GPTQ, the lm_head (a tied table with it) by GPTQ on the final norm's output too;
+    False rounds it to nearest (the default before; docs/QUANTIZATION.md has both).
     """
 
     method: str = "gptq"
@@ -113,6 +115,7 @@ class Int8WeightOnly(QuantConfig):
     weight_clip_search: bool = False
     kernel: str | None = None
     fine: tuple = ()
+    gptq_head: bool = True
     scheme = "int8-wo"
 
     def __post_init__(self):
@@ -140,6 +143,7 @@ class Int8Grouped(QuantConfig):
     method: str = "gptq"
     damp: float = 0.01
     kernel: str | None = None
+    gptq_head: bool = True  # as for Int8WeightOnly
     scheme = "int8-group"
 
     def __post_init__(self):
@@ -171,6 +175,7 @@ class Int4(QuantConfig):
     lm_head: str = "int8"
     damp: float = 0.01
     kernel: str | None = None
+    gptq_head: bool = True  # as for Int8WeightOnly
     scheme = "int4"
 
     def __post_init__(self):

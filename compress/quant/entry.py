@@ -20,6 +20,7 @@ from runtime.layerspec import LayerSpec, summarize
 from runtime.manifest import Manifest
 
 from ..errors import CompressError
+from .gptq import head_factor
 from .modules import QuantLinear
 
 ROWS = 8192  # rows of the embedding / lm_head table per block
@@ -95,10 +96,12 @@ def _rows(lazy, name: str, convert=None):
         yield block if convert is None else convert(block)
 
 
-def write_tables(lazy, writer, head_spec: LayerSpec | None) -> LayerSpec | None:
+def write_tables(lazy, writer, head_spec: LayerSpec | None, head_gptq=None) -> LayerSpec | None:
     """The embedding, final norm and lm_head: as stored, or the lm_head (and a tied table with it) quantized
-    weight-only to ``head_spec`` by round to nearest, a block of rows at a time. Returns the head's spec."""
+    weight-only to ``head_spec``, a block of rows at a time: by GPTQ with ``head_gptq`` (a ``head_factor``; the
+    rows are independent), else by round to nearest. Returns the head's spec."""
     from . import primitives as P
+    from .gptq import gptq
     from .transforms import round_to_nearest
 
     tied = bool(getattr(lazy.config, "tie_word_embeddings", False))
@@ -119,7 +122,11 @@ def write_tables(lazy, writer, head_spec: LayerSpec | None) -> LayerSpec | None:
         from ..memory import give_back
 
         for lo in range(0, rows, ROWS):
-            c, s = round_to_nearest(lazy.head_rows(lo, min(lo + ROWS, rows)), head_spec)
+            w = lazy.head_rows(lo, min(lo + ROWS, rows))
+            if head_gptq is not None:
+                c, s = gptq(w, head_gptq, head_spec.weight, head_spec.group_size or 0)
+            else:
+                c, s = round_to_nearest(w, head_spec)
             scales.append(s)
             yield _np(P.pack_int4(c) if head_spec.weight == "int4" else c)[0]
             give_back()
@@ -227,9 +234,15 @@ def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, 
             from ..memory import available_bytes
 
             activation_budget = available_bytes() // 4
+        head_in = {}
+        last = None
+        if head and config.needs_calibration and getattr(config, "gptq_head", False):
+            last = lambda stream: head_in.setdefault(  # noqa: E731
+                "factor", head_factor(lazy.norm(), stream, lazy.config.hidden_size, config.damp))
         stats = run_pass(Streamed(lazy), config, targets, loop, progress, done=done,
-                         activation_budget=activation_budget)
-        head_spec = write_tables(lazy, writer, config.head_spec(lazy.config.hidden_size) if head else None)
+                         activation_budget=activation_budget, last=last)
+        head_spec = write_tables(lazy, writer, config.head_spec(lazy.config.hidden_size) if head else None,
+                                 head_in.get("factor"))
         if head_spec is not None:
             layers["lm_head"] = head_spec
         files = writer.close()

@@ -154,3 +154,13 @@ class HessianAccumulator:
         if self.h is None:
             return torch.zeros(self.n, self.n, dtype=self.dtype)
         return self.h.div_(max(self.tokens, 1))
+
+
+def head_factor(norm, stream, hidden: int, damp: float) -> Factor:
+    """GPTQ's factor for the lm_head: the Hessian of its input, the final ``norm`` of the quant stream after the
+    last decoder layer (every calibration position), mean x x^T in float32."""
+    acc = HessianAccumulator(hidden)
+    with torch.inference_mode():
+        for h, _ in stream:
+            acc(None, (norm(h),))
+    return factor(acc.get(), damp)

@@ -74,13 +74,16 @@ def quantize_static_linear(model, name: str, spec: LayerSpec, input_scale, smoot
 
 
 @torch.no_grad()
-def quantize_lm_head(model, spec: LayerSpec) -> dict:
-    """Quantize the lm_head weight-only to ``spec`` (round to nearest). Tied: the embedding table serves both
-    (dequantized in place). Returns {"spec": ..., "codes": ..., "scale": ...} for saving."""
+def quantize_lm_head(model, spec: LayerSpec, factor=None) -> dict:
+    """Quantize the lm_head weight-only to ``spec``: by GPTQ with ``factor`` (compress.quant.gptq.head_factor),
+    else round to nearest. Tied: the embedding table serves both (dequantized in place). Returns {"spec": ...,
+    "codes": ..., "scale": ...} for saving."""
+    from .gptq import gptq
+
     if spec.act is not None:
         raise ValueError("the lm_head is quantized weight-only")
     w = model.get_output_embeddings().weight.detach().float()
-    codes, s = round_to_nearest(w, spec)
+    codes, s = gptq(w, factor, spec.weight, spec.group_size or 0) if factor is not None else round_to_nearest(w, spec)
     if is_tied(model):
         model.get_input_embeddings().weight.copy_(P.dequantize(codes, s))
         return {"spec": spec, "codes": codes, "scale": s}
