@@ -16,15 +16,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from runtime.layerspec import ACT_BLOCK
+
 COSTS = {
     "cpu": {"float": 4.0, "int8-wo": 1.125, "int8-fine": 1.25, "int8-dyn": 1.125, "int8-group": 1.125,
             "int4": 0.625},
     "h100": {"float": 1.0, "int8-wo": 0.6, "int8-group": 0.62, "int4": 0.35, "fp8": 0.5, "int8-sq": 0.5},
 }
 
-# the weight-only formats' input as the target's kernel sees it: quantized to int8 per this many inputs
-# (runtime.layerspec.ACT_BLOCK); the sensitivity proxy applies it (compress.budget.sensitivity)
-KERNEL_BLOCKS = {"cpu": {"int8-wo": 32, "int8-group": 32, "int4": 32, "int8-fine": 16}, "h100": {}}
+# the weight-only formats' input as the target's kernel sees it: quantized to int8 per this many inputs; the
+# sensitivity proxy applies it (compress.budget.sensitivity)
+_FAST, _FINE = ACT_BLOCK["fast"], ACT_BLOCK["fine"]
+KERNEL_BLOCKS = {"cpu": {"int8-wo": _FAST, "int8-group": _FAST, "int4": _FAST, "int8-fine": _FINE}, "h100": {}}
 
 
 @dataclass

@@ -15,7 +15,7 @@ from ..passes import QuantReport
 from ..registry import QUANT_TRANSFORMS
 from . import schemes  # noqa: F401  (registers the transforms)
 from .config import QuantConfig
-from .gptq import head_factor
+from .gptq import HeadFactor
 from .modules import QuantLinear, layer_linears
 from .transforms import quantize_lm_head
 
@@ -63,16 +63,13 @@ def quantize_(model, config: QuantConfig, calib=None, progress: bool = False) ->
                                 "(or pruned) model, or select Linears that are still float")
         raise CompressError(f"no Linear matches targets {list(config.targets)} minus ignore {list(config.ignore)}")
     before = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    head_in: dict = {}
-    last = None
-    if head and config.needs_calibration and getattr(config, "gptq_head", False):
-        last = lambda stream: head_in.setdefault("factor", head_factor(  # noqa: E731
-            model.model.norm, stream, model.config.hidden_size, config.damp))
-    stats = run_pass(InMemory(model), config, targets, loop, progress, last=last)
+    hidden = model.config.hidden_size
+    hf = HeadFactor(model.model.norm, hidden, config.damp) if HeadFactor.wanted(config, head) else None
+    stats = run_pass(InMemory(model), config, targets, loop, progress, last=hf)
     head_rec = None
     if head:
         with torch.no_grad():
-            head_rec = quantize_lm_head(model, config.head_spec(model.config.hidden_size), head_in.get("factor"))
+            head_rec = quantize_lm_head(model, config.head_spec(hidden), hf.factor if hf else None)
     layers = {n: m.spec for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in before}
     if head_rec is not None:
         layers["lm_head"] = head_rec["spec"]

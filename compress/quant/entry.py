@@ -20,7 +20,7 @@ from runtime.layerspec import LayerSpec, summarize
 from runtime.manifest import Manifest
 
 from ..errors import CompressError
-from .gptq import head_factor
+from .gptq import HeadFactor
 from .modules import QuantLinear
 
 ROWS = 8192  # rows of the embedding / lm_head table per block
@@ -98,7 +98,7 @@ def _rows(lazy, name: str, convert=None):
 
 def write_tables(lazy, writer, head_spec: LayerSpec | None, head_gptq=None) -> LayerSpec | None:
     """The embedding, final norm and lm_head: as stored, or the lm_head (and a tied table with it) quantized
-    weight-only to ``head_spec``, a block of rows at a time: by GPTQ with ``head_gptq`` (a ``head_factor``; the
+    weight-only to ``head_spec``, a block of rows at a time: by GPTQ with ``head_gptq`` (a ``HeadFactor``'s factor; the
     rows are independent), else by round to nearest. Returns the head's spec."""
     from . import primitives as P
     from .gptq import gptq
@@ -234,15 +234,11 @@ def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, 
             from ..memory import available_bytes
 
             activation_budget = available_bytes() // 4
-        head_in = {}
-        last = None
-        if head and config.needs_calibration and getattr(config, "gptq_head", False):
-            last = lambda stream: head_in.setdefault(  # noqa: E731
-                "factor", head_factor(lazy.norm(), stream, lazy.config.hidden_size, config.damp))
+        hidden = lazy.config.hidden_size
+        hf = HeadFactor(lazy.norm(), hidden, config.damp) if HeadFactor.wanted(config, head) else None
         stats = run_pass(Streamed(lazy), config, targets, loop, progress, done=done,
-                         activation_budget=activation_budget, last=last)
-        head_spec = write_tables(lazy, writer, config.head_spec(lazy.config.hidden_size) if head else None,
-                                 head_in.get("factor"))
+                         activation_budget=activation_budget, last=hf)
+        head_spec = write_tables(lazy, writer, config.head_spec(hidden) if head else None, hf.factor if hf else None)
         if head_spec is not None:
             layers["lm_head"] = head_spec
         files = writer.close()

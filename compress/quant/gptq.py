@@ -156,11 +156,23 @@ class HessianAccumulator:
         return self.h.div_(max(self.tokens, 1))
 
 
-def head_factor(norm, stream, hidden: int, damp: float) -> Factor:
-    """GPTQ's factor for the lm_head: the Hessian of its input, the final ``norm`` of the quant stream after the
-    last decoder layer (every calibration position), mean x x^T in float32."""
-    acc = HessianAccumulator(hidden)
-    with torch.inference_mode():
-        for h, _ in stream:
-            acc(None, (norm(h),))
-    return factor(acc.get(), damp)
+class HeadFactor:
+    """GPTQ's factor for the lm_head, made when the quant stream after the last decoder layer passes by (the
+    sequential runner's ``last`` callback): the Hessian of the head's input, the final ``norm`` of that stream
+    (every calibration position), mean x x^T in float32. ``factor`` stays None until then."""
+
+    def __init__(self, norm, hidden: int, damp: float):
+        self.norm, self.hidden, self.damp = norm, hidden, damp
+        self.factor: Factor | None = None
+
+    def __call__(self, stream) -> None:
+        acc = HessianAccumulator(self.hidden)
+        with torch.inference_mode():
+            for h, _ in stream:
+                acc(None, (self.norm(h),))
+        self.factor = factor(acc.get(), self.damp)
+
+    @staticmethod
+    def wanted(config, head: bool) -> bool:
+        """Whether a pass of ``config`` that quantizes the head (``head``) takes it by GPTQ."""
+        return head and config.needs_calibration and getattr(config, "gptq_head", False)

@@ -75,7 +75,7 @@ def quantize_static_linear(model, name: str, spec: LayerSpec, input_scale, smoot
 
 @torch.no_grad()
 def quantize_lm_head(model, spec: LayerSpec, factor=None) -> dict:
-    """Quantize the lm_head weight-only to ``spec``: by GPTQ with ``factor`` (compress.quant.gptq.head_factor),
+    """Quantize the lm_head weight-only to ``spec``: by GPTQ with ``factor`` (compress.quant.gptq.HeadFactor),
     else round to nearest. Tied: the embedding table serves both (dequantized in place). Returns {"spec": ...,
     "codes": ..., "scale": ...} for saving."""
     from .gptq import gptq

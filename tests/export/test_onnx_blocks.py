@@ -11,8 +11,9 @@ import pytest
 from runtime.manifest import read_manifest
 
 
-@pytest.fixture(scope="module")
-def int4_ckpt(tiny_dir, tmp_path_factory):
+def _outlier_checkpoint(tiny_dir, out, scheme: str, **kw) -> None:
+    """The tiny model with a few outlier channels, as trained LLMs have (they set the activation blocks'
+    scales), quantized by round to nearest to ``scheme`` and saved to ``out``."""
     import torch
 
     from compress.calib import calibration_batches
@@ -20,14 +21,19 @@ def int4_ckpt(tiny_dir, tmp_path_factory):
     from compress.loading import load_model
     from compress.quant import config_for, quantize_, save_quantized
 
-    root = tmp_path_factory.mktemp("int4blocks")
     model, tok, info = load_model(str(tiny_dir))
-    with torch.no_grad():  # a few outlier channels, as trained LLMs have: they set the activation blocks' scales
+    with torch.no_grad():
         for layer in model.model.layers:
             layer.input_layernorm.weight[:2] *= 30
             layer.post_attention_layernorm.weight[:2] *= 30
-    quantize_(model, config_for("int4", method="rtn"), calib=calibration_batches(tok, samples=2, seq_len=32))
-    save_quantized(model, tok, root / "ck", source=source_record(info))
+    quantize_(model, config_for(scheme, method="rtn", **kw), calib=calibration_batches(tok, samples=2, seq_len=32))
+    save_quantized(model, tok, out, source=source_record(info))
+
+
+@pytest.fixture(scope="module")
+def int4_ckpt(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("int4blocks")
+    _outlier_checkpoint(tiny_dir, root / "ck", "int4")
     return root
 
 
@@ -68,23 +74,9 @@ def test_grouped_weights_are_written_at_blocks_of_32(int4_ckpt, monkeypatch):
 @pytest.fixture(scope="module")
 def int8_ckpts(tiny_dir, tmp_path_factory):
     """int8-wo RTN checkpoints of the same outlier model, with the default (fast) and the fine kernel."""
-    import torch
-
-    from compress.calib import calibration_batches
-    from compress.checkpoint import source_record
-    from compress.loading import load_model
-    from compress.quant import config_for, quantize_, save_quantized
-
     root = tmp_path_factory.mktemp("int8fine")
     for kernel in (None, "fine"):
-        model, tok, info = load_model(str(tiny_dir))
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.input_layernorm.weight[:2] *= 30
-                layer.post_attention_layernorm.weight[:2] *= 30
-        quantize_(model, config_for("int8-wo", method="rtn", kernel=kernel),
-                  calib=calibration_batches(tok, samples=2, seq_len=32))
-        save_quantized(model, tok, root / f"ck-{kernel or 'fast'}", source=source_record(info))
+        _outlier_checkpoint(tiny_dir, root / f"ck-{kernel or 'fast'}", "int8-wo", kernel=kernel)
     return root
 
 
