@@ -58,9 +58,11 @@ def apply(model, groups, formats: dict[str, str], calib, head_int8: bool, progre
     for g in groups:
         if formats[g.name] != "float":
             by.setdefault(formats[g.name], []).extend(g.linears)
-    fine = tuple(by.pop("int8-fine", ()))  # int8-wo weights too: one pass, with the fine kernel recorded
-    for fmt in sorted(set(by) | ({"int8-wo"} if fine else set()), key=lambda f: (f not in ACT_FORMATS, f)):
-        config = format_config(fmt, tuple(by.get(fmt, ())) + (fine if fmt == "int8-wo" else ()))
+    fine = tuple(by.pop("int8-fine", ()))
+    if fine:  # int8-wo weights too: one int8-wo pass, which records the fine kernel for these
+        by["int8-wo"] = by.get("int8-wo", []) + list(fine)
+    for fmt in sorted(by, key=lambda f: (f not in ACT_FORMATS, f)):
+        config = format_config(fmt, tuple(by[fmt]))
         if fmt == "int8-wo" and fine:
             config = dataclasses.replace(config, fine=fine)
         quantize_(model, config, calib=calib, progress=progress)

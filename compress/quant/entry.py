@@ -20,7 +20,7 @@ from runtime.layerspec import LayerSpec, summarize
 from runtime.manifest import Manifest
 
 from ..errors import CompressError
-from .gptq import HeadFactor
+from .gptq import HeadFactor, gptq
 from .modules import QuantLinear
 
 ROWS = 8192  # rows of the embedding / lm_head table per block
@@ -101,7 +101,6 @@ def write_tables(lazy, writer, head_spec: LayerSpec | None, head_gptq=None) -> L
     weight-only to ``head_spec``, a block of rows at a time: by GPTQ with ``head_gptq`` (a ``HeadFactor``'s factor; the
     rows are independent), else by round to nearest. Returns the head's spec."""
     from . import primitives as P
-    from .gptq import gptq
     from .transforms import round_to_nearest
 
     tied = bool(getattr(lazy.config, "tie_word_embeddings", False))

@@ -8,6 +8,7 @@ from runtime.layerspec import LayerSpec
 
 from . import primitives as P
 from .calibrate import Group
+from .gptq import gptq
 from .modules import QuantLinear, is_tied, set_module
 from .smooth import kv_part, quantize_weight
 
@@ -45,8 +46,10 @@ def round_to_nearest(w: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, to
     return quantize_weight(w, spec.weight)
 
 
-def quantize_int8_linear(model, name: str, h: torch.Tensor | None = None,
-                         spec: LayerSpec = LayerSpec("int8")) -> QuantLinear:
+INT8 = LayerSpec("int8")
+
+
+def quantize_int8_linear(model, name: str, h: torch.Tensor | None = None, spec: LayerSpec = INT8) -> QuantLinear:
     w = model.get_submodule(name).weight.detach().float()
     s = int8_scale_search(w, h)
     return replace_linear(model, name, P.quantize_int8(w, s), s, spec)
@@ -78,8 +81,6 @@ def quantize_lm_head(model, spec: LayerSpec, factor=None) -> dict:
     """Quantize the lm_head weight-only to ``spec``: by GPTQ with ``factor`` (compress.quant.gptq.HeadFactor),
     else round to nearest. Tied: the embedding table serves both (dequantized in place). Returns {"spec": ...,
     "codes": ..., "scale": ...} for saving."""
-    from .gptq import gptq
-
     if spec.act is not None:
         raise ValueError("the lm_head is quantized weight-only")
     w = model.get_output_embeddings().weight.detach().float()

@@ -49,9 +49,21 @@ def _logits(path, level, f):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(["logits"], f)[0]
 
 
+def _fused_errors(exact_graph, graphs, arch) -> list[float]:
+    """Each graph's unfused logits equal ``exact_graph``'s (the same weights); returns each graph's mean
+    |logits - exact| once ONNX Runtime fuses DequantizeLinear -> MatMul into its int8-activation kernel."""
+    from tests.export.onnx_helpers import feeds
+
+    f = feeds(arch, np.random.default_rng(0).integers(0, arch.vocab, (1, 48)))
+    basic, every = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    exact = _logits(exact_graph, basic, f)
+    for g in graphs:
+        np.testing.assert_allclose(_logits(g, basic, f), exact, atol=1e-5)
+    return [float(np.abs(_logits(g, every, f) - exact).mean()) for g in graphs]
+
+
 def test_grouped_weights_are_written_at_blocks_of_32(int4_ckpt, monkeypatch):
     from export.onnx import export_onnx, qdq
-    from tests.export.onnx_helpers import feeds
 
     export_onnx(str(int4_ckpt / "ck"), int4_ckpt / "b32", validate=False)
     m = read_manifest(int4_ckpt / "b32")
@@ -61,13 +73,8 @@ def test_grouped_weights_are_written_at_blocks_of_32(int4_ckpt, monkeypatch):
     export_onnx(str(int4_ckpt / "ck"), int4_ckpt / "native", validate=False)
     assert _blocks(int4_ckpt / "native" / "model.onnx") == [64, 128]
 
-    arch = m.architecture
-    f = feeds(arch, np.random.default_rng(0).integers(0, arch.vocab, (1, 48)))
-    basic, every = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    exact = _logits(int4_ckpt / "native" / "model.onnx", basic, f)
-    np.testing.assert_allclose(_logits(int4_ckpt / "b32" / "model.onnx", basic, f), exact, atol=1e-5)
-    err_native = np.abs(_logits(int4_ckpt / "native" / "model.onnx", every, f) - exact).mean()
-    err32 = np.abs(_logits(int4_ckpt / "b32" / "model.onnx", every, f) - exact).mean()
+    native, b32 = int4_ckpt / "native" / "model.onnx", int4_ckpt / "b32" / "model.onnx"
+    err_native, err32 = _fused_errors(native, [native, b32], m.architecture)
     assert err32 < 0.8 * err_native
 
 
@@ -84,7 +91,6 @@ def test_fine_kernel_writes_blocks_of_16_and_stays_closer(int8_ckpts):
     """kernel "fine": the same int8 weights, their per-channel scales repeated per block of 16 inputs, so ONNX
     Runtime's fused kernel quantizes the activations per 16 inputs; the logits come closer to the exact math."""
     from export.onnx import export_onnx
-    from tests.export.onnx_helpers import feeds
 
     for k in ("fast", "fine"):
         export_onnx(str(int8_ckpts / f"ck-{k}"), int8_ckpts / k, validate=False)
@@ -94,13 +100,8 @@ def test_fine_kernel_writes_blocks_of_16_and_stays_closer(int8_ckpts):
     assert read_manifest(int8_ckpts / "fast").io.weight_block is None
     assert _blocks(int8_ckpts / "fast" / "model.onnx") == []
 
-    arch = fine.architecture
-    f = feeds(arch, np.random.default_rng(0).integers(0, arch.vocab, (1, 48)))
-    basic, every = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    exact = _logits(int8_ckpts / "fast" / "model.onnx", basic, f)
-    np.testing.assert_allclose(_logits(int8_ckpts / "fine" / "model.onnx", basic, f), exact, atol=1e-5)
-    err_fast = np.abs(_logits(int8_ckpts / "fast" / "model.onnx", every, f) - exact).mean()
-    err_fine = np.abs(_logits(int8_ckpts / "fine" / "model.onnx", every, f) - exact).mean()
+    fast_g, fine_g = int8_ckpts / "fast" / "model.onnx", int8_ckpts / "fine" / "model.onnx"
+    err_fast, err_fine = _fused_errors(fast_g, [fast_g, fine_g], fine.architecture)
     print(f"fused-kernel error: fast {err_fast:.3e}, fine {err_fine:.3e}")
     assert err_fine < 0.8 * err_fast
 
