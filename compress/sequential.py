@@ -8,6 +8,7 @@ layer gets a ``LayerJob``; the pass transforms it, then the streams advance thro
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -233,21 +234,23 @@ def run_float(job: LayerJob, rows: int, draws: OrderedDraws | None) -> None:
 
 def run_sequential(source, transform, *, loop=None, streams: frozenset = frozenset(), rows: int = 0,
                    draw_seed: int | None = None, progress: str | None = None, done=None,
-                   activation_budget: int | None = None, last=None) -> dict:
+                   activation_budget: int | None = None, last=None, observe=None) -> dict:
     """Run ``transform(job)`` on every decoder layer of ``source`` in order; ``done(i, layer)`` after each
     (streamed: write it out). ``streams``: which calibration streams the pass reads ("float", "quant"); a
     stream bigger than ``activation_budget`` bytes is kept in temporary files. ``last(stream)``: called with
-    the quant stream after the last layer (the final norm's input), when the pass carries one. Returns
-    {"calibration_tokens", "seconds", "activations_on_disk"}."""
+    the quant stream after the last layer (the final norm's input), when the pass carries one.
+    ``observe(i, layer)``: a context manager around the quant stream's run through each finished layer (the
+    KV-cache scales' hooks). Returns {"calibration_tokens", "seconds", "activations_on_disk"}."""
     import tempfile
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kiln-activations-") as spill:
         return _run(source, transform, loop, streams, rows, draw_seed, progress, done, activation_budget, spill, t0,
-                    last)
+                    last, observe)
 
 
-def _run(source, transform, loop, streams, rows, draw_seed, progress, done, budget, spill, t0, last) -> dict:
+def _run(source, transform, loop, streams, rows, draw_seed, progress, done, budget, spill, t0, last,
+         observe) -> dict:
     inputs = None
     if streams:
         if loop is None:
@@ -275,7 +278,8 @@ def _run(source, transform, loop, streams, rows, draw_seed, progress, done, budg
                 run_float(job, rows, draws)
             transform(job)
             if quant_in is not None:
-                quant_in = quant_in.advance(layer)
+                with observe(i, layer) if observe is not None else contextlib.nullcontext():
+                    quant_in = quant_in.advance(layer)
             float_in = job.float_out
             if done is not None:
                 done(i, layer)

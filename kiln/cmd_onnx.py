@@ -26,10 +26,11 @@ from .common import emit_json, parse_size, stderr
               help="How the graph stores the KV cache (about 1/4 of float32's bytes: more concurrent streams "
                    "per GB). --form portable: int8 or fp8 codes plus one float32 scale per token and KV head. "
                    "--form ort: int8 codes read directly by GroupQueryAttention, with static scales per KV head "
-                   "and channel calibrated at export on --calib.")
+                   "and channel: the checkpoint's own (kiln compress quantize --kv-cache int8), else calibrated at "
+                   "export on --calib.")
 @click.option("--calib", "calib", default="builtin:pydoc", show_default=True,
-              help="With --form ort --kv-cache int8: the corpus the KV scales are calibrated on (text or JSONL "
-                   "file; its end, never the windows evaluation reads).")
+              help="With --form ort --kv-cache int8 and a source without recorded KV scales: the corpus they are "
+                   "calibrated on (text or JSONL file; its end, never the windows evaluation reads).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs torch self-validation.")
 @click.option("--validation", type=click.Choice(["auto", "whole-model", "per-layer"]), default="auto",
               show_default=True,

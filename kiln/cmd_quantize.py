@@ -30,6 +30,10 @@ SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4", "int8-group")
               help="int8-wo, int8-group, int4: how ONNX Runtime's CPU kernel runs these weights, recorded per Linear. "
                    "fine: activations quantized per 16 inputs instead of 32, closer to the checkpoint (+25% scale "
                    "bytes for int8; docs/QUANTIZATION.md). Default: fast.")
+@click.option("--kv-cache", type=click.Choice(["int8"]), default=None,
+              help="Also record static int8 KV-cache scales (one per layer, KV head and channel) measured on the "
+                   "calibration windows through the quantized layers; `kiln export onnx --form ort --kv-cache int8` "
+                   "then uses them instead of calibrating at export (docs/FORMATS.md).")
 @click.option("--calib", default="builtin:pydoc", show_default=True,
               help="Calibration corpus (builtin:pydoc, a text file, or JSONL with 'text'); windows from its end.")
 @click.option("--calib-samples", type=click.IntRange(1, None), default=16, show_default=True,
@@ -54,8 +58,8 @@ SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4", "int8-group")
                                                 "from its start).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object last on stdout.")
-def quantize(source, scheme, budget, formats, target, out, method, kernel, calib, calib_samples, seq_len, device, shard_size,
-             ignore, float_inputs, eval_windows, eval_text, force, as_json):
+def quantize(source, scheme, budget, formats, target, out, method, kernel, kv_cache, calib, calib_samples, seq_len,
+             device, shard_size, ignore, float_inputs, eval_windows, eval_text, force, as_json):
     """Quantize SOURCE with a calibrated scheme and write a compressed checkpoint to OUT.
 
     SOURCE is read one decoder layer at a time and each finished layer is written at once to OUT's shards,
@@ -79,8 +83,8 @@ def quantize(source, scheme, budget, formats, target, out, method, kernel, calib
     if (scheme is None) == (budget is None):
         raise click.UsageError("give --scheme NAME, or --budget RATIO with --formats")
     if budget is not None:
-        if kernel is not None or method is not None:
-            raise click.UsageError("--kernel and --method apply to --scheme; --budget chooses per group")
+        if kernel is not None or method is not None or kv_cache is not None:
+            raise click.UsageError("--kernel, --method and --kv-cache apply to --scheme; --budget chooses per group")
         return _budget(source, out, budget, formats, target, calib, calib_samples, seq_len, eval_windows, eval_text,
                        force, as_json)
 
@@ -101,13 +105,18 @@ def quantize(source, scheme, budget, formats, target, out, method, kernel, calib
     config = config_for(scheme, **kw)
     res = quantize_checkpoint(source, config, out, calib_text=calib, calib_samples=calib_samples, seq_len=seq_len,
                               eval_windows=eval_windows or None, eval_text=eval_text, force=force,
-                              progress=not as_json, device=device, shard_size=parse_size(shard_size, "--shard-size"))
+                              progress=not as_json, device=device, shard_size=parse_size(shard_size, "--shard-size"),
+                              kv_cache=kv_cache)
     if as_json:
         emit_json(res)
         return
     formats = ", ".join(f"{n} {label}" for label, n in res["formats"].items())
     click.echo(f"wrote {res['output']} ({scheme}: {formats}; {res['quantize_seconds']} s)")
     click.echo(f"size on disk  {res['bytes_on_disk'] / 1e6:.1f} MB (weights {res['weights_bytes'] / 1e6:.1f} MB)")
+    if "kv_cache" in res:
+        kv = res["kv_cache"]
+        click.echo(f"KV cache      int8 scales per layer, KV head and channel ({kv['windows']} x {kv['seq_len']} "
+                   f"tokens) in {kv['file']}")
     if "perplexity" in res:
         p = res["perplexity"]
         click.echo(f"perplexity    {p['ppl']:.4f} vs float {p['ppl_float']:.4f}: ratio {p['ratio']:.4f} "

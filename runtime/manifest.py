@@ -15,7 +15,8 @@ from typing import Any
 from .errors import EngineError
 from .fsutil import atomic_write_text, sha256_file
 from .layerspec import LayerSpec
-from .records import EngineInfo, FileEntry, IOSpec, Pass, PrunePass, QuantPass, Validation
+from .records import (EngineInfo, FileEntry, IOSpec, KVCacheRecord, Pass, PrunePass, QuantPass,
+                      Validation)
 from .strict import RecordError, _convert, from_json, to_json
 
 SCHEMA_VERSION = 2  # 2: typed LayerSpecs and records (runtime/records.py)
@@ -66,6 +67,7 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     validation: Validation | None = None
     engine: EngineInfo | None = None
+    kv_cache: KVCacheRecord | None = None  # static int8 KV scales: a checkpoint's file or an artifact's origin
     producer: str = field(default_factory=_producer)
     schema_version: int = SCHEMA_VERSION
 
@@ -82,6 +84,7 @@ class Manifest:
             "files": to_json(self.files),
             "validation": to_json(self.validation),
             "engine": to_json(self.engine),
+            "kv_cache": to_json(self.kv_cache),
         }
         return {k: v for k, v in d.items() if v is not None}
 
@@ -113,11 +116,13 @@ class Manifest:
             val = None if d.get("validation") is None else from_json(Validation, d["validation"],
                                                                       f"{where}: validation")
             eng = None if d.get("engine") is None else from_json(EngineInfo, d["engine"], f"{where}: engine")
+            kv = d.get("kv_cache")
+            kv = None if kv is None else from_json(KVCacheRecord, kv, f"{where}: kv_cache")
             producer = _convert(str, d.get("producer", "unknown"), f"{where}: producer")
         except RecordError as e:
             raise ManifestError(str(e)) from None
         return cls(kind=kind, architecture=arch, source=source, passes=parsed, io=io, files=files,
-                   validation=val, engine=eng, producer=producer, schema_version=version)
+                   validation=val, engine=eng, kv_cache=kv, producer=producer, schema_version=version)
 
     # ---- helpers ---------------------------------------------------------------
     def quant_passes(self) -> list[QuantPass]:

@@ -7,6 +7,7 @@ pass was made with, the ONNX checker summary): they are checked to be JSON objec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Literal
 
 from .layerspec import LayerSpec
@@ -80,6 +81,30 @@ class PrunePass:
 
 
 Pass = QuantPass | PrunePass
+
+
+# ---- static KV-cache scales ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KVCacheRecord:
+    """Static int8 KV-cache scales (runtime.kvscales): in a checkpoint, the file that holds them; in an ort-form
+    artifact (IO contract 4), where the graph's constants came from. ``calibrated_by``: ``quantize`` (the
+    checkpoint's quantize pass, on its calibration stream) or ``export`` (the float-cache graph at export)."""
+
+    format: Literal["int8"]
+    calibrated_by: Literal["quantize", "export"]
+    corpus: str
+    windows: int
+    seq_len: int
+    granularity: Literal["per-channel"] = "per-channel"  # one scale per layer, KV head and channel
+    file: str | None = None  # checkpoint: KV_SCALES_FILE; artifact: None (constants in the graph)
+
+    def __post_init__(self):
+        if self.windows < 1 or self.seq_len < 1:
+            raise ValueError(f"windows and seq_len must be >= 1, got {self.windows} and {self.seq_len}")
+        parts = PurePosixPath(self.file).parts if self.file is not None else ()
+        if self.file is not None and (not parts or self.file.startswith("/") or "\\" in self.file
+                                      or any(x in ("..", ".") for x in parts)):
+            raise ValueError(f"file must be a relative path inside the checkpoint dir, got {self.file!r}")
 
 
 # ---- the ONNX IO contract --------------------------------------------------------------------------------------

@@ -92,9 +92,10 @@ def check(hf_config, config: QuantConfig, calib) -> None:
 
 
 def run_pass(source, config: QuantConfig, targets: set, loop, progress: bool, done=None,
-             activation_budget: int | None = None, last=None) -> dict:
+             activation_budget: int | None = None, last=None, observe=None) -> dict:
     """Quantize ``targets`` of every decoder layer of ``source`` (compress.sequential); ``last(stream)`` gets
-    the quant stream after the last layer. Returns the stats."""
+    the quant stream after the last layer; ``observe(i, layer)`` wraps the quant stream's run through each
+    finished layer (a quant stream is carried for it when the scheme needs none). Returns the stats."""
     from ..sequential import run_sequential
     from .schemes import QuantContext, streams_for
 
@@ -102,11 +103,12 @@ def run_pass(source, config: QuantConfig, targets: set, loop, progress: bool, do
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     ctx = QuantContext(targets=set(targets), head_dim=head_dim, calibrated=loop is not None)
     transform = QUANT_TRANSFORMS.get(config)
-    streams = streams_for(config, loop is not None)
-    label = f"{'gptq' if 'quant' in streams else 'quantize'} {config.scheme}" if progress else None
+    own = streams_for(config, loop is not None)
+    streams = own | ({"quant"} if observe is not None else set())
+    label = f"{'gptq' if 'quant' in own else 'quantize'} {config.scheme}" if progress else None
     run = run_sequential(source, lambda job: transform(job, config, ctx), loop=loop, streams=streams,
                          rows=getattr(config, "rows_per_batch", 0), draw_seed=0, progress=label, done=done,
-                         activation_budget=activation_budget, last=last)
+                         activation_budget=activation_budget, last=last, observe=observe)
     if run["calibration_tokens"]:
         ctx.stats["calibration_tokens"] = run["calibration_tokens"]
     if run["activations_on_disk"]:

@@ -18,9 +18,11 @@ from runtime.corpus import BUILTIN, CorpusError
 from runtime.fsutil import atomic_dir
 from runtime.layerspec import LayerSpec, summarize
 from runtime.manifest import Manifest
+from runtime.strict import to_json
 
 from ..errors import CompressError
 from .gptq import HeadFactor, gptq
+from .kvobserve import KV_FORMATS, KVObserver
 from .modules import QuantLinear
 
 ROWS = 8192  # rows of the embedding / lm_head table per block
@@ -168,13 +170,16 @@ def open_float_source(source, out: Path, force: bool, progress: bool, quantized:
 def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, calib_samples: int = 16,
                         seq_len: int = 512, eval_windows: int | None = 8, eval_text: str | None = None,
                         force: bool = False, progress: bool = False, device: str = "auto",
-                        shard_size: int = 2 << 30, activation_budget: int | None = None) -> dict:
+                        shard_size: int = 2 << 30, activation_budget: int | None = None,
+                        kv_cache: str | None = None) -> dict:
     """Quantize ``source`` (model, alias, Hub id or float/pruned llmkiln checkpoint) into checkpoint dir ``out``.
 
     Calibration windows come from the end of ``calib_text``; perplexity (when ``eval_windows``) is measured
     on the first windows of ``eval_text`` (default: the calibration corpus) for the source and the written
     checkpoint, both layer by layer. Calibration activations go to temporary files when they pass
-    ``activation_budget`` bytes (default: a quarter of the memory available). The input is only read.
+    ``activation_budget`` bytes (default: a quarter of the memory available). ``kv_cache="int8"`` also
+    records static int8 KV-cache scales measured on the calibration stream (compress.quant.kvobserve). The input
+    is only read.
     """
     from transformers import AutoTokenizer
 
@@ -188,6 +193,9 @@ def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, 
     from .api import check, run_pass
 
     t0 = time.perf_counter()
+    if kv_cache is not None and kv_cache not in KV_FORMATS:
+        raise CompressError(f"--kv-cache records static scales for {', '.join(KV_FORMATS)}, not {kv_cache!r} (the "
+                            "portable graph's int8 and fp8 caches use per-token scales, which need no calibration)")
     out = Path(out)
     info, root = open_float_source(source, out, force, progress,
                                    "quantize the float or pruned checkpoint it came from")
@@ -235,8 +243,10 @@ def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, 
             activation_budget = available_bytes() // 4
         hidden = lazy.config.hidden_size
         hf = HeadFactor(lazy.norm(), hidden, config.damp) if HeadFactor.wanted(config, head) else None
+        kv = KVObserver(lazy.config) if kv_cache else None
         stats = run_pass(Streamed(lazy), config, targets, loop, progress, done=done,
-                         activation_budget=activation_budget, last=hf)
+                         activation_budget=activation_budget, last=hf, observe=kv.watching if kv else None)
+        kv_record = kv.save(tmp, calib_text, len(batches), seq_len) if kv else None
         head_spec = write_tables(lazy, writer, config.head_spec(hidden) if head else None, hf.factor if hf else None)
         if head_spec is not None:
             layers["lm_head"] = head_spec
@@ -262,7 +272,9 @@ def quantize_checkpoint(source: str, config, out, *, calib_text: str = BUILTIN, 
 
         passes = earlier + [QuantPass(config=config.to_dict(), layers=layers, stats=stats)]
         manifest = Manifest(kind="checkpoint", architecture=architecture_from_config(lazy.config),
-                            source=source_record(info), passes=passes)
+                            source=source_record(info), passes=passes, kv_cache=kv_record)
+        if kv_record is not None:
+            result["kv_cache"] = to_json(kv_record)
         manifest.record_files(tmp)
         manifest.save(tmp)
     result["bytes_on_disk"] = sum(f.size for f in manifest.files.values())

@@ -37,10 +37,11 @@ def write_side_files(tmp: Path, model, tok, direct=None) -> None:
 
 
 def write_artifact(tmp: Path, model, tok, info, arch, onnx_path: Path, specs: dict, io, validator,
-                   before_rename=None, direct=None):
+                   before_rename=None, direct=None, kv_cache=None):
     """Everything after the graph: tokenizer and generation config (copied from ``direct``'s dir when the
     graph was read from the files), self-validation (``validator(onnx_path) -> Validation``, or None to skip),
-    kiln.json with the files' checksums, then ``before_rename(tmp, manifest)``. Returns the Manifest."""
+    kiln.json with the files' checksums (and ``kv_cache``, the static KV scales' record), then
+    ``before_rename(tmp, manifest)``. Returns the Manifest."""
     from compress.checkpoint import source_record
     from runtime.manifest import Manifest
     from runtime.records import Validation
@@ -49,7 +50,7 @@ def write_artifact(tmp: Path, model, tok, info, arch, onnx_path: Path, specs: di
     validation = validator(onnx_path) if validator is not None else None
     passes = list(info.manifest.passes) if info.manifest is not None else []
     manifest = Manifest(kind="onnx", architecture=arch, source=source_record(info), passes=passes, io=io,
-                        validation=validation or Validation(passed=None, skipped=True))
+                        validation=validation or Validation(passed=None, skipped=True), kv_cache=kv_cache)
     manifest.record_files(tmp)
     manifest.save(tmp)
     if before_rename is not None:

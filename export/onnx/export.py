@@ -189,6 +189,11 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
 
             lazy = LazyModel(direct.root, specs)
         cos, sin = rope_tables(model if model is not None else lazy.skeleton, arch)
+    recorded = None  # the checkpoint's static KV scales, read (and refused) before any graph is built
+    if cfg.static_kv and info.manifest is not None and info.manifest.kv_cache is not None:
+        from .kvstatic import load_checkpoint_scales
+
+        recorded = (info.manifest.kv_cache, load_checkpoint_scales(Path(info.path), info.manifest.kv_cache, arch))
     t_load = time.perf_counter() - t0
 
     bar = None
@@ -210,8 +215,9 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
             if bar:
                 bar.close()
         check_graph(onnx_path)
+        kv_record = None
         if cfg.static_kv:
-            _static_kv(tmp, onnx_path, model, tok, direct, arch, calib_corpus, progress)
+            kv_record = _static_kv(tmp, onnx_path, model, tok, direct, arch, recorded, calib_corpus, progress)
         t_build = time.perf_counter() - t0 - t_load
         blocks = [graph_block(s.group_size, s.kernel) for s in specs.values() if s.quantized]
         blocks = [k for k in blocks if k is not None]
@@ -228,18 +234,29 @@ def export_onnx(source, out, *, form: str = "portable", opset: int | None = None
             validator = _layer_validator(b.boundaries, lazy, direct.root, arch, specs, mode_why, progress,
                                          cfg.kv_check)
         manifest = write_artifact(tmp, model, tok, info, arch, onnx_path, specs, io, validator, before_rename,
-                                  direct=direct)
+                                  direct=direct, kv_cache=kv_record)
         t_val = time.perf_counter() - t0 - t_load - t_build
     manifest.timings = {"load_s": round(t_load, 3), "build_s": round(t_build, 3), "validate_s": round(t_val, 3),
                         "weights_from": "safetensors files" if direct is not None else "torch model"}
     return manifest
 
 
-def _static_kv(tmp, onnx_path, model, tok, direct, arch, corpus, progress) -> None:
-    """Calibrate the float-cache graph's KV scales and make its cache int8 (export.onnx.kvstatic)."""
+def _static_kv(tmp, onnx_path, model, tok, direct, arch, recorded, corpus, progress):
+    """Make the float-cache graph's cache int8 with static scales (export.onnx.kvstatic): ``recorded``, the
+    checkpoint's (record, scales) from ``kiln compress quantize --kv-cache int8``, or, without them, scales
+    calibrated here. Returns the artifact's KVCacheRecord."""
+    import dataclasses
+
     from .artifact import write_side_files
     from .kvstatic import DEFAULT_WINDOWS, calibrate, make_static
 
+    if recorded is not None:
+        record, scales = recorded
+        make_static(onnx_path, scales, arch)
+        if progress:
+            print(f"llmkiln: int8 KV cache: the checkpoint's scales ({record.windows} x {record.seq_len} tokens "
+                  f"of {record.corpus}); --calib is not used", file=sys.stderr, flush=True)
+        return dataclasses.replace(record, file=None)
     tok_dir = direct.root if direct is not None else tmp
     if direct is None:  # a source read through transformers: its tokenizer is saved where the artifact's goes
         write_side_files(tmp, model, tok)
@@ -254,6 +271,11 @@ def _static_kv(tmp, onnx_path, model, tok, direct, arch, corpus, progress) -> No
         if bar:
             bar.close()
     make_static(onnx_path, scales, arch)
+    from runtime.corpus import BUILTIN
+    from runtime.records import KVCacheRecord
+
+    return KVCacheRecord(format="int8", calibrated_by="export", corpus=corpus or BUILTIN, windows=scales.windows,
+                         seq_len=scales.seq_len)
 
 
 def _layer_validator(boundaries, lazy, root, arch, specs, why, progress, kv="float"):

@@ -2,54 +2,27 @@
 
 ONNX Runtime's ``GroupQueryAttention`` reads an int8 cache directly (no dequantized copy of the past) when its
 scales are static: one float32 per KV head and channel, ``k_scale`` / ``v_scale`` [1, kv_heads, 1, head_dim],
-constants of the graph. The export builds the float-cache graph, runs it on calibration windows (the end of the
-calibration corpus, never the windows evaluation reads) and takes, per layer, KV head and channel, the largest
-|value| seen and, for keys, the largest norm of the channel pair rotary turns together (which bounds the key at
-every position, ``pair_amax``): ``scale = amax / 127``. It then turns the
-graph's past/present into int8 and gives every attention node its scales. A value beyond what calibration saw
+constants of the graph. When the checkpoint carries scales (``kiln compress quantize --kv-cache int8``, its
+kiln.json ``kv_cache`` record and ``kv_cache/scales.safetensors``), the export takes them. Otherwise it builds the
+float-cache graph, runs it on calibration windows (the end of the calibration corpus, never the windows
+evaluation reads) and applies the same rule (runtime.kvscales: per layer, KV head and channel, amax / 127,
+keys by the norm of the channel pair rotary turns together). It then turns the graph's past/present into int8
+and gives every attention node its scales. A value beyond what calibration saw
 is clipped to ±127 codes. The portable graph's per-token scales (``kvcache``, version 3) need no calibration.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from runtime.records import POSITIONS
+from runtime.kvscales import KEY, KV_SCALES_FILE, VALUE, KVAmax, KVScales
+from runtime.records import POSITIONS, KVCacheRecord
 
 from ..errors import ExportError
 from .validate import past_feeds, step_feeds
 
-QMAX = 127.0
-TINY = float(np.finfo(np.float32).tiny)
 DEFAULT_WINDOWS, DEFAULT_SEQ_LEN = 8, 512
-
-
-@dataclass(frozen=True)
-class KVScales:
-    """Per layer [kv_heads, head_dim] float32 scales of the keys and of the values."""
-
-    key: np.ndarray  # [layers, kv_heads, head_dim]
-    value: np.ndarray
-    windows: int
-    seq_len: int
-
-
-def scales_from_amax(amax: np.ndarray) -> np.ndarray:
-    """amax (any shape) -> amax / 127 as float32, an all-zero channel getting the tiniest scale."""
-    return np.maximum(np.asarray(amax, np.float32) / np.float32(QMAX), np.float32(TINY)).astype(np.float32)
-
-
-def pair_amax(k: np.ndarray) -> np.ndarray:
-    """k [B, kv_heads, S, head_dim] after rotary -> [kv_heads, head_dim]: for channels i and i + head_dim/2 (the
-    pair rotary turns together), the largest norm of the pair over B and S, for both channels. Rotary keeps a
-    pair's norm, so this bounds the key at any position, not only the positions calibration ran (a plain
-    per-channel amax from short windows clips the slowly turning channels at longer contexts)."""
-    half = k.shape[-1] // 2
-    a, b = k[..., :half].astype(np.float32), k[..., half:].astype(np.float32)
-    norm = np.sqrt(a * a + b * b).max(axis=(0, 2))  # [kv_heads, half]
-    return np.concatenate([norm, norm], axis=-1)
 
 
 def calibrate(onnx_path: Path, tokenizer_dir: Path, arch, corpus: str | None = None,
@@ -71,8 +44,7 @@ def calibrate(onnx_path: Path, tokenizer_dir: Path, arch, corpus: str | None = N
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     positions = any(i.name == POSITIONS for i in sess.get_inputs())
     empty = past_feeds(sess, None, 1, arch.kv_heads)
-    key_amax = np.zeros((arch.layers, arch.kv_heads, arch.head_dim), np.float32)
-    value_amax = np.zeros_like(key_amax)
+    amax = KVAmax(arch.layers, arch.kv_heads, arch.head_dim)
     names = [f"present.{i}.{k}" for i in range(arch.layers) for k in ("key", "value")]
     for w in wins:
         feeds = {**step_feeds(np.asarray([w], np.int64)), **empty}
@@ -80,13 +52,34 @@ def calibrate(onnx_path: Path, tokenizer_dir: Path, arch, corpus: str | None = N
             feeds[POSITIONS] = np.asarray([len(w) - 1], np.int64)  # one row of logits: only the cache is read
         outs = sess.run(names, feeds)
         for i in range(arch.layers):  # present [1, kv_heads, s, head_dim]
-            np.maximum(key_amax[i], pair_amax(outs[2 * i]), out=key_amax[i])
-            np.maximum(value_amax[i], np.abs(outs[2 * i + 1]).max(axis=(0, 2)), out=value_amax[i])
+            amax.add(i, outs[2 * i], outs[2 * i + 1])
         if progress is not None:
             progress()
-    if not (np.isfinite(key_amax).all() and np.isfinite(value_amax).all()):
-        raise ExportError("KV cache calibration: the float graph produced non-finite keys or values")
-    return KVScales(scales_from_amax(key_amax), scales_from_amax(value_amax), len(wins), seq_len)
+    try:
+        return amax.scales(len(wins), seq_len)
+    except ValueError as e:
+        raise ExportError(f"KV cache calibration: {e}") from None
+
+
+def load_checkpoint_scales(root: Path, record: KVCacheRecord, arch) -> KVScales:
+    """The scales a checkpoint's quantize pass recorded (``record.file`` in ``root``), checked against ``arch``."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(root) / (record.file or KV_SCALES_FILE)
+    try:
+        t = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise ExportError(f"{path}: the checkpoint's KV scales cannot be read ({' '.join(str(e).split())[:200]}); "
+                          "re-quantize it with --kv-cache int8") from None
+    if KEY not in t or VALUE not in t:
+        raise ExportError(f"{path}: needs tensors {KEY} and {VALUE}; re-quantize the checkpoint with --kv-cache int8")
+    scales = KVScales(t[KEY], t[VALUE], record.windows, record.seq_len)
+    try:
+        scales.check(arch.layers, arch.kv_heads, arch.head_dim, str(path))
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    return scales
 
 
 def make_static(onnx_path: Path, scales: KVScales, arch) -> None:

@@ -10,9 +10,10 @@ from click.testing import CliRunner
 
 from export.errors import ExportError
 from export.onnx import export_onnx
-from export.onnx.kvstatic import calibrate, scales_from_amax
+from export.onnx.kvstatic import calibrate
 from runtime import Engine
 from runtime.evaluate import perplexity
+from runtime.kvscales import scales_from_amax
 from runtime.manifest import read_manifest
 from runtime.records import IOSpec, TensorSpec
 

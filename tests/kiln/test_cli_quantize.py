@@ -55,5 +55,5 @@ def test_kernel_option(tiny_dir, tmp_path):
     assert r.exit_code == 2 and "--kernel applies to the weight-only schemes" in r.output
     r = _run(["compress", "quantize", str(tiny_dir), "--budget", "1.01", "--formats", "int8-wo,float", "--kernel",
               "fine", "-o", str(tmp_path / "y")])
-    assert r.exit_code == 2 and "--kernel and --method apply to --scheme" in r.output
+    assert r.exit_code == 2 and "--kernel, --method and --kv-cache apply to --scheme" in r.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
