@@ -106,7 +106,9 @@ def _torch_ppl(source, text, seq_len, windows, allow_pickle, progress):
               help="Score the first N windows of the corpus.")
 @click.option("--chunk", type=click.IntRange(1, None), default=None,
               help="ONNX/engine artifacts: feed each window through the KV cache N tokens at a time, so attention "
-                   "reads what the cache stored (a quantized cache's codes); default: the whole window at once.")
+                   "reads what the cache stored (a quantized cache's codes). Default: the whole window at once; "
+                   "on a float cache whose window's logits would pass 64 MiB (a large vocabulary), as many tokens "
+                   "as fit in it, the same perplexity within round-off.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) weights.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="Threads for ONNX Runtime artifacts.")
 @click.option("--trust-engine-code", is_flag=True,
@@ -140,6 +142,6 @@ def ppl(source, text, seq_len, windows, chunk, allow_pickle, threads, trust_engi
     if as_json:
         emit_json(out)
     else:
-        fed = f", fed {min(chunk, seq_len)} at a time" if chunk is not None else ""
+        fed = f", fed {out['chunk']} at a time" if "chunk" in out else ""
         click.echo(f"perplexity {res.ppl:.4f} over {res.tokens} tokens ({res.windows} x {res.seq_len}{fed}, "
                    f"{res.corpus})")

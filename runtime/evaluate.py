@@ -5,14 +5,21 @@ the corpus tokenized once without special tokens, the first ``windows`` non-over
 ``chunk``: feed each window through the KV cache ``chunk`` tokens at a time, so attention reads the keys and
 values the cache stored (a quantized cache's codes and scales) instead of one pass over the window; None or
 ``seq_len`` is one pass (``Engine.score``). On a float cache every chunk gives the same perplexity within
-float round-off (tests/runtime/test_kv_quant.py)."""
+float round-off (tests/runtime/test_kv_quant.py), so there, without a ``chunk``, a window whose float32 logits
+would pass ``LOGITS_BUDGET`` is fed as many tokens at a time as fit in it (``auto_chunk``): at Llama-3's
+vocabulary of 128256, one 512-token window's logits are 263 MB. A quantized cache keeps one pass unless asked,
+since chunking changes what its attention reads."""
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
 from .corpus import BUILTIN, DEFAULT_EVAL_WINDOWS, corpus_name, eval_windows, load_text
 from .errors import EngineError
 from .scoring import PerplexityResult, combine, window_nll
+
+LOGITS_BUDGET = 64 << 20  # bytes of float32 logits one forward returns when perplexity picks the chunk
 
 
 def corpus_ids(engine, text_spec: str = BUILTIN) -> list[int]:
@@ -40,10 +47,21 @@ def chunked_nll(engine, ids, chunk: int) -> float:
     return nll
 
 
+def auto_chunk(engine, seq_len: int) -> int | None:
+    """Tokens per forward for a window of ``seq_len``: None (one pass) unless the cache is float and the
+    window's logits pass LOGITS_BUDGET."""
+    io, vocab = engine.manifest.io, engine.manifest.architecture.vocab
+    if io is None or io.kv_quantized or seq_len * vocab * 4 <= LOGITS_BUDGET:
+        return None
+    return max(1, LOGITS_BUDGET // (vocab * 4))
+
+
 def perplexity(engine, text: str = BUILTIN, seq_len: int = 512, windows: int | None = DEFAULT_EVAL_WINDOWS,
                progress: bool = False, ids: list[int] | None = None, chunk: int | None = None) -> PerplexityResult:
     if chunk is not None and chunk < 1:
         raise EngineError(f"chunk must be at least 1 token, got {chunk}")
+    if chunk is None:
+        chunk = auto_chunk(engine, seq_len)
     ids = corpus_ids(engine, text) if ids is None else ids
     wins = eval_windows(ids, seq_len, windows)
     bar = None
@@ -64,4 +82,5 @@ def perplexity(engine, text: str = BUILTIN, seq_len: int = 512, windows: int | N
     finally:
         if bar:
             bar.close()
-    return combine(nll, len(wins) * (seq_len - 1), len(wins), seq_len, corpus_name(text))
+    res = combine(nll, len(wins) * (seq_len - 1), len(wins), seq_len, corpus_name(text))
+    return dataclasses.replace(res, chunk=min(chunk, seq_len)) if chunk is not None and chunk < seq_len else res

@@ -42,10 +42,11 @@ class PerplexityResult:
     windows: int
     seq_len: int
     corpus: str
+    chunk: int | None = None  # artifacts: tokens fed through the KV cache per forward (None: one pass a window)
 
     def to_dict(self) -> dict:
         return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "windows": self.windows,
-                "seq_len": self.seq_len, "corpus": self.corpus}
+                "seq_len": self.seq_len, "corpus": self.corpus, **({"chunk": self.chunk} if self.chunk else {})}
 
 
 def combine(nll_sum: float, tokens: int, windows: int, seq_len: int, corpus: str) -> PerplexityResult:

@@ -167,3 +167,20 @@ def test_cli_eval_ppl_chunk(tiny_onnx, tiny_dir):
     assert abs(json.loads(r1.stdout.strip().splitlines()[-1])["nll"] - out["nll"]) <= 1e-5 * out["nll"]
     r = CliRunner().invoke(cli, ["eval", "ppl", str(tiny_dir), "--chunk", "16"])
     assert r.exit_code == 2 and "--chunk feeds an ONNX or engine artifact" in r.output
+
+
+def test_perplexity_picks_a_chunk_when_a_windows_logits_pass_the_budget(tiny_engine, qeng, monkeypatch):
+    """Without --chunk, a float cache's window whose float32 logits pass LOGITS_BUDGET is fed as many tokens as
+    fit (logits [chunk, vocab] at a time) and scores the same; a quantized cache keeps one pass."""
+    import runtime.evaluate as ev
+
+    ids = tiny_engine.tokenizer.encode(" ".join(PROMPTS) * 40, add_special_tokens=False)
+    vocab = tiny_engine.manifest.architecture.vocab
+    base = perplexity(tiny_engine, seq_len=64, windows=3, ids=ids)
+    assert base.chunk is None and "chunk" not in base.to_dict()
+    monkeypatch.setattr(ev, "LOGITS_BUDGET", 10 * vocab * 4)  # 10 rows of logits
+    got = perplexity(tiny_engine, seq_len=64, windows=3, ids=ids)
+    assert got.chunk == 10 and got.to_dict()["chunk"] == 10 and got.tokens == base.tokens
+    assert abs(got.nll - base.nll) <= 1e-7 * abs(base.nll), (got.nll, base.nll)
+    assert ev.auto_chunk(qeng, 64) is None and perplexity(qeng, seq_len=64, windows=1, ids=ids).chunk is None
+    assert ev.auto_chunk(tiny_engine, 10) is None  # a window that fits is one pass
