@@ -154,6 +154,71 @@ def gguf_step_bytes(path: Path) -> dict:
     return {"bytes": total}
 
 
+# ---- the weight kernels alone ---------------------------------------------------------------------------------
+def weight_products(art: Path) -> list[tuple[int, int, int, int]]:
+    """(K, N, bits, block) of every DequantizeLinear -> MatMul weight of the artifact, as ONNX Runtime fuses it
+    into MatMulNBits (a per-channel int8 weight gets blocks of 32 inputs, the scale repeated)."""
+    import onnx
+
+    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    inits = {i.name: i for i in m.graph.initializer}
+    feeds_matmul = {n.input[1] for n in m.graph.node if n.op_type == "MatMul" and len(n.input) > 1}
+    out = []
+    for n in m.graph.node:
+        w = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if w is None or n.output[0] not in feeds_matmul or len(w.dims) != 2:
+            continue
+        bits = {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT4: 4,
+                onnx.TensorProto.UINT4: 4}.get(w.data_type)
+        if bits is None:
+            continue
+        block = next((a.i for a in n.attribute if a.name == "block_size"), 0) or 32
+        out.append((int(w.dims[0]), int(w.dims[1]), bits, block))
+    return out
+
+
+def kernel_floor(art: Path, threads: int, runs: int = 5) -> dict:
+    """Milliseconds one batch-1 pass over nothing but the artifact's weight products takes in ONNX Runtime's
+    MatMulNBits (accuracy level 4, the fast kernel the runtime's graphs fuse to; random codes of the same shapes,
+    bits and blocks, one session, ``threads`` intra-op threads): the decode step's floor from its weight kernels,
+    whatever the rest of the graph does. Median of ``runs`` x 5 passes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    prods = weight_products(art)
+    if not prods:
+        return {"error": "no quantized weight products in the graph"}
+    rng = np.random.default_rng(0)
+    nodes, inits, outs, ins, nbytes = [], [], [], {}, 0
+    for j, (k, n, bits, block) in enumerate(prods):
+        codes = rng.integers(0, 256, (n, k // block, block * bits // 8), dtype=np.uint8)
+        scales = ((rng.random(n * (k // block)) + 0.5) * 1e-3).astype(np.float32)
+        inits += [numpy_helper.from_array(codes, f"B{j}"), numpy_helper.from_array(scales, f"S{j}")]
+        ins.setdefault(k, helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]))
+        nodes.append(helper.make_node("MatMulNBits", [f"x{k}", f"B{j}", f"S{j}"], [f"y{j}"], domain="com.microsoft",
+                                      K=k, N=n, bits=bits, block_size=block, accuracy_level=4))
+        outs.append(helper.make_tensor_value_info(f"y{j}", TensorProto.FLOAT, [1, n]))
+        nbytes += codes.nbytes + scales.nbytes
+    g = helper.make_graph(nodes, "floor", list(ins.values()), outs, inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del model, g, inits
+    feeds = {f"x{k}": rng.standard_normal((1, k)).astype(np.float32) for k in ins}
+    sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        for _ in range(5):
+            sess.run(None, feeds)
+        times.append((time.perf_counter() - t) / 5)
+    ms = statistics.median(times) * 1e3
+    return {"floor_ms": ms, "products": len(prods), "weight_bytes": nbytes, "kernel_gbs": nbytes / ms / 1e6}
+
+
 # ---- tok/s ----------------------------------------------------------------------------------------------------
 def _worker(python: str, script: Path, worker: str, target: str, a) -> dict:
     cmd = [python, str(script), "--worker", worker, "--target", target, "--threads", str(a.threads), "--runs",
@@ -262,15 +327,21 @@ def cmd_decode(a) -> int:
         print(f"[decode] {art.name}: {scheme}, {sb['bytes'] / 1e6:.0f} MB per step; measuring tok/s",
               file=sys.stderr, flush=True)
         ours = _worker(sys.executable, code / "benchmarks" / "runtime_speed.py", "ours", str(art), a)
+        floor = kernel_floor(art, a.threads, a.runs)
         rec = {"art": str(art), "scheme": scheme, "step_bytes": sb["bytes"], "bandwidth_gbs": bw["gbs"],
                "ceiling_tok_s": bw["gbs"] * 1e9 / sb["bytes"], "date": time.strftime("%Y-%m-%d %H:%M"),
                "code": str(code), "load_average": os.getloadavg()[0]}
+        if "floor_ms" in floor:  # the weight kernels alone: their GB/s and the tok/s they would allow
+            rec |= {"kernel_gbs": floor["kernel_gbs"], "kernel_tok_s": 1e3 / floor["floor_ms"],
+                    "kernel_of_bandwidth": floor["kernel_gbs"] / bw["gbs"]}
         if "error" in ours:
             rec["error"] = ours["error"]
         else:
             rec["tok_s"] = ours["decode_tokens_per_s"]
             rec["tok_s_all"] = ours.get("decode_all")
             rec["of_ceiling"] = rec["tok_s"] / rec["ceiling_tok_s"]
+            if "kernel_tok_s" in rec:
+                rec["of_kernel"] = rec["tok_s"] / rec["kernel_tok_s"]
         peer = a.gguf_peer
         if peer == "auto":
             src = Path(a.source) if a.source else Path(json.loads((art / "kiln.json").read_text())["source"]["path"])
@@ -310,16 +381,20 @@ def decode_table(rows: list[dict]) -> str:
         return "" if x is None else f"{x:.{nd}f}"
 
     out = [("Decode at batch 1 (2 threads; 32-token prompt, 128 new tokens, greedy; medians): ceiling = read "
-            "bandwidth / bytes one step streams."), "",
+            "bandwidth / bytes one step streams. Kernels: ONNX Runtime's MatMulNBits over nothing but the step's "
+            "weight products (same shapes, bits and blocks; `kernel_floor`): their GB/s, that as a share of the "
+            "read bandwidth, and the tok/s they alone allow."), "",
            ("| artifact | scheme | MB / step | bandwidth GB/s | tok/s | ceiling tok/s | of ceiling (≥ 0.90) "
+            "| kernels GB/s | kernels of bandwidth | kernels tok/s | of kernels "
             "| llama.cpp tok/s | its MB / step | vs llama.cpp (≥ 1.1) | notes |"),
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         notes = "; ".join(x for x in (r.get("error"), r.get("peer_error")) if x)
         peer = Path(r["peer"]).name if r.get("peer") else ""
         out.append(f"| {Path(r['art']).parent.name}/{Path(r['art']).name} | {r['scheme']} | {r['step_bytes'] / 1e6:.0f} "
                    f"| {f(r['bandwidth_gbs'])} | {f(r.get('tok_s'))} | {f(r['ceiling_tok_s'])} "
-                   f"| {f(r.get('of_ceiling'), 2)} | {f(r.get('peer_tok_s'))} {peer} "
+                   f"| {f(r.get('of_ceiling'), 2)} | {f(r.get('kernel_gbs'))} | {f(r.get('kernel_of_bandwidth'), 2)} "
+                   f"| {f(r.get('kernel_tok_s'))} | {f(r.get('of_kernel'), 2)} | {f(r.get('peer_tok_s'))} {peer} "
                    f"| {f((r.get('peer_step_bytes') or 0) / 1e6, 0) if r.get('peer_step_bytes') else ''} "
                    f"| {f(r.get('vs_peer'), 2)} | {notes.replace('|', '/')} |")
     return "\n".join(out)
