@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import shutil
 import time
 from pathlib import Path
@@ -66,8 +67,8 @@ def apply(model, groups, formats: dict[str, str], calib, head_int8: bool, progre
         if fmt == "int8-wo" and fine:
             config = dataclasses.replace(config, fine=fine)
         quantize_(model, config, calib=calib, progress=progress)
-    if head_int8:
-        quantize_(model, Int8WeightOnly(targets=("lm_head",), method="rtn"))
+    if head_int8:  # by GPTQ, on the stream through the quantized decoder
+        quantize_(model, Int8WeightOnly(targets=("lm_head",)), calib=calib, progress=progress)
 
 
 def quantize_budget(source: str, out, *, budget: float, formats: str, target: str = "cpu",
@@ -78,7 +79,7 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
     from runtime import Engine
     from runtime.evaluate import perplexity as rt_perplexity
 
-    from compress.budget.sensitivity import group_scores
+    from compress.budget.sensitivity import WEIGHT_FORMATS, group_scores
     from compress.calib import calibration_batches, forward_loop
     from compress.checkpoint import source_record
     from compress.evaluate import corpus_ids, perplexity
@@ -106,9 +107,13 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
     mods = dict(model0.named_modules())
     sizes = {g.name: sum(mods[n].weight.numel() for n in g.linears) for g in groups}
     t1 = time.perf_counter()
-    scores = group_scores(model0, batches[:sensitivity_windows], cands, KERNEL_BLOCKS[target])
+    gptq = frozenset(f for f in cands if f in WEIGHT_FORMATS and format_config(f, ()).method == "gptq")
+    head = "int8-wo" if target == "cpu" else None  # the cpu artifact's lm_head is int8 (GPTQ), h100's float
+    scores = group_scores(model0, batches[:sensitivity_windows], cands, KERNEL_BLOCKS[target], gptq=gptq,
+                          head=head, hessian_batches=batches[sensitivity_windows:])
+    head_ratio = math.exp(scores.pop("lm_head")[head]) if head else 1.0  # fixed: the search cannot move it
     t_sens = time.perf_counter() - t1
-    choice = choose(scores, sizes, cands, target, float(budget))
+    choice = choose(scores, sizes, cands, target, float(budget) / head_ratio)
     rounds = []
     form = "ort" if target == "cpu" else "portable"
     work = out.with_name(f".{out.name}.budget")
@@ -130,11 +135,12 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
                 ppl = rt_perplexity(eng, text=eval_text or calib_text, seq_len=seq_len, windows=eval_windows,
                                     ids=eval_ids).ppl
             measured = ppl / base.ppl
-            rounds.append({"round": r, "predicted_ratio": round(choice.predicted_ratio, 5),
+            rounds.append({"round": r, "predicted_ratio": round(choice.predicted_ratio * head_ratio, 5),
                            "measured_ratio": round(measured, 5), "cost": round(choice.cost),
                            "formats": _count(choice.formats), "bytes": _size(onnx_dir)})
             if progress:
-                print(f"budget round {r}: predicted {choice.predicted_ratio:.4f}, measured {measured:.4f} "
+                print(f"budget round {r}: predicted {choice.predicted_ratio * head_ratio:.4f}, "
+                      f"measured {measured:.4f} "
                       f"({_count(choice.formats)})", flush=True)
             if measured <= float(budget):
                 break
@@ -144,7 +150,8 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
         _finish(work / f"ckpt{last}", out, force, record={
             "budget": float(budget), "target": target, "formats": cands, "rounds": rounds,
             "groups": {g: {"format": f, "predicted_loss": round(scores[g][f], 8)} for g, f in choice.formats.items()},
-            "sensitivity": {"windows": sensitivity_windows, "seconds": round(t_sens, 1)},
+            "sensitivity": {"windows": sensitivity_windows, "seconds": round(t_sens, 1), "gptq": sorted(gptq),
+                            "lm_head": {"format": head, "predicted_ratio": round(head_ratio, 5)} if head else None},
             "evaluation": {"text": eval_text or calib_text, "windows": eval_windows, "seq_len": seq_len,
                            "ppl_float": round(base.ppl, 4)}})
         _replace(work / f"onnx{last}", art, force)

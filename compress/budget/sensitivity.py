@@ -2,12 +2,15 @@
 proxy from one forward and backward pass per calibration window, no quantized forward per candidate.
 
 For a Linear with input X and output y = X Wᵀ, quantizing it to format f changes its output by
-Δy_f = q_f(X) q_f(W)ᵀ − X Wᵀ (round-to-nearest weights; activation formats also quantize X with a static
-scale at the calibration max, or per token; on the cpu target, weight-only formats see X as ONNX Runtime's
-kernel re-quantizes it, to int8 per block of 32 inputs, or 16 for ``int8-fine``). With G = ∂(Σ_t loss_t)/∂y from the float model, the loss
-change is ≈ ½ Σ_t (Σ_o G_t,o Δy_t,o)², summed here over the Linears of a group (they are quantized
-together) and divided by the number of tokens: the predicted increase of the mean log-perplexity. Groups are
-assumed to add up. ``docs/QUANTIZATION.md`` shows how it ranks groups against measured perplexity.
+Δy_f = q_f(X) q_f(W)ᵀ − X Wᵀ. q_f(W) is the weight as the quantize pass makes it: by GPTQ for the formats in
+``gptq`` (with the Hessian of the group's input on these windows, float model), else round to nearest.
+Activation formats also quantize X with a static scale at the calibration max, or per token; on the cpu
+target, weight-only formats see X as ONNX Runtime's kernel re-quantizes it, to int8 per block of 32 inputs,
+or 16 for ``int8-fine``. With G = ∂(Σ_t loss_t)/∂y from the float model, the loss change is
+≈ ½ Σ_t (Σ_o G_t,o Δy_t,o)², summed here over the Linears of a group (they are quantized together) and
+divided by the number of tokens: the predicted increase of the mean log-perplexity. Groups are assumed to add
+up. ``head``: the lm_head's fixed format (the cpu target's int8), scored the same way as group ``lm_head``.
+``docs/QUANTIZATION.md`` shows how it ranks groups against measured perplexity.
 """
 from __future__ import annotations
 
@@ -47,30 +50,68 @@ def fake_input(x: torch.Tensor, fmt: str, amax: torch.Tensor, block: int | None 
     return P.ACT_FAKE_QUANT[act](x, P.static_scale(amax, act))
 
 
+WEIGHT_FORMATS = {"int8-wo": "int8", "int8-fine": "int8", "int8-group": "int8", "int4": "int4"}  # GPTQ's fmt
+
+
+def gptq_weight(w: torch.Tensor, fac, fmt: str) -> torch.Tensor:
+    """The dequantized weight [out, in] GPTQ makes of ``w`` in weight-only format ``fmt`` given a Factor."""
+    from ..quant.gptq import gptq
+
+    group = P.group_size_for(w.shape[1]) if fmt in ("int8-group", "int4") else 0
+    codes, scale = gptq(w, fac, WEIGHT_FORMATS[fmt], group)
+    return P.dequantize(codes, scale)
+
+
 def group_scores(model, batches: list[torch.Tensor], formats: list[str],
-                 blocks: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
+                 blocks: dict[str, int] | None = None, gptq: frozenset = frozenset(),
+                 head: str | None = None, hessian_batches: list[torch.Tensor] | None = None
+                 ) -> dict[str, dict[str, float]]:
     """{group name: {format: predicted increase of mean log-perplexity}} for every input group of the decoder
     (compress.quant.calibrate.layer_groups), on the calibration windows ``batches`` ([1, S] token tensors).
     ``blocks``: {weight-only format: inputs per activation scale of the target's kernel}
-    (compress.budget.search.KERNEL_BLOCKS); formats not in it see a float input."""
+    (compress.budget.search.KERNEL_BLOCKS); formats not in it see a float input. ``gptq``: the weight-only
+    formats whose weights are made by GPTQ, with Hessians from ``hessian_batches`` (default ``batches``; other
+    windows keep the prediction out of GPTQ's own sample). ``head``: also score the lm_head in this format
+    (group ``lm_head``)."""
+    from ..quant.calibrate import Group
+    from ..quant.gptq import HessianAccumulator, factor
+
     blocks = blocks or {}
     groups = layer_groups(model)
     formats = [f for f in formats if f != "float"]
     mods = dict(model.named_modules())
+    fmts = {g.name: formats for g in groups}
+    if head is not None:
+        groups = groups + [Group("lm_head", ["lm_head"], "model.norm", "norm")]
+        fmts["lm_head"] = [head]
     member = {n: g for g in groups for n in g.linears}
-    # the activation formats' static scales: the calibration max of each group's input
+    # the activation formats' static scales: the calibration max of each group's input; GPTQ's Hessians
     amax: dict[str, torch.Tensor] = {}
-    hooks = [mods[g.linears[0]].register_forward_pre_hook(
-        lambda _m, a, g=g: amax.__setitem__(g.name, torch.maximum(amax.get(g.name, torch.tensor(0.0)),
-                                                                   a[0].detach().abs().max().float())))
-        for g in groups]
-    with torch.no_grad():
-        for b in batches:
-            model(input_ids=b)
-    for h in hooks:
-        h.remove()
-    wq = {(n, f): fake_weight(mods[n].weight.detach().float(), f) for n in member for f in formats}
-    scores = {g.name: {f: 0.0 for f in formats} for g in groups}
+    hess = {g.name: HessianAccumulator(mods[g.linears[0]].in_features) for g in groups
+            if any(f in gptq for f in fmts[g.name])}
+    first = {g.name: g.linears[0] for g in groups}
+    for runs, hooks in ((batches, [mods[first[g]].register_forward_pre_hook(
+            lambda _m, a, g=g: amax.__setitem__(g, torch.maximum(amax.get(g, torch.tensor(0.0)),
+                                                                 a[0].detach().abs().max().float())))
+            for g in first]),
+            (hessian_batches if hessian_batches else batches if hess else [],
+             [mods[first[g]].register_forward_pre_hook(acc) for g, acc in hess.items()])):
+        try:
+            with torch.no_grad():
+                for b in runs:
+                    model(input_ids=b)
+        finally:
+            for h in hooks:
+                h.remove()
+    wq = {}
+    for g in groups:
+        fac = factor(hess.pop(g.name).get()) if g.name in hess else None
+        for n in g.linears:
+            w = mods[n].weight.detach().float()
+            for f in fmts[g.name]:
+                wq[n, f] = gptq_weight(w, fac, f) if f in gptq else fake_weight(w, f)
+        del fac
+    scores = {g.name: {f: 0.0 for f in fmts[g.name]} for g in groups}
     tokens = 0
     inputs: dict[str, torch.Tensor] = {}
     per_token: dict[tuple[str, str], torch.Tensor] = {}
@@ -87,7 +128,7 @@ def group_scores(model, batches: list[torch.Tensor], formats: list[str],
             w = mods[name].weight.detach().float()
             y = x @ w.T
             grp = member[name].name
-            for fmt in formats:
+            for fmt in fmts[grp]:
                 blk = blocks.get(fmt)
                 xin = fake_input(x, fmt, amax[grp], blk if blk and x.shape[-1] % blk == 0 else None)
                 dy = xin @ wq[name, fmt].T - y
