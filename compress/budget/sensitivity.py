@@ -3,7 +3,7 @@ proxy from one forward and backward pass per calibration window, no quantized fo
 
 For a Linear with input X and output y = X Wᵀ, quantizing it to format f changes its output by
 Δy_f = q_f(X) q_f(W)ᵀ − X Wᵀ. q_f(W) is the weight as the quantize pass makes it: by GPTQ for the formats in
-``gptq`` (with the Hessian of the group's input on these windows, float model), else round to nearest.
+``gptq`` (with the Hessian of the group's input in the float model), else round to nearest.
 Activation formats also quantize X with a static scale at the calibration max, or per token; on the cpu
 target, weight-only formats see X as ONNX Runtime's kernel re-quantizes it, to int8 per block of 32 inputs,
 or 16 for ``int8-fine``. With G = ∂(Σ_t loss_t)/∂y from the float model, the loss change is
@@ -62,6 +62,17 @@ def gptq_weight(w: torch.Tensor, fac, fmt: str) -> torch.Tensor:
     return P.dequantize(codes, scale)
 
 
+def _forward(model, batches, hooks) -> None:
+    """The float model on ``batches`` with ``hooks`` registered, removed after."""
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=b)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def group_scores(model, batches: list[torch.Tensor], formats: list[str],
                  blocks: dict[str, int] | None = None, gptq: frozenset = frozenset(),
                  head: str | None = None, hessian_batches: list[torch.Tensor] | None = None
@@ -89,20 +100,16 @@ def group_scores(model, batches: list[torch.Tensor], formats: list[str],
     amax: dict[str, torch.Tensor] = {}
     hess = {g.name: HessianAccumulator(mods[g.linears[0]].in_features) for g in groups
             if any(f in gptq for f in fmts[g.name])}
-    first = {g.name: g.linears[0] for g in groups}
-    for runs, hooks in ((batches, [mods[first[g]].register_forward_pre_hook(
-            lambda _m, a, g=g: amax.__setitem__(g, torch.maximum(amax.get(g, torch.tensor(0.0)),
-                                                                 a[0].detach().abs().max().float())))
-            for g in first]),
-            (hessian_batches if hessian_batches else batches if hess else [],
-             [mods[first[g]].register_forward_pre_hook(acc) for g, acc in hess.items()])):
-        try:
-            with torch.no_grad():
-                for b in runs:
-                    model(input_ids=b)
-        finally:
-            for h in hooks:
-                h.remove()
+    first = {g.name: mods[g.linears[0]] for g in groups}
+
+    def see_amax(g):
+        def f(_m, a):
+            amax[g] = torch.maximum(amax.get(g, torch.tensor(0.0)), a[0].detach().abs().max().float())
+        return f
+
+    _forward(model, batches, [first[g].register_forward_pre_hook(see_amax(g)) for g in first])
+    if hess:
+        _forward(model, hessian_batches or batches, [first[g].register_forward_pre_hook(a) for g, a in hess.items()])
     wq = {}
     for g in groups:
         fac = factor(hess.pop(g.name).get()) if g.name in hess else None
