@@ -28,9 +28,10 @@ from .common import emit_json, parse_size, stderr
                    "--form ort: int8 codes read directly by GroupQueryAttention, with static scales per KV head "
                    "and channel: the checkpoint's own (kiln compress quantize --kv-cache int8), else calibrated at "
                    "export on --calib.")
-@click.option("--calib", "calib", default="builtin:pydoc", show_default=True,
+@click.option("--calib", "calib", default=None,
               help="With --form ort --kv-cache int8 and a source without recorded KV scales: the corpus they are "
-                   "calibrated on (text or JSONL file; its end, never the windows evaluation reads).")
+                   "calibrated on (text or JSONL file; its end, never the windows evaluation reads). Default: "
+                   "builtin:pydoc. Refused with any other form or cache, which calibrate nothing.")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs torch self-validation.")
 @click.option("--validation", type=click.Choice(["auto", "whole-model", "per-layer"]), default="auto",
               show_default=True,
@@ -61,6 +62,9 @@ def onnx_cmd(source, out, form, opset, exporter, optimum_python, kv_cache, calib
 
     from export.onnx import export_onnx
 
+    if calib is not None and not (form == "ort" and kv_cache == "int8"):
+        raise click.UsageError("--calib is the corpus the ort form's int8 KV cache is calibrated on; it applies "
+                               "to --form ort --kv-cache int8 only")
     t0 = time.perf_counter()
     m = export_onnx(source, out, form=form, opset=opset, validate=not no_validate, force=force,
                     progress=not as_json, exporter=exporter, optimum_python=optimum_python, validation=validation,

@@ -117,6 +117,10 @@ def test_fp8_and_contract_rules_are_one_line(tiny_dir, tmp_path):
     r = CliRunner().invoke(cli, ["export", "onnx", str(tiny_dir), "-o", str(tmp_path / "c"), "--form", "ort",
                                  "--kv-cache", "int8", "--calib", str(tmp_path / "missing.txt")])
     assert r.exit_code != 0 and "corpus file not found" in r.output and not (tmp_path / "c").exists()
+    r = CliRunner().invoke(cli, ["export", "onnx", str(tiny_dir), "-o", str(tmp_path / "d"), "--kv-cache", "int8",
+                                 "--calib", "builtin:pydoc"])  # the portable form calibrates nothing
+    assert r.exit_code == 2 and "applies to --form ort --kv-cache int8 only" in r.output
+    assert not (tmp_path / "d").exists()
     ins = (TensorSpec("input_ids", "int64", ("batch", "seq")),)
     IOSpec(version=4, form="ort", opset=23, inputs=ins, outputs=(), kv_dtype="int8")
     with pytest.raises(ValueError, match="int8 cache of the ort form"):
