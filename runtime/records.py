@@ -183,6 +183,10 @@ class LogitCheck:
     no_past: Diff
     with_past: Diff
     top1_agreement: float
+    # {op type: nodes per run} ONNX Runtime ran at this level that the graph file does not contain (its fusions,
+    # e.g. MatMulNBits for DequantizeLinear -> MatMul, which quantizes activations to int8 per block): where its
+    # numbers may part from the graph's own math. None: not recorded (artifacts made before it was)
+    kernels: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)

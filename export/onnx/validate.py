@@ -7,7 +7,9 @@ The metric is max |Δlogits| divided by the torch logit range (max - min) on the
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -93,9 +95,9 @@ def past_feeds(sess, past: list | None, batch: int, kv_heads: int) -> dict:
     return feeds
 
 
-def ort_session(path, threads: int | None = None, basic: bool = False):
+def ort_session(path, threads: int | None = None, basic: bool = False, profile: str | None = None):
     """``basic``: the graph's own math (basic optimizations only). Otherwise as runtime.Engine runs it (all
-    optimizations)."""
+    optimizations). ``profile``: a file prefix for ONNX Runtime's profiler (``fused_kernels`` reads it)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -104,7 +106,35 @@ def ort_session(path, threads: int | None = None, basic: bool = False):
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def fused_kernels(sess, onnx_path) -> dict[str, int]:
+    """{op type: nodes per run} of the kernels a profiled session ran in its first run that the graph file
+    does not contain: ONNX Runtime's fusions (MatMulNBits for DequantizeLinear -> MatMul, MatMulIntegerToFloat,
+    ...), where its numbers may part from the graph's own math. Ends the session's profiling."""
+    import json
+    import os
+
+    import onnx
+
+    path = sess.end_profiling()
+    try:
+        events = json.loads(Path(path).read_text())
+    finally:
+        os.unlink(path)
+    in_file = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+    first = next((e for e in events if e.get("name") == "model_run"), None)
+    counts: dict[str, int] = {}
+    for e in events:
+        op = e.get("args", {}).get("op_name") if e.get("cat") == "Node" else None
+        if op and op not in in_file and e["name"].endswith("_kernel_time") and (
+                first is None or first["ts"] <= e["ts"] <= first["ts"] + first["dur"]):
+            counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def run_ort(sess, ids, past, arch):
@@ -148,11 +178,14 @@ def validate(model, tokenizer, onnx_path, arch, specs: dict,
         abs1, rel1 = _rel(tail, ref[:, k:])
         return LogitCheck(optimization=optimization, value=max(rel0, rel1), tolerance=tolerance,
                           no_past=Diff(abs0, rel0), with_past=Diff(abs1, rel1, past_tokens=int(k)),
-                          top1_agreement=float(np.mean(full.argmax(-1) == ref.argmax(-1))))
+                          top1_agreement=float(np.mean(full.argmax(-1) == ref.argmax(-1))),
+                          kernels=fused_kernels(sess, onnx_path))
 
-    graph = None if is_float else compare(ort_session(onnx_path, basic=True), "ORT_ENABLE_BASIC", graph_tol)
-    sess = ort_session(onnx_path)
-    cpu = compare(sess, "ORT_ENABLE_ALL", tol)
+    with tempfile.TemporaryDirectory(prefix="kiln-validate-") as prof:
+        graph = None if is_float else compare(ort_session(onnx_path, basic=True, profile=f"{prof}/basic"),
+                                              "ORT_ENABLE_BASIC", graph_tol)
+        sess = ort_session(onnx_path, profile=f"{prof}/all")
+        cpu = compare(sess, "ORT_ENABLE_ALL", tol)
 
     # greedy decoding on ORT with its KV cache; torch then reads prompt + generated tokens in one forward and
     # must pick the same token at every step (identical to running torch greedy, at the cost of one forward)
