@@ -130,7 +130,7 @@ def test_scores_with_gptq_weights_and_the_head(tiny_dir):
     from compress.loading import load_model
 
     model, tok, _ = load_model(str(tiny_dir))
-    batches = calibration_batches(tok, samples=6, seq_len=64)
+    batches = calibration_batches(tok, samples=6, seq_len=48)
     fmts = ["int4", "int8-wo"]
     rtn = group_scores(model, batches[:2], fmts, KERNEL_BLOCKS["cpu"], head="int8-wo")
     gq = group_scores(model, batches[:2], fmts, KERNEL_BLOCKS["cpu"], gptq=frozenset(fmts), head="int8-wo",

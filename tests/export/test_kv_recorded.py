@@ -34,7 +34,7 @@ def recorded(tiny_dir, tmp_path_factory):
     res = quantize_checkpoint(str(tiny_dir), cfg, ck, calib_samples=WINDOWS, seq_len=SEQ, eval_windows=None,
                               kv_cache="int8")
     art = root / "art"
-    export_onnx(str(ck), art, form="ort", kv_cache="int8")
+    export_onnx(str(ck), art, form="ort", kv_cache="int8", validate=False)  # validated in test_kv_static
     return ck, art, res
 
 
@@ -88,7 +88,7 @@ def test_export_takes_the_checkpoints_scales(recorded):
     t = load_file(str(ck / KV_SCALES_FILE))
     m = read_manifest(art)
     a = m.architecture
-    assert m.io.kv_static and m.validation.passed
+    assert m.io.kv_static
     assert (m.kv_cache.calibrated_by, m.kv_cache.file, m.kv_cache.windows) == ("quantize", None, WINDOWS)
     got = _graph_scales(art)
     for i in range(a.layers):

@@ -21,8 +21,8 @@ def exported(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("vk")
     out = {}
     for scheme in ("int8-sq", "fp8"):
-        quantize_checkpoint(str(tiny_dir), config_for(scheme), root / scheme, calib_samples=4, seq_len=64,
-                            eval_windows=None)
+        quantize_checkpoint(str(tiny_dir), config_for(scheme, method="rtn"), root / scheme, calib_samples=2,
+                            seq_len=32, eval_windows=None)
         export_onnx(str(root / scheme), root / f"{scheme}-onnx")
         out[scheme] = (root / scheme, root / f"{scheme}-onnx")
     return out
