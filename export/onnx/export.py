@@ -247,6 +247,9 @@ def _static_kv(tmp, onnx_path, model, tok, direct, arch, recorded, corpus, progr
     calibrated here. Returns the artifact's KVCacheRecord."""
     import dataclasses
 
+    from runtime.corpus import BUILTIN
+    from runtime.records import KVCacheRecord
+
     from .artifact import write_side_files
     from .kvstatic import DEFAULT_WINDOWS, calibrate, make_static
 
@@ -271,9 +274,6 @@ def _static_kv(tmp, onnx_path, model, tok, direct, arch, recorded, corpus, progr
         if bar:
             bar.close()
     make_static(onnx_path, scales, arch)
-    from runtime.corpus import BUILTIN
-    from runtime.records import KVCacheRecord
-
     return KVCacheRecord(format="int8", calibrated_by="export", corpus=corpus or BUILTIN, windows=scales.windows,
                          seq_len=scales.seq_len)
 
