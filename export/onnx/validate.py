@@ -112,21 +112,26 @@ def ort_session(path, threads: int | None = None, basic: bool = False, profile: 
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def fused_kernels(sess, onnx_path) -> dict[str, int]:
+def graph_ops(onnx_path) -> set[str]:
+    """The op types of the graph file (its weights are not read)."""
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+
+
+def fused_kernels(sess, in_file: set[str]) -> dict[str, int]:
     """{op type: nodes per run} of the kernels a profiled session ran in its first run that the graph file
-    does not contain: ONNX Runtime's fusions (MatMulNBits for DequantizeLinear -> MatMul, MatMulIntegerToFloat,
-    ...), where its numbers may part from the graph's own math. Ends the session's profiling."""
+    (op types ``in_file``) does not contain: ONNX Runtime's fusions (MatMulNBits for DequantizeLinear ->
+    MatMul, MatMulIntegerToFloat, ...), where its numbers may part from the graph's own math. Ends the
+    session's profiling."""
     import json
     import os
-
-    import onnx
 
     path = sess.end_profiling()
     try:
         events = json.loads(Path(path).read_text())
     finally:
         os.unlink(path)
-    in_file = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
     first = next((e for e in events if e.get("name") == "model_run"), None)
     counts: dict[str, int] = {}
     for e in events:
@@ -179,8 +184,9 @@ def validate(model, tokenizer, onnx_path, arch, specs: dict,
         return LogitCheck(optimization=optimization, value=max(rel0, rel1), tolerance=tolerance,
                           no_past=Diff(abs0, rel0), with_past=Diff(abs1, rel1, past_tokens=int(k)),
                           top1_agreement=float(np.mean(full.argmax(-1) == ref.argmax(-1))),
-                          kernels=fused_kernels(sess, onnx_path))
+                          kernels=fused_kernels(sess, ops))
 
+    ops = graph_ops(onnx_path)
     with tempfile.TemporaryDirectory(prefix="kiln-validate-") as prof:
         graph = None if is_float else compare(ort_session(onnx_path, basic=True, profile=f"{prof}/basic"),
                                               "ORT_ENABLE_BASIC", graph_tol)
