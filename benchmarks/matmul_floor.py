@@ -28,43 +28,59 @@ def step_shapes(stacked: bool) -> list[tuple[int, int]]:
     return per * LAYERS + [(H, VOCAB)]
 
 
-def time_step(bits: int, block: int, stacked: bool, threads: int, rows: int = 1) -> float:
+def product_graph(products: list[tuple[int, int, int, int]], threads: int, rows: int = 1):
+    """An ONNX Runtime session of nothing but weight products, one per (K, N, bits, block): bits 32 a plain
+    float32 MatMul, else ``MatMulNBits`` (accuracy level 4, random codes, a float32 scale per block), one input
+    [rows, K] per distinct K. Returns (session, feeds, weight bytes)."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    nodes, inits, outs = [], [], []
-    for i, (k, n) in enumerate(step_shapes(stacked)):
+    nodes, inits, outs, ks, nbytes = [], [], [], {}, 0
+    for i, (k, n, bits, block) in enumerate(products):
+        ks.setdefault(k, helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [rows, k]))
         if bits == 32:  # plain float32 MatMul: what the fp32 artifact runs
-            inits.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) * 0.02, f"w{i}"))
-            nodes.append(helper.make_node("MatMul", ["x" if k == H else "x_inter", f"w{i}"], [f"y{i}"]))
-            outs.append(f"y{i}")
-            continue
-        nb = (k + block - 1) // block
-        inits.append(numpy_helper.from_array(rng.integers(0, 255, (n, nb, block * bits // 8), dtype=np.uint8), f"w{i}"))
-        inits.append(numpy_helper.from_array((rng.random(n * nb, dtype=np.float32) * 0.01), f"s{i}"))
-        nodes.append(helper.make_node("MatMulNBits", ["x" if k == H else "x_inter", f"w{i}", f"s{i}"], [f"y{i}"],
-                                      domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
-                                      accuracy_level=4))
-        outs.append(f"y{i}")
-    graph = helper.make_graph(nodes, "matmuls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, H]),
-                                                 helper.make_tensor_value_info("x_inter", TensorProto.FLOAT, [rows, INTER])],
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
+            w = rng.standard_normal((k, n), dtype=np.float32) * 0.02
+            inits.append(numpy_helper.from_array(w, f"w{i}"))
+            nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]))
+            nbytes += w.nbytes
+        else:
+            nb = (k + block - 1) // block
+            codes = rng.integers(0, 256, (n, nb, block * bits // 8), dtype=np.uint8)
+            scales = (rng.random(n * nb, dtype=np.float32) + 0.5) * 1e-3
+            inits += [numpy_helper.from_array(codes, f"w{i}"), numpy_helper.from_array(scales, f"s{i}")]
+            nodes.append(helper.make_node("MatMulNBits", [f"x{k}", f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
+                                          K=k, N=n, bits=bits, block_size=block, accuracy_level=4))
+            nbytes += codes.nbytes + scales.nbytes
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [rows, n]))
+    graph = helper.make_graph(nodes, "matmuls", list(ks.values()), outs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    feeds = {"x": rng.random((rows, H), dtype=np.float32), "x_inter": rng.random((rows, INTER), dtype=np.float32)}
-    for _ in range(5):
+    feeds = {f"x{k}": rng.random((rows, k), dtype=np.float32) for k in ks}
+    return sess, feeds, nbytes
+
+
+def median_pass(sess, feeds, runs: int = 5, reps: int = 20, warmup: int = 5) -> float:
+    """Seconds one pass takes: median over ``runs`` of the mean of ``reps`` passes, after ``warmup`` passes."""
+    for _ in range(warmup):
         sess.run(None, feeds)
-    runs = []
-    for _ in range(5):
+    times = []
+    for _ in range(runs):
         t = time.perf_counter()
-        for _ in range(20):
+        for _ in range(reps):
             sess.run(None, feeds)
-        runs.append((time.perf_counter() - t) / 20)
-    return statistics.median(runs)
+        times.append((time.perf_counter() - t) / reps)
+    return statistics.median(times)
+
+
+def time_step(bits: int, block: int, stacked: bool, threads: int, rows: int = 1) -> float:
+    sess, feeds, _ = product_graph([(k, n, bits, block) for k, n in step_shapes(stacked)], threads, rows)
+    return median_pass(sess, feeds)
 
 
 def main(argv=None) -> int:

@@ -180,42 +180,16 @@ def weight_products(art: Path) -> list[tuple[int, int, int, int]]:
 def kernel_floor(art: Path, threads: int, runs: int = 5) -> dict:
     """Milliseconds one batch-1 pass over nothing but the artifact's weight products takes in ONNX Runtime's
     MatMulNBits (accuracy level 4, the fast kernel the runtime's graphs fuse to; random codes of the same shapes,
-    bits and blocks, one session, ``threads`` intra-op threads): the decode step's floor from its weight kernels,
-    whatever the rest of the graph does. Median of ``runs`` x 5 passes."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    bits and blocks, one session, ``threads`` intra-op threads; benchmarks/matmul_floor.py builds it): the
+    decode step's floor from its weight kernels, whatever the rest of the graph does. Median of ``runs`` x 5
+    passes."""
+    from .matmul_floor import median_pass, product_graph
 
     prods = weight_products(art)
     if not prods:
         return {"error": "no quantized weight products in the graph"}
-    rng = np.random.default_rng(0)
-    nodes, inits, outs, ins, nbytes = [], [], [], {}, 0
-    for j, (k, n, bits, block) in enumerate(prods):
-        codes = rng.integers(0, 256, (n, k // block, block * bits // 8), dtype=np.uint8)
-        scales = ((rng.random(n * (k // block)) + 0.5) * 1e-3).astype(np.float32)
-        inits += [numpy_helper.from_array(codes, f"B{j}"), numpy_helper.from_array(scales, f"S{j}")]
-        ins.setdefault(k, helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]))
-        nodes.append(helper.make_node("MatMulNBits", [f"x{k}", f"B{j}", f"S{j}"], [f"y{j}"], domain="com.microsoft",
-                                      K=k, N=n, bits=bits, block_size=block, accuracy_level=4))
-        outs.append(helper.make_tensor_value_info(f"y{j}", TensorProto.FLOAT, [1, n]))
-        nbytes += codes.nbytes + scales.nbytes
-    g = helper.make_graph(nodes, "floor", list(ins.values()), outs, inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    del model, g, inits
-    feeds = {f"x{k}": rng.standard_normal((1, k)).astype(np.float32) for k in ins}
-    sess.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        for _ in range(5):
-            sess.run(None, feeds)
-        times.append((time.perf_counter() - t) / 5)
-    ms = statistics.median(times) * 1e3
+    sess, feeds, nbytes = product_graph(prods, threads)
+    ms = median_pass(sess, feeds, runs=runs, reps=5, warmup=1) * 1e3
     return {"floor_ms": ms, "products": len(prods), "weight_bytes": nbytes, "kernel_gbs": nbytes / ms / 1e6}
 
 
