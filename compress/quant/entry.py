@@ -21,7 +21,7 @@ from runtime.manifest import Manifest
 from runtime.strict import to_json
 
 from ..errors import CompressError
-from .gptq import HeadFactor, gptq
+from .gptq import HeadFactor
 from .kvobserve import KV_FORMATS, KVObserver
 from .modules import QuantLinear
 
@@ -103,7 +103,7 @@ def write_tables(lazy, writer, head_spec: LayerSpec | None, head_gptq=None) -> L
     weight-only to ``head_spec``, a block of rows at a time: by GPTQ with ``head_gptq`` (a ``HeadFactor``'s factor; the
     rows are independent), else by round to nearest. Returns the head's spec."""
     from . import primitives as P
-    from .transforms import round_to_nearest
+    from .transforms import head_codes
 
     tied = bool(getattr(lazy.config, "tie_word_embeddings", False))
     emb = "model.embed_tokens.weight"
@@ -123,11 +123,7 @@ def write_tables(lazy, writer, head_spec: LayerSpec | None, head_gptq=None) -> L
         from ..memory import give_back
 
         for lo in range(0, rows, ROWS):
-            w = lazy.head_rows(lo, min(lo + ROWS, rows))
-            if head_gptq is not None:
-                c, s = gptq(w, head_gptq, head_spec.weight, head_spec.group_size or 0)
-            else:
-                c, s = round_to_nearest(w, head_spec)
+            c, s = head_codes(lazy.head_rows(lo, min(lo + ROWS, rows)), head_spec, head_gptq)
             scales.append(s)
             yield _np(P.pack_int4(c) if head_spec.weight == "int4" else c)[0]
             give_back()

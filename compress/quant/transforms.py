@@ -76,6 +76,14 @@ def quantize_static_linear(model, name: str, spec: LayerSpec, input_scale, smoot
     return replace_linear(model, name, codes, sc, spec, input_scale, smooth)
 
 
+def head_codes(w: torch.Tensor, spec: LayerSpec, factor=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of lm_head rows ``w`` in weight-only ``spec``: by GPTQ with a ``HeadFactor``'s factor (rows
+    are independent, so any block of rows), else round to nearest."""
+    if factor is not None:
+        return gptq(w, factor, spec.weight, spec.group_size or 0)
+    return round_to_nearest(w, spec)
+
+
 @torch.no_grad()
 def quantize_lm_head(model, spec: LayerSpec, factor=None) -> dict:
     """Quantize the lm_head weight-only to ``spec``: by GPTQ with ``factor`` (compress.quant.gptq.HeadFactor),
@@ -83,8 +91,7 @@ def quantize_lm_head(model, spec: LayerSpec, factor=None) -> dict:
     "codes": ..., "scale": ...} for saving."""
     if spec.act is not None:
         raise ValueError("the lm_head is quantized weight-only")
-    w = model.get_output_embeddings().weight.detach().float()
-    codes, s = gptq(w, factor, spec.weight, spec.group_size or 0) if factor is not None else round_to_nearest(w, spec)
+    codes, s = head_codes(model.get_output_embeddings().weight.detach().float(), spec, factor)
     if is_tied(model):
         model.get_input_embeddings().weight.copy_(P.dequantize(codes, s))
         return {"spec": spec, "codes": codes, "scale": s}

@@ -40,3 +40,11 @@ def feeds(arch, ids: np.ndarray, mask: np.ndarray | None = None, past: list | No
             f[f"past_key_values.{i}.{kind}"] = (np.zeros((B, arch.kv_heads, 0, arch.head_dim), np.float32)
                                                 if past is None else past[2 * i + j])
     return f
+
+
+def kv_graph_scales(art: Path) -> dict[str, np.ndarray]:
+    """The ort form's static KV-cache scales, the graph's ``/kv_cache/`` initializers, by name."""
+    import onnx
+
+    m = onnx.load(str(Path(art) / "model.onnx"), load_external_data=False)
+    return {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer if "/kv_cache/" in i.name}

@@ -7,7 +7,6 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
@@ -20,6 +19,7 @@ from export.onnx.kvstatic import calibrate
 from kiln.cli import cli
 from runtime.kvscales import KV_SCALES_FILE, KVAmax
 from runtime.manifest import ManifestError, read_manifest
+from tests.export.onnx_helpers import kv_graph_scales
 
 WINDOWS, SEQ = 4, 64
 
@@ -36,11 +36,6 @@ def recorded(tiny_dir, tmp_path_factory):
     art = root / "art"
     export_onnx(str(ck), art, form="ort", kv_cache="int8", validate=False)  # validated in test_kv_static
     return ck, art, res
-
-
-def _graph_scales(art) -> dict[str, np.ndarray]:
-    g = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
-    return {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer if "/kv_cache/" in i.name}
 
 
 def test_checkpoint_records_the_quantized_models_kv_maxima(recorded):
@@ -90,7 +85,7 @@ def test_export_takes_the_checkpoints_scales(recorded):
     a = m.architecture
     assert m.io.kv_static
     assert (m.kv_cache.calibrated_by, m.kv_cache.file, m.kv_cache.windows) == ("quantize", None, WINDOWS)
-    got = _graph_scales(art)
+    got = kv_graph_scales(art)
     for i in range(a.layers):
         for kind in ("key", "value"):
             np.testing.assert_array_equal(got[f"/model/layers.{i}/attn/kv_cache/{kind}_scale"].reshape(

@@ -16,6 +16,7 @@ from runtime.evaluate import perplexity
 from runtime.kvscales import scales_from_amax
 from runtime.manifest import read_manifest
 from runtime.records import IOSpec, TensorSpec
+from tests.export.onnx_helpers import kv_graph_scales
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +25,6 @@ def arts(tiny_dir, tmp_path_factory):
     export_onnx(str(tiny_dir), root / "float", form="ort")
     export_onnx(str(tiny_dir), root / "int8", form="ort", kv_cache="int8")  # validated against torch
     return root / "float", root / "int8"
-
-
-def _scales(art) -> dict[str, np.ndarray]:
-    m = onnx.load(str(art / "model.onnx"), load_external_data=False)
-    return {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer if "/kv_cache/" in i.name}
 
 
 def test_contract_version_4_codes_only(arts):
@@ -61,7 +57,7 @@ def test_scales_are_the_calibration_amax(arts):
     flt, art = arts
     arch = read_manifest(art).architecture
     s = calibrate(flt / "model.onnx", flt, arch)
-    got = _scales(art)
+    got = kv_graph_scales(art)
     for i in range(arch.layers):
         np.testing.assert_array_equal(got[f"/model/layers.{i}/attn/kv_cache/key_scale"],
                                       s.key[i].reshape(1, arch.kv_heads, 1, arch.head_dim))
