@@ -12,8 +12,10 @@ Runs (each writes WORK/NAME and prints one JSON line; all together print a markd
   int8-sq --target h100 --formats int8-sq,int8-wo,float --budget 1.01: which Linears the search keeps
           float-input (int8-wo) against the int8-sq preset's fixed choice (every down_proj), both measured.
   rank    the proxy against reality: for --rank-groups input groups spread over the layers, the perplexity
-          change when only that group is quantized (fp8 and int4, fake-quant torch model, 4 windows) against
-          the proxy's prediction; Spearman rank correlation.
+          change when only that group is quantized (fp8 and int4 GPTQ, fake-quant torch model, 4 windows)
+          against the proxy's prediction, with the text's labels and with labels drawn from the model: Spearman
+          rank correlation and the scale (sum predicted / sum measured); and every group at once against the
+          sum of the proxy over all groups (additivity).
 Also reported: search time against a plain GPTQ int8-wo quantization of the same model (gate <= 3x), and the
 prediction error |predicted - measured| / measured of the log-ratio (gate <= 30%).
 """
@@ -81,37 +83,44 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def rank_check(n: int) -> dict:
-    """Proxy vs measured perplexity change for n groups quantized alone (fp8 and int4)."""
+    """The proxy against measured perplexity: n groups quantized alone, then every group, in fp8 and int4 (GPTQ,
+    as the quantize pass makes it), for both label choices of the proxy (compress.budget.sensitivity)."""
     import copy
 
     from compress.budget.sensitivity import group_scores
     from compress.calib import calibration_batches, forward_loop
     from compress.evaluate import perplexity
     from compress.loading import load_model
+    from compress.quant import quantize_
     from compress.quant.calibrate import layer_groups
     from kiln.budget import format_config
 
     model, tok, _ = load_model(SOURCE, quiet=True)
     batches = calibration_batches(tok, samples=16)
-    scores = group_scores(model, batches[:4], ["fp8", "int4"])
+    fmts = ("fp8", "int4")
+    scores = {lab: group_scores(model, batches[:4], list(fmts), gptq=frozenset({"int4"}),
+                                hessian_batches=batches[4:], labels=lab) for lab in ("data", "model")}
     groups = layer_groups(model)
     picked = [groups[round(i * (len(groups) - 1) / max(n - 1, 1))] for i in range(n)]
     base = perplexity(model, tok, windows=4).ppl
-    rows = []
-    for fmt in ("fp8", "int4"):
-        for g in picked:
-            m = copy.deepcopy(model)
-            from compress.quant import quantize_
 
-            quantize_(m, format_config(fmt, tuple(g.linears)), calib=forward_loop(batches))
-            measured = math.log(perplexity(m, tok, windows=4).ppl / base)
-            rows.append({"group": g.name, "format": fmt, "predicted": scores[g.name][fmt], "measured": measured})
-            del m
-    out = {}
-    for fmt in ("fp8", "int4"):
+    def measure(fmt, linears) -> float:
+        m = copy.deepcopy(model)
+        quantize_(m, format_config(fmt, tuple(linears)), calib=forward_loop(batches))
+        return math.log(perplexity(m, tok, windows=4).ppl / base)
+
+    rows = [{"group": g.name, "format": fmt, "measured": measure(fmt, g.linears),
+             "predicted": {lab: s[g.name][fmt] for lab, s in scores.items()}} for fmt in fmts for g in picked]
+    out = {"spearman": {}, "scale": {}, "whole": {}}
+    for fmt in fmts:
         r = [x for x in rows if x["format"] == fmt]
-        out[fmt] = round(spearman([x["predicted"] for x in r], [x["measured"] for x in r]), 3)
-    return {"spearman": out, "groups": rows}
+        meas = [x["measured"] for x in r]
+        out["spearman"][fmt] = {lab: round(spearman([x["predicted"][lab] for x in r], meas), 3) for lab in scores}
+        out["scale"][fmt] = {lab: round(sum(x["predicted"][lab] for x in r) / sum(meas), 3) for lab in scores}
+        whole = measure(fmt, [n for g in groups for n in g.linears])
+        out["whole"][fmt] = {"measured": round(whole, 5)} | {
+            f"predicted_{lab}": round(sum(s[g.name][fmt] for g in groups), 5) for lab, s in scores.items()}
+    return out | {"groups": rows}
 
 
 def main(argv=None) -> int:
@@ -177,7 +186,7 @@ def main(argv=None) -> int:
         print(json.dumps({name: res}), flush=True)
     if "rank" in runs:
         results["rank"] = rank_check(args.rank_groups)
-        print(json.dumps({"rank": results["rank"]["spearman"]}), flush=True)
+        print(json.dumps({"rank": {k: results["rank"][k] for k in ("spearman", "scale", "whole")}}), flush=True)
     (work / "budget.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {work / 'budget.json'}", file=sys.stderr)
     return 0

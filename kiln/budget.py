@@ -7,7 +7,8 @@
    ops), export the artifact the target runs (cpu: the ONNX Runtime form when it applies; h100: portable),
    and measure its perplexity on held-out windows (the start of the evaluation corpus; calibration comes from
    the end). Over budget: the group with the highest predicted loss moves up one format, and again.
-The checkpoint goes to OUT, the measured artifact to OUT-onnx; kiln.json's last quantize pass records the
+The checkpoint goes to OUT, the measured artifact to OUT-onnx (unless ``keep_artifact`` is False: `kiln pipeline`
+exports it again, validated); kiln.json's last quantize pass records the
 search (``stats.budget``). The model is held in memory (a model of SmolLM2's size); see docs/QUANTIZATION.md.
 """
 from __future__ import annotations
@@ -74,7 +75,8 @@ def apply(model, groups, formats: dict[str, str], calib, head_int8: bool, progre
 def quantize_budget(source: str, out, *, budget: float, formats: str, target: str = "cpu",
                     calib_text: str = BUILTIN, calib_samples: int = 16, seq_len: int = 512,
                     eval_text: str | None = None, eval_windows: int = 8, sensitivity_windows: int = 4,
-                    max_rounds: int = 4, force: bool = False, progress: bool = False) -> dict:
+                    max_rounds: int = 4, force: bool = False, progress: bool = False,
+                    keep_artifact: bool = True) -> dict:
     from export.onnx import export_onnx
     from runtime import Engine
     from runtime.evaluate import perplexity as rt_perplexity
@@ -92,7 +94,7 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
     cands = parse_formats(formats, target)
     out = Path(out)
     art = out.with_name(out.name + "-onnx")
-    for p in (out, art):
+    for p in (out, art) if keep_artifact else (out,):
         if p.exists() and not force:
             raise CompressError(f"{p} already exists; pass --force to replace it")
     t0 = time.perf_counter()
@@ -152,13 +154,16 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
             "groups": {g: {"format": f, "predicted_loss": round(scores[g][f], 8)} for g, f in choice.formats.items()},
             "sensitivity": {"windows": sensitivity_windows, "seconds": round(t_sens, 1), "gptq": sorted(gptq),
                             "lm_head": {"format": head, "predicted_ratio": round(head_ratio, 5)} if head else None},
+            "calibration": {"text": calib_text, "samples": calib_samples, "seq_len": seq_len},
             "evaluation": {"text": eval_text or calib_text, "windows": eval_windows, "seq_len": seq_len,
                            "ppl_float": round(base.ppl, 4)}})
-        _replace(work / f"onnx{last}", art, force)
+        if keep_artifact:
+            _replace(work / f"onnx{last}", art, force)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     weights = sum(sizes[g] for g in sizes)
-    return {"output": str(out.resolve()), "artifact": str(art.resolve()), "budget": float(budget),
+    return {"output": str(out.resolve()), "artifact": str(art.resolve()) if keep_artifact else None,
+            "budget": float(budget),
             "target": target, "met": rounds[-1]["measured_ratio"] <= float(budget), "rounds": rounds,
             "weight_share": {f: round(sum(sizes[g] for g in choice.formats if choice.formats[g] == f) / weights, 4)
                              for f in set(choice.formats.values())},

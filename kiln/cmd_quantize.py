@@ -18,7 +18,8 @@ SCHEME_NAMES = ("int8-wo", "fp8", "int8-sq", "int8-dyn", "int4", "int8-group")
                    "on the exported artifact stays within this (e.g. 1.015); the artifact goes to OUT-onnx.")
 @click.option("--formats", default=None, help="With --budget: candidate formats, e.g. fp8,int8-wo,float (h100) or "
                                               "int4,int8-wo,int8-fine,float (cpu; int8-fine: int8-wo with the "
-                                              "fine kernel).")
+                                              "fine kernel). Default: int4,int8-wo (cpu), fp8,int8-wo,float "
+                                              "(h100).")
 @click.option("--target", type=click.Choice(["cpu", "h100"]), default="cpu", show_default=True,
               help="With --budget: what the cost is (cpu: bytes per decode step; h100: Tensor Core time).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output checkpoint dir.")
@@ -81,7 +82,7 @@ def quantize(source, scheme, budget, formats, target, out, method, kernel, kv_ca
     from compress.quant.entry import quantize_checkpoint
 
     if (scheme is None) == (budget is None):
-        raise click.UsageError("give --scheme NAME, or --budget RATIO with --formats")
+        raise click.UsageError("give --scheme NAME, or --budget RATIO (with --formats)")
     if budget is not None:
         if kernel is not None or method is not None or kv_cache is not None:
             raise click.UsageError("--kernel, --method and --kv-cache apply to --scheme; --budget chooses per group")
@@ -125,10 +126,11 @@ def quantize(source, scheme, budget, formats, target, out, method, kernel, kv_ca
 
 def _budget(source, out, budget, formats, target, calib, calib_samples, seq_len, eval_windows, eval_text, force,
             as_json) -> None:
+    from compress.budget.search import DEFAULT_FORMATS
+
     from .budget import quantize_budget
 
-    if not formats:
-        raise click.UsageError("--budget needs --formats (e.g. fp8,int8-wo,float)")
+    formats = formats or ",".join(DEFAULT_FORMATS[target])
     res = quantize_budget(source, out, budget=budget, formats=formats, target=target, calib_text=calib,
                           calib_samples=calib_samples, seq_len=seq_len, eval_text=eval_text,
                           eval_windows=eval_windows or 8, force=force, progress=not as_json)

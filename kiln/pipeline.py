@@ -15,8 +15,9 @@ from pathlib import Path
 from runtime.fsutil import atomic_write_text
 from runtime.strict import to_json
 
-from .recipe import Recipe, build_config, split_calibration
+from .recipe import Recipe, budget_config, build_config, split_calibration
 
+QUANTIZED_KV_CHUNK = 128  # tokens per step through a quantized KV cache when the recipe's eval names none
 DEFAULT_CONFIG = {"cpu": {"scheme": "int8-wo"}, "h100": {"scheme": "fp8", "ignore": ["lm_head"]}}
 
 
@@ -69,10 +70,25 @@ def _stored_calibration(p) -> dict | None:
     return dict(c) if isinstance(c, dict) else None
 
 
+def _same_budget(stored: list, wanted: dict) -> bool:
+    """``stored`` (the quantize passes one budget search wrote) are that search: its last pass records the
+    budget, target and formats the wanted (target-filled) budget pass asks for, and its calibration."""
+    if not stored or any(p.kind != "quantize" for p in stored):
+        return False
+    rec = stored[-1].stats.get("budget")
+    want = budget_config(wanted["config"], wanted["target"])
+    if not isinstance(rec, dict) or {k: rec.get(k) for k in want} != want:
+        return False
+    return rec.get("calibration") == _calibration("quantize", wanted["config"])
+
+
 def _same_passes(stored: list, wanted: list[dict]) -> bool:
     """The stored passes are the wanted ones: the same configs, and the same calibration (text, samples,
     seq_len) wherever the pass calibrates (every quantize pass records it; a prune pass when its method
-    needs calibration)."""
+    needs calibration). A budget pass (last, with its ``target``) stands for the passes its search wrote."""
+    if wanted and "budget" in wanted[-1]["config"]:
+        n = len(wanted) - 1
+        return _same_passes(stored[:n], wanted[:n]) and _same_budget(stored[n:], wanted[-1])
     if [p.kind for p in stored] != [p["kind"] for p in wanted]:
         return False
     try:
@@ -110,11 +126,15 @@ def _export_differs(m, opset: int | None, source: str | None, max_memory: int | 
     return False
 
 
+KV_DTYPES = {"int8": "int8", "fp8": "float8e4m3fn"}  # a quantized cache's storage type in the IO record
+
+
 def _reusable(path: Path, kind: str, source_sha: str | None, passes: list[dict], form: str | None = None, *,
-              export: dict | None = None) -> bool:
+              export: dict | None = None, kv_cache: str = "float") -> bool:
     """``path`` holds this stage's output as this run would make it: the same source, passes (configs and
     calibration), and for an ONNX stage (``export``: the recipe's ``opset``, the stage's ``source`` and the
-    run's ``max_memory``) the same form, opset, exporter and at least the same validation."""
+    run's ``max_memory``) the same form, opset, exporter and at least the same validation. ``kv_cache``: for a
+    checkpoint, ``int8`` wants recorded KV scales; for an ONNX stage, the cache it holds."""
     from runtime.manifest import ManifestError, read_manifest, verify_files
 
     if not (path / "kiln.json").is_file():
@@ -132,7 +152,22 @@ def _reusable(path: Path, kind: str, source_sha: str | None, passes: list[dict],
         return False
     if export is not None and _export_differs(m, export.get("opset"), export.get("source"), export.get("max_memory")):
         return False
+    if kind == "checkpoint" and kv_cache == "int8" and m.kv_cache is None:
+        return False
+    if kind == "onnx" and (m.io is None or m.io.kv_dtype != KV_DTYPES.get(kv_cache, m.io.kv_dtype)
+                           or (kv_cache == "float" and m.io.kv_quantized)):
+        return False
     return _same_passes(m.passes, passes)
+
+
+def _with_target(p: dict, target: str) -> dict:
+    """A budget pass with the run's target and its formats filled in (checked against the target)."""
+    if p["kind"] != "quantize" or "budget" not in p["config"]:
+        return p
+    cfg = dict(p["config"])
+    full = budget_config(cfg, target)
+    cfg["formats"] = full["formats"]
+    return {"kind": "quantize", "config": cfg, "target": target}
 
 
 def _artifact_memory(path: Path) -> int:
@@ -157,10 +192,13 @@ class Pipeline:
         self.recipe = recipe or default_recipe(self.target)
         if not any(p["kind"] == "quantize" for p in self.recipe.passes) and recipe is None:
             self.recipe = default_recipe(self.target)
+        self.recipe.passes = [_with_target(p, self.target) for p in self.recipe.passes]
+        self.kv_cache = self.recipe.export.get("kv_cache", "float")
         self.log = log or (lambda msg: None)
         ev = self.recipe.eval
         self.eval = {"text": ev.get("text", "builtin:pydoc"), "windows": ev.get("windows", 8),
                      "seq_len": ev.get("seq_len", 512)}
+        self.chunk = ev.get("chunk")
         b = self.recipe.bench
         self.bench_cfg = {"prompt_len": b.get("prompt_len", 32), "new_tokens": b.get("new_tokens", 128),
                           "runs": b.get("runs", 3)}
@@ -173,7 +211,9 @@ class Pipeline:
     def _checkpoint_stage(self, name: str, src: str, p: dict, passes_after: list[dict], sha: str | None) -> Stage:
         path = self.out / name
         t0 = time.perf_counter()
-        if not self.force and _reusable(path, "checkpoint", sha, passes_after):
+        record_kv = self.kv_cache == "int8" and p["kind"] == "quantize" and "budget" not in p["config"]
+        if not self.force and _reusable(path, "checkpoint", sha, passes_after,
+                                        kv_cache="int8" if record_kv else "float"):
             self.log(f"[{name}] reusing {path}")
             return Stage(name, str(path), "checkpoint", passes_after, reused=True)
         cfg, calib = split_calibration(p["config"])
@@ -186,13 +226,19 @@ class Pipeline:
             config, recover = config_from_dict(cfg)
             prune_checkpoint(src, path, config, text=text, calib_samples=samples or 64, calib_seq_len=seq,
                              recover=recover, force=True, progress=self.progress)
+        elif "budget" in cfg:
+            from .budget import quantize_budget
+
+            quantize_budget(src, path, budget=cfg["budget"], formats=",".join(cfg["formats"]), target=p["target"],
+                            calib_text=text, calib_samples=samples or CALIB_DEFAULTS["quantize"]["samples"],
+                            seq_len=seq, force=True, progress=self.progress, keep_artifact=False)
         else:
             from compress.quant.config import config_from_dict
             from compress.quant.entry import quantize_checkpoint
 
             kw = {"calib_samples": samples} if samples else {}
             quantize_checkpoint(src, config_from_dict(cfg), path, calib_text=text, seq_len=seq, eval_windows=None,
-                                force=True, progress=self.progress, **kw)
+                                force=True, progress=self.progress, kv_cache="int8" if record_kv else None, **kw)
         return Stage(name, str(path), "checkpoint", passes_after, seconds=round(time.perf_counter() - t0, 1))
 
     def _default_form(self, src: str) -> str:
@@ -208,7 +254,8 @@ class Pipeline:
         specs = m.layer_specs() if m is not None else {}
         return "portable" if ort_form_refusal(specs) else "ort"
 
-    def _export_stage(self, name: str, src: str, passes: list[dict], sha: str | None) -> Stage:
+    def _export_stage(self, name: str, src: str, passes: list[dict], sha: str | None, kv_cache: str = "float"
+                      ) -> Stage:
         from export.onnx import export_onnx
         from runtime.manifest import read_manifest
 
@@ -216,13 +263,15 @@ class Pipeline:
         t0 = time.perf_counter()
         form = self.recipe.export.get("form") or self._default_form(src)
         reused = not self.force and _reusable(path, "onnx", sha, passes, form, export={
-            "opset": self.recipe.export.get("opset"), "source": src, "max_memory": self.max_memory})
+            "opset": self.recipe.export.get("opset"), "source": src, "max_memory": self.max_memory},
+            kv_cache=kv_cache)
         if reused:
             self.log(f"[{name}] reusing {path}")
         else:
-            self.log(f"[{name}] export ONNX ({form}) + validation on ONNX Runtime CPU")
+            kv = f", KV cache {kv_cache}" if kv_cache != "float" else ""
+            self.log(f"[{name}] export ONNX ({form}{kv}) + validation on ONNX Runtime CPU")
             export_onnx(src, path, form=form, opset=self.recipe.export.get("opset"), validate=True, force=True,
-                        progress=self.progress, max_memory=self.max_memory)
+                        progress=self.progress, max_memory=self.max_memory, kv_cache=kv_cache)
         m = read_manifest(path)
         return Stage(name, str(path), "onnx", passes, reused=reused, validation=to_json(m.validation),
                      seconds=round(time.perf_counter() - t0, 1))
@@ -281,7 +330,11 @@ class Pipeline:
 
         backend = "tensorrt" if st.kind == "engine" else "onnxruntime"
         with Engine.load(st.path, backend=backend, threads=self.threads) as eng:
-            st.ppl = rt_perplexity(eng, text=ev["text"], seq_len=ev["seq_len"], windows=ev["windows"]).ppl
+            chunk = self.chunk
+            if chunk is None and eng.manifest.io is not None and eng.manifest.io.kv_quantized:
+                chunk = QUANTIZED_KV_CHUNK  # one pass would never read the cache it stores
+            st.ppl = rt_perplexity(eng, text=ev["text"], seq_len=ev["seq_len"], windows=ev["windows"],
+                                   chunk=chunk).ppl
             if bench:
                 self.log(f"[{st.name}] benchmark: {self.bench_cfg}")
                 st.bench = benchmark(eng, BenchConfig(**self.bench_cfg))
@@ -308,7 +361,8 @@ class Pipeline:
             src = st.path
         ref = self._export_stage("reference-onnx", self.source, [], sha)
         self.stages.append(ref)
-        final = self._export_stage("onnx", src, passes, sha) if passes else ref
+        kv = self.kv_cache
+        final = self._export_stage("onnx", src, passes, sha, kv) if passes or kv != "float" else ref
         if final is not ref:
             self.stages.append(final)
         engine = self._tensorrt_stage(Path(final.path)) if self.target == "h100" else None

@@ -5,10 +5,17 @@
         config: {method: width, mlp: 0.25, recover_steps: 200}
       - kind: quantize
         config: {scheme: int8-wo}
-    export: {form: portable}
-    eval: {text: builtin:pydoc, windows: 8, seq_len: 512}
+    export: {form: portable, kv_cache: int8}
+    eval: {text: builtin:pydoc, windows: 8, seq_len: 512, chunk: 128}
     bench: {prompt_len: 32, new_tokens: 128, runs: 3}
     target: cpu
+
+A quantize pass takes either a scheme (``config: {scheme: int4, ...}``, the form kiln.json stores) or a
+quality budget (``config: {budget: 1.02, formats: [int4, int8-wo]}``: ``kiln compress quantize --budget``, the
+recipe's target saying what the cost is). ``export.kv_cache`` (float, int8, fp8) is the artifact's KV cache;
+with int8 the quantize pass records static scales that the ONNX Runtime form uses. ``eval.chunk`` feeds each
+window through the KV cache that many tokens at a time (default: 128 when the cache is quantized, else one
+pass).
 
 Every error names the file and line: unknown keys, wrong types, unknown passes, prune after quantize.
 """
@@ -21,9 +28,10 @@ from compress.errors import CompressError
 
 PASS_ORDER = {"prune": 0, "quantize": 1}
 TARGETS = ("cpu", "h100")
+KV_CACHES = ("float", "int8", "fp8")
 _SECTIONS = {
-    "export": {"form": str, "opset": int},
-    "eval": {"text": str, "windows": int, "seq_len": int},
+    "export": {"form": str, "opset": int, "kv_cache": str},
+    "eval": {"text": str, "windows": int, "seq_len": int, "chunk": int},
     "bench": {"prompt_len": int, "new_tokens": int, "runs": int, "threads": int},
 }
 
@@ -92,6 +100,10 @@ def parse_recipe(text: str, where: str = "recipe") -> Recipe:
                 val = _plain(fvn)
                 if not isinstance(val, want) or isinstance(val, bool):
                     raise RecipeError(f"{where}:{_line(fvn)}: {key}.{fk} must be {want.__name__}, got {val!r}")
+                if (key, fk) == ("export", "kv_cache") and val not in KV_CACHES:
+                    raise RecipeError(f"{where}:{_line(fvn)}: export.kv_cache must be one of {', '.join(KV_CACHES)}")
+                if want is int and val < 1:
+                    raise RecipeError(f"{where}:{_line(fvn)}: {key}.{fk} must be at least 1, got {val}")
                 getattr(recipe, key)[fk] = val
         elif key == "target":
             val = _plain(vnode)
@@ -131,7 +143,10 @@ def _passes(node, where: str) -> list[dict]:
         if not isinstance(cfg, dict):
             raise RecipeError(f"{where}:{_line(cfg_node)}: config must be a mapping")
         try:
-            build_config(kind, cfg)
+            if kind == "quantize" and "budget" in cfg:
+                budget_config(cfg)
+            else:
+                build_config(kind, cfg)
         except (CompressError, TypeError, ValueError) as e:
             line = _line(cfg_node if cfg_node is not None else item)
             raise RecipeError(f"{where}:{line}: {kind} config: {' '.join(str(e).split())}") from None
@@ -164,6 +179,42 @@ def build_config(kind: str, cfg: dict):
 
     cfg, _ = split_calibration(cfg)
     return config_from_pass(kind, cfg)
+
+
+BUDGET_KEYS = ("budget", "formats", "calibration")
+
+
+def budget_config(cfg: dict, target: str | None = None) -> dict:
+    """A quantize pass's ``budget`` form, checked: ``{budget: ratio, formats: [a, b] or "a,b"}`` (formats
+    default to the target's, compress.budget.search.DEFAULT_FORMATS). With ``target`` the formats are
+    checked against it and the result carries it: ``{budget, formats: [...], target}``."""
+    from compress.budget.search import COSTS, DEFAULT_FORMATS
+
+    cfg, _ = split_calibration(cfg)
+    unknown = sorted(set(cfg) - set(BUDGET_KEYS))
+    if unknown:
+        raise CompressError(f"unknown budget field {unknown[0]!r} (a budget pass has {', '.join(BUDGET_KEYS)}; "
+                            "scheme settings go in a scheme pass)")
+    budget = cfg["budget"]
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 1.0 < budget < 10.0:
+        raise CompressError(f"budget is a perplexity ratio above 1 (e.g. 1.015), got {budget!r}")
+    formats = cfg.get("formats")
+    if formats is None:
+        if target is None:
+            return {"budget": float(budget)}
+        formats = DEFAULT_FORMATS[target]
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    if not isinstance(formats, list) or not formats or not all(isinstance(f, str) for f in formats):
+        raise CompressError(f"formats is a list of format names (e.g. int4,int8-wo), got {cfg.get('formats')!r}")
+    known = set().union(*COSTS.values()) | {"float"}
+    bad = [f for f in formats if f not in known or (target is not None and f not in COSTS[target])]
+    if bad:
+        where = f" for target {target}" if target else ""
+        raise CompressError(f"formats: {bad[0]!r} is not a format{where} (formats: "
+                            f"{', '.join(sorted(COSTS[target] if target else known))})")
+    out = {"budget": float(budget), "formats": formats}
+    return out | {"target": target} if target else out
 
 
 def load_recipe(path: str | Path) -> Recipe:

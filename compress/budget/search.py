@@ -23,6 +23,8 @@ COSTS = {
             "int4": 0.625},
     "h100": {"float": 1.0, "int8-wo": 0.6, "int8-group": 0.62, "int4": 0.35, "fp8": 0.5, "int8-sq": 0.5},
 }
+# the candidates when none are named: the gates' choices (docs/QUANTIZATION.md, "--budget")
+DEFAULT_FORMATS = {"cpu": ["int4", "int8-wo"], "h100": ["fp8", "int8-wo", "float"]}
 
 # the weight-only formats' input as the target's kernel sees it: quantized to int8 per this many inputs; the
 # sensitivity proxy applies it (compress.budget.sensitivity)

@@ -75,17 +75,23 @@ def _forward(model, batches, hooks) -> None:
 
 def group_scores(model, batches: list[torch.Tensor], formats: list[str],
                  blocks: dict[str, int] | None = None, gptq: frozenset = frozenset(),
-                 head: str | None = None, hessian_batches: list[torch.Tensor] | None = None
-                 ) -> dict[str, dict[str, float]]:
+                 head: str | None = None, hessian_batches: list[torch.Tensor] | None = None,
+                 labels: str = "data") -> dict[str, dict[str, float]]:
     """{group name: {format: predicted increase of mean log-perplexity}} for every input group of the decoder
     (compress.quant.calibrate.layer_groups), on the calibration windows ``batches`` ([1, S] token tensors).
     ``blocks``: {weight-only format: inputs per activation scale of the target's kernel}
     (compress.budget.search.KERNEL_BLOCKS); formats not in it see a float input. ``gptq``: the weight-only
     formats whose weights are made by GPTQ, with Hessians from ``hessian_batches`` (default ``batches``; other
     windows keep the prediction out of GPTQ's own sample). ``head``: also score the lm_head in this format
-    (group ``lm_head``)."""
+    (group ``lm_head``). ``labels``: the next tokens the gradients are taken for: ``data`` (the text's own,
+    the empirical Fisher) or ``model`` (drawn from the float model's own distribution at each position, whose
+    expectation is the Fisher of the model's predictive distribution, i.e. the second-order term of the
+    expected KL divergence)."""
     from ..quant.calibrate import Group
     from ..quant.gptq import HessianAccumulator, factor
+
+    if labels not in ("data", "model"):
+        raise ValueError(f"labels: data or model, got {labels!r}")
 
     blocks = blocks or {}
     groups = layer_groups(model)
@@ -153,11 +159,16 @@ def group_scores(model, batches: list[torch.Tensor], formats: list[str],
         for p in params:
             p.requires_grad_(False)
         emb = model.get_input_embeddings()
+        gen = torch.Generator().manual_seed(0)
         for b in batches:
             per_token.clear()
             h = emb(b).detach().requires_grad_(True)  # gradients flow to every Linear's output from here
             logits = model(inputs_embeds=h).logits[0, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits, b[0, 1:], reduction="sum")
+            if labels == "model":
+                target = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1, generator=gen)[:, 0]
+            else:
+                target = b[0, 1:]
+            loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
             loss.backward()
             for (grp, fmt), v in per_token.items():
                 scores[grp][fmt] += 0.5 * float((v.double() ** 2).sum())

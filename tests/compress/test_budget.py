@@ -109,7 +109,7 @@ def test_bad_budget_requests_are_one_line(tiny_dir, tmp_path):
     base = ["compress", "quantize", str(tiny_dir), "-o", str(tmp_path / "q")]
     for extra, msg in ((["--budget", "1.01", "--formats", "fp8,float", "--target", "cpu"], "fp8 is not a format for"),
                        (["--budget", "0.9", "--formats", "int4"], "--budget is a perplexity ratio above 1"),
-                       (["--budget", "1.01"], "--budget needs --formats"),
+                       (["--budget", "1.01", "--formats", ","], "--formats needs at least one format"),
                        ([], "give --scheme NAME, or --budget")):
         r = CliRunner().invoke(cli, base + extra)
         assert r.exit_code == 2 and msg in r.output, r.output

@@ -49,3 +49,50 @@ def test_pipeline_tiny_end_to_end_and_resume(tiny_dir, tmp_path):
     rep3 = {s["name"]: s for s in json.loads(r3.stdout.strip().splitlines()[-1])["stages"]}
     assert rep3["quantized"]["reused"] and not rep3["onnx"]["reused"]
     assert read_manifest(out / "onnx").io.form == "portable"
+
+
+def _pipeline(tiny_dir, out, recipe_text, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text)
+    r = CliRunner().invoke(cli, ["pipeline", str(tiny_dir), "-o", str(out), "--recipe", str(recipe), "--json",
+                                 "--no-bench"])
+    assert r.exit_code == 0, r.output
+    return {s["name"]: s for s in json.loads(r.stdout.strip().splitlines()[-1])["stages"]}
+
+
+@pytest.mark.slow  # two pipelines end to end on the tiny model
+def test_pipeline_kv_cache_and_budget(tiny_dir, tmp_path):
+    """``export: {kv_cache: int8}`` records the static KV scales in the quantize pass and the ONNX Runtime form
+    uses them (the reference keeps a float cache); the stage's perplexity goes through the cache, so it equals
+    `kiln eval ppl --chunk 128`. A ``budget`` pass runs the search and leaves no second artifact; reruns reuse
+    both."""
+    from runtime.manifest import read_manifest
+
+    out = tmp_path / "kv"
+    text = ("passes:\n  - kind: quantize\n    config: {scheme: int8-wo, calibration: {samples: 4, seq_len: 64}}\n"
+            "export: {form: ort, kv_cache: int8}\neval: {windows: 1, seq_len: 256}\n")
+    st = _pipeline(tiny_dir, out, text, tmp_path)
+    ck, art = read_manifest(out / "quantized"), read_manifest(out / "onnx")
+    assert ck.kv_cache is not None and ck.kv_cache.calibrated_by == "quantize"
+    assert art.io.kv_dtype == "int8" and art.io.kv_static and art.kv_cache.calibrated_by == "quantize"
+    assert not read_manifest(out / "reference-onnx").io.kv_quantized
+    e = CliRunner().invoke(cli, ["eval", "ppl", str(out / "onnx"), "--windows", "1", "--seq-len", "256", "--chunk",
+                                 "128", "--json"])
+    assert e.exit_code == 0, e.output
+    assert json.loads(e.stdout.strip().splitlines()[-1])["ppl"] == st["onnx"]["ppl"]
+    st = _pipeline(tiny_dir, out, text, tmp_path)
+    assert all(s["reused"] for n, s in st.items() if n != "source"), st
+    st = _pipeline(tiny_dir, out, text.replace("kv_cache: int8", "kv_cache: float"), tmp_path)
+    assert st["quantized"]["reused"] and not st["onnx"]["reused"]  # the scales stay; the cache is float again
+    assert not read_manifest(out / "onnx").io.kv_quantized
+
+    out = tmp_path / "budget"
+    text = ("passes:\n  - kind: quantize\n    config: {budget: 1.5, calibration: {samples: 6, seq_len: 48}}\n"
+            "eval: {windows: 1, seq_len: 64}\n")
+    st = _pipeline(tiny_dir, out, text, tmp_path)
+    rec = read_manifest(out / "quantized").quant_passes()[-1].stats["budget"]
+    assert rec["budget"] == 1.5 and rec["formats"] == ["int4", "int8-wo"] and rec["target"] == "cpu"
+    assert rec["rounds"][-1]["measured_ratio"] <= 1.5 and not (out / "quantized-onnx").exists()
+    assert st["onnx"]["validation"]["passed"] is True
+    st = _pipeline(tiny_dir, out, text, tmp_path)
+    assert all(s["reused"] for n, s in st.items() if n != "source"), st

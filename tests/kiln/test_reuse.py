@@ -67,3 +67,27 @@ def test_prune_calibration_is_part_of_the_key():
     magnitude = {"method": "magnitude", "sparsity": 0.5}
     stored = [PrunePass(config=dict(magnitude), pattern="unstructured")]
     assert _same_passes(stored, [{"kind": "prune", "config": {**magnitude, "calibration": {"samples": 8}}}])
+
+
+def test_a_budget_pass_is_keyed_on_its_search():
+    """A budget pass stands for the quantize passes its search wrote: reused when the last one records the same
+    budget, target, formats and calibration, redone when any differs."""
+    from kiln.pipeline import _same_passes
+    from runtime.records import QuantPass
+
+    calib = {"text": "builtin:pydoc", "samples": 16, "seq_len": 512}
+    rec = {"budget": 1.02, "target": "cpu", "formats": ["int4", "int8-wo"], "calibration": calib, "rounds": []}
+    stored = [QuantPass(config={"scheme": "int4"}, layers={}),
+              QuantPass(config={"scheme": "int8-wo"}, layers={}, stats={"budget": rec})]
+    want = {"kind": "quantize", "config": {"budget": 1.02, "formats": ["int4", "int8-wo"]}, "target": "cpu"}
+    assert _same_passes(stored, [want])
+    assert not _same_passes(stored, [want | {"config": {"budget": 1.01, "formats": ["int4", "int8-wo"]}}])
+    assert not _same_passes(stored, [want | {"target": "h100"}])
+    assert not _same_passes(stored, [want | {"config": {"budget": 1.02, "formats": ["int4", "int8-wo"],
+                                                        "calibration": {"samples": 8}}}])
+    assert not _same_passes(stored[:1], [want])  # a plain scheme pass is not a search
+    prune = {"kind": "prune", "config": {"method": "magnitude", "sparsity": 0.5}}
+    from runtime.records import PrunePass
+
+    assert _same_passes([PrunePass(config=dict(prune["config"]), pattern="unstructured")] + stored, [prune, want])
+    assert not _same_passes(stored, [prune, want])
