@@ -20,20 +20,22 @@ import shutil
 import time
 from pathlib import Path
 
-from compress.budget.search import COSTS, KERNEL_BLOCKS, choose, move_up
+from compress.budget.search import COSTS, GROUPS, KERNEL_BLOCKS, choose, move_up
 from compress.errors import CompressError
 from runtime.corpus import BUILTIN
 
 ACT_FORMATS = ("fp8", "int8-sq", "int8-dyn")
 
 
-def format_config(fmt: str, targets: tuple[str, ...]):
+def format_config(fmt: str, targets: tuple[str, ...], group: int = 128):
+    """The quantize config of candidate format ``fmt`` for the Linears ``targets``; grouped formats (int4,
+    int8-group) at ``group`` inputs per scale (compress.budget.search.GROUPS)."""
     from compress.quant import config as C
 
     make = {"int8-wo": lambda: C.Int8WeightOnly(targets=targets),
             "int8-fine": lambda: C.Int8WeightOnly(targets=targets, kernel="fine"),
-            "int8-group": lambda: C.Int8Grouped(targets=targets),
-            "int4": lambda: C.Int4(targets=targets), "fp8": lambda: C.Fp8(targets=targets, ignore=()),
+            "int8-group": lambda: C.Int8Grouped(targets=targets, group_size=group),
+            "int4": lambda: C.Int4(targets=targets, group_size=group), "fp8": lambda: C.Fp8(targets=targets, ignore=()),
             "int8-sq": lambda: C.SmoothQuantInt8(targets=targets, ignore=(), float_inputs=()),
             "int8-dyn": lambda: C.Int8Dynamic(targets=targets)}
     if fmt not in make:
@@ -52,7 +54,7 @@ def parse_formats(text: str, target: str) -> list[str]:
     return fmts
 
 
-def apply(model, groups, formats: dict[str, str], calib, head_int8: bool, progress: bool) -> None:
+def apply(model, groups, formats: dict[str, str], calib, head_int8: bool, progress: bool, group: int = 128) -> None:
     """Quantize ``model`` in place: each group to its format, activation formats first."""
     from compress.quant import Int8WeightOnly, quantize_
 
@@ -64,7 +66,7 @@ def apply(model, groups, formats: dict[str, str], calib, head_int8: bool, progre
     if fine:  # int8-wo weights too: one int8-wo pass, which records the fine kernel for these
         by["int8-wo"] = by.get("int8-wo", []) + list(fine)
     for fmt in sorted(by, key=lambda f: (f not in ACT_FORMATS, f)):
-        config = format_config(fmt, tuple(by[fmt]))
+        config = format_config(fmt, tuple(by[fmt]), group)
         if fmt == "int8-wo" and fine:
             config = dataclasses.replace(config, fine=fine)
         quantize_(model, config, calib=calib, progress=progress)
@@ -112,7 +114,7 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
     gptq = frozenset(f for f in cands if f in WEIGHT_FORMATS and format_config(f, ()).method == "gptq")
     head = "int8-wo" if target == "cpu" else None  # the cpu artifact's lm_head is int8 (GPTQ), h100's float
     scores = group_scores(model0, batches[:sensitivity_windows], cands, KERNEL_BLOCKS[target], gptq=gptq,
-                          head=head, hessian_batches=batches[sensitivity_windows:])
+                          head=head, hessian_batches=batches[sensitivity_windows:], group=GROUPS[target])
     head_ratio = math.exp(scores.pop("lm_head")[head]) if head else 1.0  # fixed: the search cannot move it
     t_sens = time.perf_counter() - t1
     choice = choose(scores, sizes, cands, target, float(budget) / head_ratio)
@@ -125,7 +127,7 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
         for r in range(max_rounds):
             model = copy.deepcopy(model0)
             apply(model, groups, choice.formats, forward_loop(batches), head_int8=target == "cpu",
-                  progress=progress)
+                  progress=progress, group=GROUPS[target])
             ck, onnx_dir = work / f"ckpt{r}", work / f"onnx{r}"
             save_quantized(model, tok, ck, source=source_record(info),
                            earlier_passes=list(info.manifest.passes) if info.manifest is not None else [])
@@ -152,6 +154,7 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
         _finish(work / f"ckpt{last}", out, force, record={
             "budget": float(budget), "target": target, "formats": cands, "rounds": rounds,
             "groups": {g: {"format": f, "predicted_loss": round(scores[g][f], 8)} for g, f in choice.formats.items()},
+            "group_size": GROUPS[target],
             "sensitivity": {"windows": sensitivity_windows, "seconds": round(t_sens, 1), "gptq": sorted(gptq),
                             "lm_head": {"format": head, "predicted_ratio": round(head_ratio, 5)} if head else None},
             "calibration": {"text": calib_text, "samples": calib_samples, "seq_len": seq_len},

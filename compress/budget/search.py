@@ -26,6 +26,11 @@ COSTS = {
 # the candidates when none are named: the gates' choices (docs/QUANTIZATION.md, "--budget")
 DEFAULT_FORMATS = {"cpu": ["int4", "int8-wo"], "h100": ["fp8", "int8-wo", "float"]}
 
+# the grouped formats' (int4, int8-group) inputs per scale, per target. ONNX Runtime's kernel keeps a scale per 32
+# inputs whatever the group (export.onnx.qdq.graph_block repeats a coarser group's), so on cpu groups of 32
+# cost no more bytes than groups of 128 and round closer; h100 keeps the presets' 128
+GROUPS = {"cpu": 32, "h100": 128}
+
 # the weight-only formats' input as the target's kernel sees it: quantized to int8 per this many inputs; the
 # sensitivity proxy applies it (compress.budget.sensitivity)
 _FAST, _FINE = ACT_BLOCK["fast"], ACT_BLOCK["fine"]

@@ -22,16 +22,17 @@ from ..quant.calibrate import layer_groups
 ACT = {"fp8": "fp8", "int8-sq": "int8", "int8-dyn": "int8-dyn"}
 
 
-def fake_weight(w: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Round-to-nearest dequantized weight [out, in] of format ``fmt``."""
+def fake_weight(w: torch.Tensor, fmt: str, group: int = 128) -> torch.Tensor:
+    """Round-to-nearest dequantized weight [out, in] of format ``fmt`` (grouped formats: ``group`` inputs per
+    scale, or the largest of 64/32 below it that divides the input dim)."""
     if fmt in ("int8-wo", "int8-fine", "int8-sq", "int8-dyn"):
         s = P.int8_weight_scale(w)
         return P.dequantize(P.quantize_int8(w, s), s)
     if fmt == "int8-group":
-        s = P.int8_group_scale(w, P.group_size_for(w.shape[1]))
+        s = P.int8_group_scale(w, P.group_size_for(w.shape[1], group))
         return P.dequantize(P.quantize_int8(w, s), s)
     if fmt == "int4":
-        s = P.int4_scale(w, P.group_size_for(w.shape[1]))
+        s = P.int4_scale(w, P.group_size_for(w.shape[1], group))
         return P.dequantize(P.quantize_int4(w, s), s)
     if fmt == "fp8":
         s = P.fp8_weight_scale(w)
@@ -53,11 +54,11 @@ def fake_input(x: torch.Tensor, fmt: str, amax: torch.Tensor, block: int | None 
 WEIGHT_FORMATS = {"int8-wo": "int8", "int8-fine": "int8", "int8-group": "int8", "int4": "int4"}  # GPTQ's fmt
 
 
-def gptq_weight(w: torch.Tensor, fac, fmt: str) -> torch.Tensor:
+def gptq_weight(w: torch.Tensor, fac, fmt: str, group: int = 128) -> torch.Tensor:
     """The dequantized weight [out, in] GPTQ makes of ``w`` in weight-only format ``fmt`` given a Factor."""
     from ..quant.gptq import gptq
 
-    group = P.group_size_for(w.shape[1]) if fmt in ("int8-group", "int4") else 0
+    group = P.group_size_for(w.shape[1], group) if fmt in ("int8-group", "int4") else 0
     codes, scale = gptq(w, fac, WEIGHT_FORMATS[fmt], group)
     return P.dequantize(codes, scale)
 
@@ -76,7 +77,7 @@ def _forward(model, batches, hooks) -> None:
 def group_scores(model, batches: list[torch.Tensor], formats: list[str],
                  blocks: dict[str, int] | None = None, gptq: frozenset = frozenset(),
                  head: str | None = None, hessian_batches: list[torch.Tensor] | None = None,
-                 labels: str = "data") -> dict[str, dict[str, float]]:
+                 labels: str = "data", group: int = 128) -> dict[str, dict[str, float]]:
     """{group name: {format: predicted increase of mean log-perplexity}} for every input group of the decoder
     (compress.quant.calibrate.layer_groups), on the calibration windows ``batches`` ([1, S] token tensors).
     ``blocks``: {weight-only format: inputs per activation scale of the target's kernel}
@@ -86,7 +87,7 @@ def group_scores(model, batches: list[torch.Tensor], formats: list[str],
     (group ``lm_head``). ``labels``: the next tokens the gradients are taken for: ``data`` (the text's own,
     the empirical Fisher) or ``model`` (drawn from the float model's own distribution at each position, whose
     expectation is the Fisher of the model's predictive distribution, i.e. the second-order term of the
-    expected KL divergence)."""
+    expected KL divergence). ``group``: the grouped formats' inputs per scale (int4, int8-group)."""
     from ..quant.calibrate import Group
     from ..quant.gptq import HessianAccumulator, factor
 
@@ -122,7 +123,7 @@ def group_scores(model, batches: list[torch.Tensor], formats: list[str],
         for n in g.linears:
             w = mods[n].weight.detach().float()
             for f in fmts[g.name]:
-                wq[n, f] = gptq_weight(w, fac, f) if f in gptq else fake_weight(w, f)
+                wq[n, f] = gptq_weight(w, fac, f, group) if f in gptq else fake_weight(w, f, group)
         del fac
     scores = {g.name: {f: 0.0 for f in fmts[g.name]} for g in groups}
     tokens = 0
