@@ -8,7 +8,11 @@ Activation formats also quantize X with a static scale at the calibration max, o
 target, weight-only formats see X as ONNX Runtime's kernel re-quantizes it, to int8 per block of 32 inputs,
 or 16 for ``int8-fine``. With G = ∂(Σ_t loss_t)/∂y from the float model, the loss change is
 ≈ ½ Σ_t (Σ_o G_t,o Δy_t,o)², summed here over the Linears of a group (they are quantized together) and
-divided by the number of tokens: the predicted increase of the mean log-perplexity. Groups are assumed to add
+divided by the number of tokens: the predicted increase of the mean log-perplexity. The losses are taken for
+next tokens drawn from the model's own distribution (the Fisher of its predictions, whose quadratic form is
+the expected KL divergence to the float model); the text's own next tokens (the empirical Fisher,
+``labels="data"``) predicted 2.2x (fp8) and 2.3x (int4) the measured whole-model loss on SmolLM2, these
+1.34x and 1.17x (``python -m benchmarks.budget --runs rank``). Groups are assumed to add
 up. ``head``: the lm_head's fixed format (the cpu target's int8), scored the same way as group ``lm_head``.
 ``docs/QUANTIZATION.md`` shows how it ranks groups against measured perplexity.
 """
@@ -77,7 +81,7 @@ def _forward(model, batches, hooks) -> None:
 def group_scores(model, batches: list[torch.Tensor], formats: list[str],
                  blocks: dict[str, int] | None = None, gptq: frozenset = frozenset(),
                  head: str | None = None, hessian_batches: list[torch.Tensor] | None = None,
-                 labels: str = "data", group: int = 128) -> dict[str, dict[str, float]]:
+                 labels: str = "model", group: int = 128) -> dict[str, dict[str, float]]:
     """{group name: {format: predicted increase of mean log-perplexity}} for every input group of the decoder
     (compress.quant.calibrate.layer_groups), on the calibration windows ``batches`` ([1, S] token tensors).
     ``blocks``: {weight-only format: inputs per activation scale of the target's kernel}

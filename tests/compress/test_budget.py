@@ -122,8 +122,8 @@ def test_bad_budget_requests_are_one_line(tiny_dir, tmp_path):
 def test_scores_with_gptq_weights_and_the_head(tiny_dir):
     """With ``gptq`` the proxy scores the weights GPTQ makes (the Hessian of each group's input on other
     windows, as --budget does): less predicted loss than round to nearest over the model, for int4 and int8
-    (0.17x and 0.51x on this model), and for the head, which ``head`` adds as group ``lm_head`` in that one
-    format, scored the same way (0.78x)."""
+    (0.46x and 0.81x on this model, 0.17x and 0.51x with the text's labels), and for the head, which ``head``
+    adds as group ``lm_head`` in that one format, scored the same way (0.97x; 0.78x)."""
     from compress.budget.search import KERNEL_BLOCKS
     from compress.budget.sensitivity import group_scores
     from compress.calib import calibration_batches
@@ -141,3 +141,19 @@ def test_scores_with_gptq_weights_and_the_head(tiny_dir):
         assert total["gq"] < total["rtn"], (f, total)
     assert gq["lm_head"]["int8-wo"] < rtn["lm_head"]["int8-wo"]
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_labels_drawn_from_the_model_are_seeded(tiny_dir):
+    """The default proxy takes gradients for next tokens drawn from the model's own distribution (seeded: the
+    same scores twice); ``labels="data"`` uses the text's; anything else is refused."""
+    from compress.budget.sensitivity import group_scores
+    from compress.calib import calibration_batches
+    from compress.loading import load_model
+
+    model, tok, _ = load_model(str(tiny_dir))
+    batches = calibration_batches(tok, samples=2, seq_len=48)
+    a, b = group_scores(model, batches, ["int4"]), group_scores(model, batches, ["int4"], labels="model")
+    d = group_scores(model, batches, ["int4"], labels="data")
+    assert a == b and a != d and all(v["int4"] > 0 for v in a.values())
+    with pytest.raises(ValueError, match="labels: data or model"):
+        group_scores(model, batches, ["int4"], labels="text")
