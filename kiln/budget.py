@@ -55,7 +55,9 @@ def parse_formats(text: str, target: str) -> list[str]:
 
 
 def apply(model, groups, formats: dict[str, str], calib, head_int8: bool, progress: bool, group: int = 128) -> None:
-    """Quantize ``model`` in place: each group to its format, activation formats first."""
+    """Quantize ``model`` in place: each group to its format, activation formats first. ``head_int8``: the
+    lm_head too, int8 by GPTQ on the stream through the quantized decoder, in the last pass when that is
+    int8-wo's (one pass less), else in a pass of its own."""
     from compress.quant import Int8WeightOnly, quantize_
 
     by = {}
@@ -65,12 +67,15 @@ def apply(model, groups, formats: dict[str, str], calib, head_int8: bool, progre
     fine = tuple(by.pop("int8-fine", ()))
     if fine:  # int8-wo weights too: one int8-wo pass, which records the fine kernel for these
         by["int8-wo"] = by.get("int8-wo", []) + list(fine)
-    for fmt in sorted(by, key=lambda f: (f not in ACT_FORMATS, f)):
-        config = format_config(fmt, tuple(by[fmt]), group)
+    order = sorted(by, key=lambda f: (f not in ACT_FORMATS, f))  # int8-wo, when chosen, comes last
+    head_with = head_int8 and order and order[-1] == "int8-wo"
+    for fmt in order:
+        targets = tuple(by[fmt]) + (("lm_head",) if head_with and fmt == "int8-wo" else ())
+        config = format_config(fmt, targets, group)
         if fmt == "int8-wo" and fine:
             config = dataclasses.replace(config, fine=fine)
         quantize_(model, config, calib=calib, progress=progress)
-    if head_int8:  # by GPTQ, on the stream through the quantized decoder
+    if head_int8 and not head_with:  # by GPTQ, on the stream through the quantized decoder
         quantize_(model, Int8WeightOnly(targets=("lm_head",)), calib=calib, progress=progress)
 
 

@@ -54,6 +54,37 @@ def test_cpu_scores_see_the_kernels_activation_blocks(tiny_dir):
     assert sum(v["int8-fine"] for v in cpu.values()) < sum(v["int8-wo"] for v in cpu.values())
 
 
+def test_apply_quantizes_the_head_in_the_last_int8_pass(tiny_dir):
+    """With int8-wo chosen, the lm_head is quantized in that (last) pass: the same codes as in a pass of its own
+    after it, one sequential pass less."""
+    import torch
+
+    from compress.calib import calibration_batches, forward_loop
+    from compress.loading import load_model
+    from compress.quant import Int8WeightOnly, quantize_
+    from compress.quant.api import quant_state
+    from compress.quant.calibrate import layer_groups
+    from kiln.budget import apply, format_config
+
+    batches = calibration_batches(*load_model(str(tiny_dir))[1:2], samples=2, seq_len=32)
+    heads = []
+    for merged in (True, False):
+        model, _, _ = load_model(str(tiny_dir))
+        groups = layer_groups(model)
+        formats = {g.name: ("int4", "int8-wo")[i % 2] for i, g in enumerate(groups)}
+        if merged:
+            apply(model, groups, formats, forward_loop(batches), head_int8=True, progress=False, group=32)
+        else:
+            for f in ("int4", "int8-wo"):
+                quantize_(model, format_config(f, tuple(n for g in groups if formats[g.name] == f
+                                                        for n in g.linears), 32), calib=forward_loop(batches))
+            quantize_(model, Int8WeightOnly(targets=("lm_head",)), calib=forward_loop(batches))
+        state = quant_state(model)
+        assert len(state["passes"]) == (2 if merged else 3) and state["lm_head"] is not None
+        heads.append(state["lm_head"]["codes"])
+    assert torch.equal(heads[0], heads[1])
+
+
 def test_apply_records_the_fine_kernel_in_one_int8_pass(tiny_dir):
     """Groups chosen int8-wo and int8-fine are quantized in one int8-wo pass (the same weights); only the
     fine ones record kernel "fine"; float groups stay float."""
