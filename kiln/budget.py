@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import shutil
 import time
 from pathlib import Path
@@ -54,12 +53,18 @@ def parse_formats(text: str, target: str) -> list[str]:
     return fmts
 
 
-def apply(model, groups, formats: dict[str, str], calib, head_int8: bool, progress: bool, group: int = 128) -> None:
-    """Quantize ``model`` in place: each group to its format, activation formats first. ``head_int8``: the
-    lm_head too, int8 by GPTQ on the stream through the quantized decoder, in the last pass when that is
-    int8-wo's (one pass less), else in a pass of its own."""
-    from compress.quant import Int8WeightOnly, quantize_
+HEAD_FORMATS = ("int4", "int8-wo", "float")  # what the cpu target's lm_head (a tied table too) may be
 
+
+def apply(model, groups, formats: dict[str, str], calib, progress: bool, group: int = 128) -> None:
+    """Quantize ``model`` in place: each group to its format, activation formats first. ``formats["lm_head"]``
+    (int8-wo or int4; absent or float: the head stays float) is quantized by GPTQ on the stream through the
+    quantized decoder: in the last pass, that of its own format (one pass less), else in a pass of its own."""
+    from compress.quant import Int4, Int8WeightOnly, quantize_
+
+    head = formats.get("lm_head", "float")
+    if head not in HEAD_FORMATS:
+        raise CompressError(f"the lm_head takes {', '.join(HEAD_FORMATS)}, not {head}")
     by = {}
     for g in groups:
         if formats[g.name] != "float":
@@ -67,16 +72,19 @@ def apply(model, groups, formats: dict[str, str], calib, head_int8: bool, progre
     fine = tuple(by.pop("int8-fine", ()))
     if fine:  # int8-wo weights too: one int8-wo pass, which records the fine kernel for these
         by["int8-wo"] = by.get("int8-wo", []) + list(fine)
-    order = sorted(by, key=lambda f: (f not in ACT_FORMATS, f))  # int8-wo, when chosen, comes last
-    head_with = head_int8 and order and order[-1] == "int8-wo"
+    order = sorted(by, key=lambda f: (f not in ACT_FORMATS, f == head, f))  # the head's format last
     for fmt in order:
-        targets = tuple(by[fmt]) + (("lm_head",) if head_with and fmt == "int8-wo" else ())
+        targets = tuple(by[fmt]) + (("lm_head",) if fmt == head else ())
         config = format_config(fmt, targets, group)
         if fmt == "int8-wo" and fine:
             config = dataclasses.replace(config, fine=fine)
+        if fmt == "int4" == head:
+            config = dataclasses.replace(config, lm_head="int4")
         quantize_(model, config, calib=calib, progress=progress)
-    if head_int8 and not head_with:  # by GPTQ, on the stream through the quantized decoder
-        quantize_(model, Int8WeightOnly(targets=("lm_head",)), calib=calib, progress=progress)
+    if head != "float" and head not in by:
+        config = Int4(targets=("lm_head",), group_size=group, lm_head="int4") if head == "int4" else \
+            Int8WeightOnly(targets=("lm_head",))
+        quantize_(model, config, calib=calib, progress=progress)
 
 
 def quantize_budget(source: str, out, *, budget: float, formats: str, target: str = "cpu",
@@ -116,13 +124,17 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
     mods = dict(model0.named_modules())
     sizes = {g.name: sum(mods[n].weight.numel() for n in g.linears) for g in groups}
     t1 = time.perf_counter()
-    gptq = frozenset(f for f in cands if f in WEIGHT_FORMATS and format_config(f, ()).method == "gptq")
-    head = "int8-wo" if target == "cpu" else None  # the cpu artifact's lm_head is int8 (GPTQ), h100's float
+    # the cpu artifact's lm_head (and a tied table) is the search's too; h100's stays float (TensorRT)
+    head = list(dict.fromkeys([f for f in HEAD_FORMATS if f in cands] + ["int8-wo"])) if target == "cpu" else None
+    gptq = frozenset(f for f in set(cands) | set(head or ())
+                     if f in WEIGHT_FORMATS and format_config(f, ()).method == "gptq")
     scores = group_scores(model0, batches[:sensitivity_windows], cands, KERNEL_BLOCKS[target], gptq=gptq,
                           head=head, hessian_batches=batches[sensitivity_windows:], group=GROUPS[target])
-    head_ratio = math.exp(scores.pop("lm_head")[head]) if head else 1.0  # fixed: the search cannot move it
+    if head:
+        scores["lm_head"] = {f: v for f, v in scores["lm_head"].items() if f in head}
+        sizes["lm_head"] = model0.get_output_embeddings().weight.numel()
     t_sens = time.perf_counter() - t1
-    choice = choose(scores, sizes, cands, target, float(budget) / head_ratio)
+    choice = choose(scores, sizes, cands, target, float(budget))
     rounds = []
     form = "ort" if target == "cpu" else "portable"
     work = out.with_name(f".{out.name}.budget")
@@ -131,8 +143,7 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
     try:
         for r in range(max_rounds):
             model = copy.deepcopy(model0)
-            apply(model, groups, choice.formats, forward_loop(batches), head_int8=target == "cpu",
-                  progress=progress, group=GROUPS[target])
+            apply(model, groups, choice.formats, forward_loop(batches), progress=progress, group=GROUPS[target])
             ck, onnx_dir = work / f"ckpt{r}", work / f"onnx{r}"
             save_quantized(model, tok, ck, source=source_record(info),
                            earlier_passes=list(info.manifest.passes) if info.manifest is not None else [])
@@ -144,11 +155,12 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
                 ppl = rt_perplexity(eng, text=eval_text or calib_text, seq_len=seq_len, windows=eval_windows,
                                     ids=eval_ids).ppl
             measured = ppl / base.ppl
-            rounds.append({"round": r, "predicted_ratio": round(choice.predicted_ratio * head_ratio, 5),
+            rounds.append({"round": r, "predicted_ratio": round(choice.predicted_ratio, 5),
                            "measured_ratio": round(measured, 5), "cost": round(choice.cost),
-                           "formats": _count(choice.formats), "bytes": _size(onnx_dir)})
+                           "formats": _count(choice.formats), "lm_head": choice.formats.get("lm_head", "float"),
+                           "bytes": _size(onnx_dir)})
             if progress:
-                print(f"budget round {r}: predicted {choice.predicted_ratio * head_ratio:.4f}, "
+                print(f"budget round {r}: predicted {choice.predicted_ratio:.4f}, "
                       f"measured {measured:.4f} "
                       f"({_count(choice.formats)})", flush=True)
             if measured <= float(budget):
@@ -161,8 +173,7 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
             "groups": {g: {"format": f, "predicted_loss": round(scores[g][f], 8)} for g, f in choice.formats.items()},
             "group_size": GROUPS[target],
             "sensitivity": {"windows": sensitivity_windows, "labels": "model", "seconds": round(t_sens, 1),
-                            "gptq": sorted(gptq),
-                            "lm_head": {"format": head, "predicted_ratio": round(head_ratio, 5)} if head else None},
+                            "gptq": sorted(gptq), "lm_head": head},
             "calibration": {"text": calib_text, "samples": calib_samples, "seq_len": seq_len},
             "evaluation": {"text": eval_text or calib_text, "windows": eval_windows, "seq_len": seq_len,
                            "ppl_float": round(base.ppl, 4)}})
@@ -170,18 +181,22 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
             _replace(work / f"onnx{last}", art, force)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    weights = sum(sizes[g] for g in sizes)
+    decoder = {g: f for g, f in choice.formats.items() if g != "lm_head"}  # the weight share is the decoder's
+    weights = sum(sizes[g] for g in decoder)
     return {"output": str(out.resolve()), "artifact": str(art.resolve()) if keep_artifact else None,
             "budget": float(budget),
             "target": target, "met": rounds[-1]["measured_ratio"] <= float(budget), "rounds": rounds,
-            "weight_share": {f: round(sum(sizes[g] for g in choice.formats if choice.formats[g] == f) / weights, 4)
-                             for f in set(choice.formats.values())},
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "weight_share": {f: round(sum(sizes[g] for g in decoder if decoder[g] == f) / weights, 4)
+                             for f in set(decoder.values())},
+            "lm_head": choice.formats.get("lm_head", "float"), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _count(formats: dict) -> dict:
+    """Decoder groups per format (the lm_head apart)."""
     out: dict[str, int] = {}
-    for f in formats.values():
+    for g, f in formats.items():
+        if g == "lm_head":
+            continue
         out[f] = out.get(f, 0) + 1
     return dict(sorted(out.items()))
 

@@ -139,7 +139,8 @@ def _budget(source, out, budget, formats, target, calib, calib_samples, seq_len,
         return
     last = res["rounds"][-1]
     share = ", ".join(f"{f} {v:.0%}" for f, v in sorted(res["weight_share"].items(), key=lambda kv: -kv[1]))
-    click.echo(f"wrote {res['output']} and {res['artifact']} ({share} of the decoder Linears' weights)")
+    head = f"; lm_head {res['lm_head']}" if res.get("lm_head") else ""
+    click.echo(f"wrote {res['output']} and {res['artifact']} ({share} of the decoder Linears' weights{head})")
     click.echo(f"perplexity ratio: predicted {last['predicted_ratio']:.4f}, measured on the artifact "
                f"{last['measured_ratio']:.4f} (budget {budget}; {'met' if res['met'] else 'NOT met'} after "
                f"{len(res['rounds'])} round(s))")

@@ -49,23 +49,31 @@ def predicted_ratio(scores: dict, formats: dict) -> float:
     return math.exp(sum(scores[g][f] for g, f in formats.items()))
 
 
+def _ladders(scores: dict, candidates: list[str], target: str) -> dict[str, list[str]]:
+    """Each group's formats, cheapest first: the candidates it has scores for (the lm_head has its own)."""
+    table = COSTS[target]
+    ladder = sorted(candidates, key=lambda f: table[f])
+    return {g: [f for f in ladder if f in scores[g]] for g in scores}
+
+
 def choose(scores: dict, sizes: dict[str, int], candidates: list[str], target: str, budget: float) -> Choice:
     """Start every group at its cheapest candidate; while the prediction is over ``budget``, move up the
-    group whose next format buys the most predicted loss per unit of added cost (greedy knapsack)."""
+    group whose next format buys the most predicted loss per unit of added cost (greedy knapsack). A group
+    takes the candidates it has scores for."""
     table = COSTS[target]
-    ladder = sorted(candidates, key=lambda f: table[f])  # cheapest first
+    ladders = _ladders(scores, candidates, target)
     pos = {g: 0 for g in scores}
 
     def cost() -> float:
-        return sum(sizes[g] * table[ladder[pos[g]]] for g in scores)
+        return sum(sizes[g] * table[ladders[g][pos[g]]] for g in scores)
 
     limit = math.log(budget)
-    while sum(scores[g][ladder[pos[g]]] for g in scores) > limit:
+    while sum(scores[g][ladders[g][pos[g]]] for g in scores) > limit:
         best, gain = None, -1.0
         for g in scores:
-            if pos[g] + 1 >= len(ladder):
+            if pos[g] + 1 >= len(ladders[g]):
                 continue
-            now, nxt = ladder[pos[g]], ladder[pos[g] + 1]
+            now, nxt = ladders[g][pos[g]], ladders[g][pos[g] + 1]
             saved = scores[g][now] - scores[g][nxt]
             extra = sizes[g] * (table[nxt] - table[now])
             rate = saved / extra if extra > 0 else math.inf
@@ -74,7 +82,7 @@ def choose(scores: dict, sizes: dict[str, int], candidates: list[str], target: s
         if best is None:
             break  # everything is at the most precise format already
         pos[best] += 1
-    formats = {g: ladder[pos[g]] for g in scores}
+    formats = {g: ladders[g][pos[g]] for g in scores}
     return Choice(formats, predicted_ratio(scores, formats), cost())
 
 
@@ -82,12 +90,12 @@ def move_up(choice: Choice, scores: dict, sizes: dict, candidates: list[str], ta
     """After a measured miss: the group with the highest predicted loss moves to its next more precise format.
     Returns its name (None when every group is already at the top)."""
     table = COSTS[target]
-    ladder = sorted(candidates, key=lambda f: table[f])
+    ladders = _ladders(scores, candidates, target)
     order = sorted(choice.formats, key=lambda g: -scores[g][choice.formats[g]])
     for g in order:
-        i = ladder.index(choice.formats[g])
-        if i + 1 < len(ladder):
-            choice.formats[g] = ladder[i + 1]
+        i = ladders[g].index(choice.formats[g])
+        if i + 1 < len(ladders[g]):
+            choice.formats[g] = ladders[g][i + 1]
             choice.predicted_ratio = predicted_ratio(scores, choice.formats)
             choice.cost = sum(sizes[h] * table[choice.formats[h]] for h in choice.formats)
             return g

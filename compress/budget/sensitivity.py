@@ -13,7 +13,7 @@ next tokens drawn from the model's own distribution (the Fisher of its predictio
 the expected KL divergence to the float model); the text's own next tokens (the empirical Fisher,
 ``labels="data"``) predicted 2.2x (fp8) and 2.3x (int4) the measured whole-model loss on SmolLM2, these
 1.34x and 1.17x (``python -m benchmarks.budget --runs rank``). Groups are assumed to add
-up. ``head``: the lm_head's fixed format (the cpu target's int8), scored the same way as group ``lm_head``.
+up. ``head``: the lm_head's candidate formats (the cpu target's), scored the same way as group ``lm_head``.
 ``docs/QUANTIZATION.md`` shows how it ranks groups against measured perplexity.
 """
 from __future__ import annotations
@@ -80,14 +80,14 @@ def _forward(model, batches, hooks) -> None:
 
 def group_scores(model, batches: list[torch.Tensor], formats: list[str],
                  blocks: dict[str, int] | None = None, gptq: frozenset = frozenset(),
-                 head: str | None = None, hessian_batches: list[torch.Tensor] | None = None,
+                 head: list[str] | None = None, hessian_batches: list[torch.Tensor] | None = None,
                  labels: str = "model", group: int = 128) -> dict[str, dict[str, float]]:
     """{group name: {format: predicted increase of mean log-perplexity}} for every input group of the decoder
     (compress.quant.calibrate.layer_groups), on the calibration windows ``batches`` ([1, S] token tensors).
     ``blocks``: {weight-only format: inputs per activation scale of the target's kernel}
     (compress.budget.search.KERNEL_BLOCKS); formats not in it see a float input. ``gptq``: the weight-only
     formats whose weights are made by GPTQ, with Hessians from ``hessian_batches`` (default ``batches``; other
-    windows keep the prediction out of GPTQ's own sample). ``head``: also score the lm_head in this format
+    windows keep the prediction out of GPTQ's own sample). ``head``: also score the lm_head in these formats
     (group ``lm_head``). ``labels``: the next tokens the gradients are taken for: ``data`` (the text's own,
     the empirical Fisher) or ``model`` (drawn from the float model's own distribution at each position, whose
     expectation is the Fisher of the model's predictive distribution, i.e. the second-order term of the
@@ -105,7 +105,7 @@ def group_scores(model, batches: list[torch.Tensor], formats: list[str],
     fmts = {g.name: formats for g in groups}
     if head is not None:
         groups = groups + [Group("lm_head", ["lm_head"], "model.norm", "norm")]
-        fmts["lm_head"] = [head]
+        fmts["lm_head"] = [f for f in head if f != "float"]
     member = {n: g for g in groups for n in g.linears}
     # the activation formats' static scales: the calibration max of each group's input; GPTQ's Hessians
     amax: dict[str, torch.Tensor] = {}

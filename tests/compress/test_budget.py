@@ -73,7 +73,7 @@ def test_apply_quantizes_the_head_in_the_last_int8_pass(tiny_dir):
         groups = layer_groups(model)
         formats = {g.name: ("int4", "int8-wo")[i % 2] for i, g in enumerate(groups)}
         if merged:
-            apply(model, groups, formats, forward_loop(batches), head_int8=True, progress=False, group=32)
+            apply(model, groups, formats | {"lm_head": "int8-wo"}, forward_loop(batches), progress=False, group=32)
         else:
             for f in ("int4", "int8-wo"):
                 quantize_(model, format_config(f, tuple(n for g in groups if formats[g.name] == f
@@ -83,6 +83,26 @@ def test_apply_quantizes_the_head_in_the_last_int8_pass(tiny_dir):
         assert len(state["passes"]) == (2 if merged else 3) and state["lm_head"] is not None
         heads.append(state["lm_head"]["codes"])
     assert torch.equal(heads[0], heads[1])
+
+
+def test_apply_quantizes_an_int4_head_in_the_int4_pass(tiny_dir):
+    """A head chosen int4 goes in the int4 pass, made last: int4 codes in groups of the search's size, tied
+    table included; with no int4 group, in a pass of its own."""
+    from compress.calib import calibration_batches, forward_loop
+    from compress.loading import load_model
+    from compress.quant.api import quant_state
+    from compress.quant.calibrate import layer_groups
+    from kiln.budget import apply
+
+    for decoder in ("int4", "int8-wo"):
+        model, tok, _ = load_model(str(tiny_dir))
+        groups = layer_groups(model)
+        apply(model, groups, {g.name: decoder for g in groups} | {"lm_head": "int4"},
+              forward_loop(calibration_batches(tok, samples=2, seq_len=32)), progress=False, group=32)
+        state = quant_state(model)
+        assert len(state["passes"]) == (1 if decoder == "int4" else 2), decoder
+        spec = state["passes"][-1].layers["lm_head"]
+        assert spec.weight == "int4" and spec.group_size == 32 and state["lm_head"]["codes"] is not None
 
 
 def test_apply_records_the_fine_kernel_in_one_int8_pass(tiny_dir):
@@ -97,7 +117,7 @@ def test_apply_records_the_fine_kernel_in_one_int8_pass(tiny_dir):
     groups = layer_groups(model)
     cycle = ["int8-wo", "int8-fine", "float"]
     formats = {g.name: cycle[i % 3] for i, g in enumerate(groups)}
-    apply(model, groups, formats, forward_loop(calibration_batches(tok, samples=2, seq_len=32)), head_int8=True,
+    apply(model, groups, formats | {"lm_head": "int8-wo"}, forward_loop(calibration_batches(tok, samples=2, seq_len=32)),
           progress=False)
     mods = dict(model.named_modules())
     for g in groups:
@@ -126,9 +146,12 @@ def test_budget_end_to_end_on_the_artifact(tiny_dir, tmp_path):
     m = read_manifest(out)
     rec = m.quant_passes()[-1].stats["budget"]
     assert rec["rounds"] == res["rounds"] and set(rec["groups"]) == {f"model.layers.{i}.{g}" for i in range(2)
-                                                                     for g in ("attn_in", "o_in", "mlp_in", "down_in")}
+                                                                     for g in ("attn_in", "o_in", "mlp_in", "down_in")
+                                                                     } | {"lm_head"}
     specs = m.layer_specs()
-    assert {s.weight for s in specs.values()} <= {"int4", "int8"} and specs["lm_head"].weight == "int8"
+    head = {"int4": "int4", "int8-wo": "int8"}[res["lm_head"]]  # the head is one of the search's groups on cpu
+    assert {s.weight for s in specs.values()} <= {"int4", "int8"} and specs["lm_head"].weight == head
+    assert rec["groups"]["lm_head"]["format"] == res["lm_head"] == last["lm_head"]
     assert read_manifest(tmp_path / "q-onnx").io.form == "ort"
 
 
@@ -163,8 +186,8 @@ def test_scores_with_gptq_weights_and_the_head(tiny_dir):
     model, tok, _ = load_model(str(tiny_dir))
     batches = calibration_batches(tok, samples=6, seq_len=48)
     fmts = ["int4", "int8-wo"]
-    rtn = group_scores(model, batches[:2], fmts, KERNEL_BLOCKS["cpu"], head="int8-wo")
-    gq = group_scores(model, batches[:2], fmts, KERNEL_BLOCKS["cpu"], gptq=frozenset(fmts), head="int8-wo",
+    rtn = group_scores(model, batches[:2], fmts, KERNEL_BLOCKS["cpu"], head=["int8-wo"])
+    gq = group_scores(model, batches[:2], fmts, KERNEL_BLOCKS["cpu"], gptq=frozenset(fmts), head=["int8-wo"],
                       hessian_batches=batches[2:])
     assert set(gq) == set(rtn) and set(gq["lm_head"]) == {"int8-wo", "float"} and gq["lm_head"]["int8-wo"] > 0
     for f in fmts:
