@@ -6,7 +6,9 @@
 3. Quantize with it (one pass per format: activation formats first, so smoothing still folds into float
    ops), export the artifact the target runs (cpu: the ONNX Runtime form when it applies; h100: portable),
    and measure its perplexity on held-out windows (the start of the evaluation corpus; calibration comes from
-   the end). Over budget: the group with the highest predicted loss moves up one format, and again.
+   the end). Over budget: the proxy's scores are scaled by how much it under-predicted this artifact and the
+   search runs again under them (search.recalibrate); where that changes nothing, the group with the highest
+   predicted loss moves up one format. Up to ``max_rounds`` artifacts.
 The checkpoint goes to OUT, the measured artifact to OUT-onnx (unless ``keep_artifact`` is False: `kiln pipeline`
 exports it again, validated); kiln.json's last quantize pass records the
 search (``stats.budget``). The model is held in memory (a model of SmolLM2's size); see docs/QUANTIZATION.md.
@@ -19,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from compress.budget.search import COSTS, GROUPS, KERNEL_BLOCKS, choose, move_up
+from compress.budget.search import COSTS, GROUPS, KERNEL_BLOCKS, choose, move_up, recalibrate
 from compress.errors import CompressError
 from runtime.corpus import BUILTIN
 
@@ -156,6 +158,7 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
                                     ids=eval_ids).ppl
             measured = ppl / base.ppl
             rounds.append({"round": r, "predicted_ratio": round(choice.predicted_ratio, 5),
+                           "proxy_scale": round(choice.scale, 4),
                            "measured_ratio": round(measured, 5), "cost": round(choice.cost),
                            "formats": _count(choice.formats), "lm_head": choice.formats.get("lm_head", "float"),
                            "bytes": _size(onnx_dir)})
@@ -165,7 +168,10 @@ def quantize_budget(source: str, out, *, budget: float, formats: str, target: st
                       f"({_count(choice.formats)})", flush=True)
             if measured <= float(budget):
                 break
-            if move_up(choice, scores, sizes, cands, target) is None:
+            better = recalibrate(choice, scores, sizes, cands, target, float(budget), measured)
+            if better is not None:
+                choice = better
+            elif move_up(choice, scores, sizes, cands, target) is None:
                 break
         last = rounds[-1]["round"]
         _finish(work / f"ckpt{last}", out, force, record={

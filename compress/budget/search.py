@@ -40,8 +40,9 @@ KERNEL_BLOCKS = {"cpu": {"int8-wo": _FAST, "int8-group": _FAST, "int4": _FAST, "
 @dataclass
 class Choice:
     formats: dict[str, str]  # group -> format
-    predicted_ratio: float
+    predicted_ratio: float  # exp(scale * summed scores)
     cost: float
+    scale: float = 1.0  # the factor the proxy's scores were taken at (recalibrate)
 
 
 def predicted_ratio(scores: dict, formats: dict) -> float:
@@ -96,7 +97,23 @@ def move_up(choice: Choice, scores: dict, sizes: dict, candidates: list[str], ta
         i = ladders[g].index(choice.formats[g])
         if i + 1 < len(ladders[g]):
             choice.formats[g] = ladders[g][i + 1]
-            choice.predicted_ratio = predicted_ratio(scores, choice.formats)
+            choice.predicted_ratio = predicted_ratio(scores, choice.formats) ** choice.scale
             choice.cost = sum(sizes[h] * table[choice.formats[h]] for h in choice.formats)
             return g
     return None
+
+
+def recalibrate(choice: Choice, scores: dict, sizes: dict, candidates: list[str], target: str, budget: float,
+                measured: float) -> Choice | None:
+    """After a measured miss: the proxy's scores scaled by how much it under-predicted ``choice``
+    (k = log measured / summed scores), and the cheapest assignment within ``budget`` under them, when that
+    is more precise than ``choice`` (None otherwise: move_up then). Its predicted ratio is the scaled one."""
+    raw = sum(scores[g][f] for g, f in choice.formats.items())
+    if raw <= 0 or measured <= 1.0 or math.log(measured) <= raw:
+        return None
+    k = math.log(measured) / raw
+    c = choose({g: {f: v * k for f, v in fs.items()} for g, fs in scores.items()}, sizes, candidates, target, budget)
+    if c.cost <= choice.cost:
+        return None
+    c.scale = k
+    return c

@@ -4,26 +4,33 @@ proxy from one forward and backward pass per calibration window, no quantized fo
 For a Linear with input X and output y = X Wᵀ, quantizing it to format f changes its output by
 Δy_f = q_f(X) q_f(W)ᵀ − X Wᵀ. q_f(W) is the weight as the quantize pass makes it: by GPTQ for the formats in
 ``gptq`` (with the Hessian of the group's input in the float model), else round to nearest.
-Activation formats also quantize X with a static scale at the calibration max, or per token; on the cpu
+Activation formats (fp8, int8-sq, int8-dyn) take the smoothing factors and activation clip their preset's pass
+would choose for the group (compress.quant.smooth.search on the group's input max per channel and a sample of
+its rows): X / s at that static scale (or per token) against q(W · s), rounded to nearest; on the cpu
 target, weight-only formats see X as ONNX Runtime's kernel re-quantizes it, to int8 per block of 32 inputs,
 or 16 for ``int8-fine``. With G = ∂(Σ_t loss_t)/∂y from the float model, the loss change is
 ≈ ½ Σ_t (Σ_o G_t,o Δy_t,o)², summed here over the Linears of a group (they are quantized together) and
 divided by the number of tokens: the predicted increase of the mean log-perplexity. The losses are taken for
 next tokens drawn from the model's own distribution (the Fisher of its predictions, whose quadratic form is
 the expected KL divergence to the float model); the text's own next tokens (the empirical Fisher,
-``labels="data"``) predicted 2.2x (fp8) and 2.3x (int4) the measured whole-model loss on SmolLM2, these
-1.34x and 1.17x (``python -m benchmarks.budget --runs rank``). Groups are assumed to add
+``labels="data"``) over-predicted the measured whole-model loss on SmolLM2 about twice as much
+(docs/BENCHMARKS.md, ``python -m benchmarks.budget --runs rank``). Groups are assumed to add
 up. ``head``: the lm_head's candidate formats (the cpu target's), scored the same way as group ``lm_head``.
 ``docs/QUANTIZATION.md`` shows how it ranks groups against measured perplexity.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..quant import primitives as P
+from ..quant import smooth as S
 from ..quant.calibrate import layer_groups
+from ..quant.config import Fp8, Int8Dynamic, SmoothQuantInt8
 
 ACT = {"fp8": "fp8", "int8-sq": "int8", "int8-dyn": "int8-dyn"}
+ACT_CONFIGS = {"fp8": Fp8, "int8-sq": SmoothQuantInt8, "int8-dyn": Int8Dynamic}  # their presets' searches
 
 
 def fake_weight(w: torch.Tensor, fmt: str, group: int = 128) -> torch.Tensor:
@@ -44,15 +51,38 @@ def fake_weight(w: torch.Tensor, fmt: str, group: int = 128) -> torch.Tensor:
     raise ValueError(fmt)
 
 
-def fake_input(x: torch.Tensor, fmt: str, amax: torch.Tensor, block: int | None = None) -> torch.Tensor:
-    """The input as format ``fmt`` computes with it: activation formats at their static (or per-token) scale;
-    weight-only formats as the target's kernel re-quantizes it per ``block`` inputs (None: float)."""
-    act = ACT.get(fmt)
-    if act is None:
+def fake_input(x: torch.Tensor, fmt: str, block: int | None = None, act: "ActChoice | None" = None
+               ) -> torch.Tensor:
+    """The input as format ``fmt`` computes with it: activation formats divided by their smoothing factors and
+    quantized at their chosen static scale (or per token), from ``act``; weight-only formats as the target's
+    kernel re-quantizes it per ``block`` inputs (None: float)."""
+    if fmt not in ACT:
         return x if block is None else P.fake_quant_int8_blocks(x, block)
-    if act == "int8-dyn":
-        return P.fake_quant_int8_dynamic(x)
-    return P.ACT_FAKE_QUANT[act](x, P.static_scale(amax, act))
+    xs = x if act.smooth is None else x / act.smooth
+    return S.fake_act(xs, act.act, act.input_scale)
+
+
+@dataclass
+class ActChoice:
+    """An activation format's choice for one group, as the quantize pass makes it (compress.quant.smooth.search):
+    smoothing factors [in] (None: none), static input scale (None: per token), the activation format."""
+    act: str
+    smooth: torch.Tensor | None
+    input_scale: torch.Tensor | None
+
+
+ACT_SAMPLE_ROWS = 64  # input rows per window kept for the activation formats' smoothing / clip search
+
+
+def act_choice(fmt: str, x: torch.Tensor, amax_x: torch.Tensor, w: torch.Tensor, repeat: int, head_dim: int
+               ) -> ActChoice:
+    """What the ``fmt`` preset's pass chooses for a group with input sample ``x`` [R, in], per-channel input
+    max ``amax_x`` [in] and concatenated weights ``w`` [out, in]: alpha (or none) and clip by output error."""
+    cfg = ACT_CONFIGS[fmt]()
+    act = "int8-dyn" if cfg.act_granularity == "token" else cfg.act_format
+    c = S.search(x, amax_x, w, cfg.weight_format, act, cfg.alphas, cfg.clips, cfg.smooth, repeat, head_dim,
+                 cfg.headroom)
+    return ActChoice(act, c.smooth, c.input_scale)
 
 
 WEIGHT_FORMATS = {"int8-wo": "int8", "int8-fine": "int8", "int8-group": "int8", "int4": "int4"}  # GPTQ's fmt
@@ -107,28 +137,44 @@ def group_scores(model, batches: list[torch.Tensor], formats: list[str],
         groups = groups + [Group("lm_head", ["lm_head"], "model.norm", "norm")]
         fmts["lm_head"] = [f for f in head if f != "float"]
     member = {n: g for g in groups for n in g.linears}
-    # the activation formats' static scales: the calibration max of each group's input; GPTQ's Hessians
+    # the activation formats' choices (smoothing, clip) from each group's input max per channel and a sample of
+    # its rows, as the quantize pass makes them; GPTQ's Hessians
+    acts = {g.name for g in groups if any(f in ACT for f in fmts[g.name])}
     amax: dict[str, torch.Tensor] = {}
+    sample: dict[str, list[torch.Tensor]] = {g: [] for g in acts}
     hess = {g.name: HessianAccumulator(mods[g.linears[0]].in_features) for g in groups
             if any(f in gptq for f in fmts[g.name])}
     first = {g.name: mods[g.linears[0]] for g in groups}
 
-    def see_amax(g):
+    def see_input(g):
         def f(_m, a):
-            amax[g] = torch.maximum(amax.get(g, torch.tensor(0.0)), a[0].detach().abs().max().float())
+            x = a[0].detach().float().reshape(-1, a[0].shape[-1])
+            m = x.abs().amax(dim=0)
+            amax[g] = torch.maximum(amax[g], m) if g in amax else m
+            sample[g].append(x[torch.linspace(0, x.shape[0] - 1, min(ACT_SAMPLE_ROWS, x.shape[0])).long()])
         return f
 
-    _forward(model, batches, [first[g].register_forward_pre_hook(see_amax(g)) for g in first])
+    if acts:
+        _forward(model, batches, [first[g].register_forward_pre_hook(see_input(g)) for g in acts])
     if hess:
         _forward(model, hessian_batches or batches, [first[g].register_forward_pre_hook(a) for g, a in hess.items()])
-    wq = {}
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    wq, choice = {}, {}
     for g in groups:
         fac = factor(hess.pop(g.name).get()) if g.name in hess else None
-        for n in g.linears:
-            w = mods[n].weight.detach().float()
-            for f in fmts[g.name]:
-                wq[n, f] = gptq_weight(w, fac, f, group) if f in gptq else fake_weight(w, f, group)
+        ws = [mods[n].weight.detach().float() for n in g.linears]
+        for f in fmts[g.name]:
+            if f in ACT:
+                c = choice[g.name, f] = act_choice(f, torch.cat(sample[g.name]), amax[g.name], torch.cat(ws),
+                                                   g.repeat, head_dim)
+                for n, w in zip(g.linears, ws):  # weights in the smoothed space, rounded to nearest
+                    wq[n, f] = fake_weight(w if c.smooth is None else w * c.smooth, f, group)
+            else:
+                for n, w in zip(g.linears, ws):
+                    wq[n, f] = gptq_weight(w, fac, f, group) if f in gptq else fake_weight(w, f, group)
         del fac
+    sample.clear()
     scores = {g.name: {f: 0.0 for f in fmts[g.name]} for g in groups}
     tokens = 0
     inputs: dict[str, torch.Tensor] = {}
@@ -148,7 +194,7 @@ def group_scores(model, batches: list[torch.Tensor], formats: list[str],
             grp = member[name].name
             for fmt in fmts[grp]:
                 blk = blocks.get(fmt)
-                xin = fake_input(x, fmt, amax[grp], blk if blk and x.shape[-1] % blk == 0 else None)
+                xin = fake_input(x, fmt, blk if blk and x.shape[-1] % blk == 0 else None, choice.get((grp, fmt)))
                 dy = xin @ wq[name, fmt].T - y
                 key = (grp, fmt)
                 per_token[key] = per_token.get(key, 0) + (g * dy).sum(dim=1)  # [S]

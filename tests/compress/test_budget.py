@@ -24,6 +24,27 @@ def test_choose_takes_the_cheapest_within_the_prediction_and_move_up_climbs():
     assert c.formats == {"a": "int8-wo", "b": "int8-wo"} and c.predicted_ratio == predicted_ratio(scores, c.formats)
 
 
+def test_recalibrate_scales_the_proxy_by_the_measured_miss():
+    """A measured miss scales every score by log(measured) / predicted loss and searches again: here the proxy
+    predicted 0.003 of a 0.004 budget and the artifact measured 0.006 (k = 2), so the budget allows 0.002 of
+    raw proxy loss: both groups int8-wo, predicted at the scaled 0.0024. No miss beyond the prediction, or no
+    more precise choice, gives None (move_up then)."""
+    from compress.budget.search import recalibrate
+
+    scores = {"a": {"int4": 0.010, "int8-wo": 0.001, "float": 0.0},
+              "b": {"int4": 0.002, "int8-wo": 0.0002, "float": 0.0}}
+    sizes, cands = {"a": 100, "b": 100}, ["int4", "int8-wo", "float"]
+    c = choose(scores, sizes, cands, "cpu", budget=math.exp(0.004))
+    r = recalibrate(c, scores, sizes, cands, "cpu", math.exp(0.004), measured=math.exp(0.006))
+    assert r.scale == pytest.approx(2.0) and r.formats == {"a": "int8-wo", "b": "int8-wo"}
+    assert r.predicted_ratio == pytest.approx(math.exp(2 * 0.0012)) and r.cost > c.cost
+    assert recalibrate(c, scores, sizes, cands, "cpu", math.exp(0.004), measured=math.exp(0.0025)) is None
+    top = choose(scores, sizes, ["int8-wo"], "cpu", budget=1.0001)
+    assert recalibrate(top, scores, sizes, ["int8-wo"], "cpu", 1.0001, measured=1.01) is None
+    assert move_up(r, scores, sizes, cands, "cpu") == "a" and r.predicted_ratio == pytest.approx(
+        math.exp(2 * 0.0002))  # move_up keeps the scale
+
+
 def test_group_scores_rank_formats_and_groups(tiny_dir):
     from compress.budget.sensitivity import group_scores
     from compress.calib import calibration_batches
@@ -211,3 +232,26 @@ def test_labels_drawn_from_the_model_are_seeded(tiny_dir):
     assert a == b and a != d and all(v["int4"] > 0 for v in a.values())
     with pytest.raises(ValueError, match="labels: data or model"):
         group_scores(model, batches, ["int4"], labels="text")
+
+
+def test_activation_formats_are_scored_as_their_pass_smooths_them():
+    """For fp8 / int8-sq the proxy takes the smoothing and clip the preset's pass would choose: on an input with
+    one massive channel it smooths, and the output error of what it scores is below that of the input
+    quantized plainly at its calibration max (0.035x for int8-sq, 0.55x for fp8 here)."""
+    import torch
+
+    from compress.budget.sensitivity import ActChoice, act_choice, fake_input, fake_weight
+    from compress.quant import primitives as P
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    x[:, 5] *= 60.0  # a massive activation channel
+    w = torch.randn(96, 64, generator=g) / 8
+    y = x @ w.T
+    for fmt, act in (("int8-sq", "int8"), ("fp8", "fp8")):
+        c = act_choice(fmt, x, x.abs().amax(dim=0), w, repeat=1, head_dim=16)
+        assert c.smooth is not None and c.act == act, fmt
+        err = float(((fake_input(x, fmt, act=c) @ fake_weight(w * c.smooth, fmt).T - y) ** 2).mean())
+        plain = ActChoice(act, None, P.static_scale(x.abs().max(), act))
+        err0 = float(((fake_input(x, fmt, act=plain) @ fake_weight(w, fmt).T - y) ** 2).mean())
+        assert err < err0, (fmt, err, err0)
