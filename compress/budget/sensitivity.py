@@ -192,9 +192,14 @@ def group_scores(model, batches: list[torch.Tensor], formats: list[str],
             w = mods[name].weight.detach().float()
             y = x @ w.T
             grp = member[name].name
+            seen: dict[int | None, torch.Tensor] = {}  # weight-only formats' inputs by kernel block: made once
             for fmt in fmts[grp]:
                 blk = blocks.get(fmt)
-                xin = fake_input(x, fmt, blk if blk and x.shape[-1] % blk == 0 else None, choice.get((grp, fmt)))
+                blk = blk if blk and x.shape[-1] % blk == 0 else None
+                if fmt in ACT:
+                    xin = fake_input(x, fmt, blk, choice[grp, fmt])
+                else:
+                    xin = seen[blk] if blk in seen else seen.setdefault(blk, fake_input(x, fmt, blk))
                 dy = xin @ wq[name, fmt].T - y
                 key = (grp, fmt)
                 per_token[key] = per_token.get(key, 0) + (g * dy).sum(dim=1)  # [S]

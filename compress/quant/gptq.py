@@ -19,13 +19,13 @@ def int4_scale_search(w: torch.Tensor, group: int, h: torch.Tensor, clips=GROUP_
     out, inn = w.shape
     hw = h.reshape(1, inn // group, group)
 
-    def err(wr, s):
-        d = (P.dequantize(P.quantize_int4(wr, s), s) - wr).reshape(wr.shape[0], -1, group)
-        return (d * d * hw).sum(dim=2)  # [rows, G]
+    def err(wg, s):  # clamp(round(w / s)) * s - w as P.quantize_int4 / P.dequantize, in place, no int8 trip
+        d = torch.clamp(torch.round(wg / s[:, :, None]), P.INT4_MIN, P.INT4_MAX).mul_(s[:, :, None]).sub_(wg)
+        return d.square_().mul_(hw).sum(dim=2)  # [rows, G]
 
     def search(wr):
-        base = P.int4_scale(wr, group)
-        return P.pick_lowest_error((base * c, err(wr, base * c)) for c in clips)
+        wg, base = wr.reshape(wr.shape[0], -1, group), P.int4_scale(wr, group)
+        return P.pick_lowest_error((base * c, err(wg, base * c)) for c in clips)
 
     return torch.cat([search(w[r:r + rows]) for r in range(0, out, rows)]) if out > rows else search(w)
 

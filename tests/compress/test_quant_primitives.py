@@ -196,6 +196,25 @@ def test_gptq_matches_the_textbook_loop_and_the_chunked_scale_search():
     assert torch.equal(int4_scale_search(w, 32, f.diag, rows=7), int4_scale_search(w, 32, f.diag, rows=1 << 30))
 
 
+def test_int4_scale_search_picks_the_clip_of_least_weighted_error():
+    """Against the error written with the codes themselves (P.quantize_int4 / P.dequantize): the same scales."""
+    from compress.quant.gptq import GROUP_CLIPS, int4_scale_search
+
+    w = _w(seed=5)
+    h = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(6))
+    group = 32
+    base = P.int4_scale(w, group)
+    errs = []
+    for c in GROUP_CLIPS:
+        d = (P.dequantize(P.quantize_int4(w, base * c), base * c) - w).reshape(w.shape[0], -1, group)
+        errs.append((d * d * h.reshape(1, -1, group)).sum(dim=2))
+    best = torch.stack(errs).argmin(dim=0)  # the first clip wins ties, as in the search
+    want = base * torch.tensor(GROUP_CLIPS)[best]
+    got = int4_scale_search(w, group, h)
+    assert torch.equal(got, want)
+    assert (best > 0).any() and (best == 0).any()  # some groups clip, some do not: the search chose
+
+
 def test_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
     from compress.quant.gptq import factor
 
