@@ -83,8 +83,30 @@ def choose(scores: dict, sizes: dict[str, int], candidates: list[str], target: s
         if best is None:
             break  # everything is at the most precise format already
         pos[best] += 1
+    _step_back(scores, sizes, ladders, pos, table, limit)
     formats = {g: ladders[g][pos[g]] for g in scores}
     return Choice(formats, predicted_ratio(scores, formats), cost())
+
+
+def _step_back(scores: dict, sizes: dict, ladders: dict, pos: dict, table: dict, limit: float) -> None:
+    """The greedy's last step can be a large one that lands well inside the limit (a big group moved up
+    whole). Step groups back down one format at a time, the largest saving first, while the prediction stays
+    within ``limit``."""
+    total = sum(scores[g][ladders[g][pos[g]]] for g in scores)
+    while total <= limit:
+        best, saving, added = None, 0.0, 0.0
+        for g in scores:
+            if pos[g] == 0:
+                continue
+            now, low = ladders[g][pos[g]], ladders[g][pos[g] - 1]
+            extra = scores[g][low] - scores[g][now]
+            save = sizes[g] * (table[now] - table[low])
+            if total + extra <= limit and save > saving:
+                best, saving, added = g, save, extra
+        if best is None:
+            return
+        pos[best] -= 1
+        total += added
 
 
 def move_up(choice: Choice, scores: dict, sizes: dict, candidates: list[str], target: str) -> str | None:

@@ -24,6 +24,17 @@ def test_choose_takes_the_cheapest_within_the_prediction_and_move_up_climbs():
     assert c.formats == {"a": "int8-wo", "b": "int8-wo"} and c.predicted_ratio == predicted_ratio(scores, c.formats)
 
 
+def test_choose_steps_back_a_group_a_later_large_step_made_unneeded():
+    """The greedy moves the small group up first (the most loss per byte), is still over, and moves the big one
+    up too, which alone would do: the small one steps back to the cheap format, still within the budget."""
+    scores = {"big": {"int4": 0.0040, "int8-wo": 0.0}, "small": {"int4": 0.0010, "int8-wo": 0.0}}
+    sizes = {"big": 1000, "small": 100}
+    c = choose(scores, sizes, ["int4", "int8-wo"], "cpu", budget=math.exp(0.0011))
+    assert c.formats == {"big": "int8-wo", "small": "int4"}
+    assert c.predicted_ratio == pytest.approx(math.exp(0.0010))
+    assert c.cost == 1000 * COSTS["cpu"]["int8-wo"] + 100 * COSTS["cpu"]["int4"]
+
+
 def test_recalibrate_scales_the_proxy_by_the_measured_miss():
     """A measured miss scales every score by log(measured) / predicted loss and searches again: here the proxy
     predicted 0.003 of a 0.004 budget and the artifact measured 0.006 (k = 2), so the budget allows 0.002 of
