@@ -62,7 +62,7 @@ def apply(model, groups, formats: dict[str, str], calib, progress: bool, group: 
     """Quantize ``model`` in place: each group to its format, activation formats first. ``formats["lm_head"]``
     (int8-wo or int4; absent or float: the head stays float) is quantized by GPTQ on the stream through the
     quantized decoder: in the last pass, that of its own format (one pass less), else in a pass of its own."""
-    from compress.quant import Int4, Int8WeightOnly, quantize_
+    from compress.quant import quantize_
 
     head = formats.get("lm_head", "float")
     if head not in HEAD_FORMATS:
@@ -74,6 +74,8 @@ def apply(model, groups, formats: dict[str, str], calib, progress: bool, group: 
     fine = tuple(by.pop("int8-fine", ()))
     if fine:  # int8-wo weights too: one int8-wo pass, which records the fine kernel for these
         by["int8-wo"] = by.get("int8-wo", []) + list(fine)
+    if head != "float":
+        by.setdefault(head, [])  # a pass of the head's format, for the head alone where no group has it
     order = sorted(by, key=lambda f: (f not in ACT_FORMATS, f == head, f))  # the head's format last
     for fmt in order:
         targets = tuple(by[fmt]) + (("lm_head",) if fmt == head else ())
@@ -82,10 +84,6 @@ def apply(model, groups, formats: dict[str, str], calib, progress: bool, group: 
             config = dataclasses.replace(config, fine=fine)
         if fmt == "int4" == head:
             config = dataclasses.replace(config, lm_head="int4")
-        quantize_(model, config, calib=calib, progress=progress)
-    if head != "float" and head not in by:
-        config = Int4(targets=("lm_head",), group_size=group, lm_head="int4") if head == "int4" else \
-            Int8WeightOnly(targets=("lm_head",))
         quantize_(model, config, calib=calib, progress=progress)
 
 

@@ -50,6 +50,10 @@ def predicted_ratio(scores: dict, formats: dict) -> float:
     return math.exp(sum(scores[g][f] for g, f in formats.items()))
 
 
+def _cost(formats: dict, sizes: dict, table: dict) -> float:
+    return sum(sizes[g] * table[f] for g, f in formats.items())
+
+
 def _ladders(scores: dict, candidates: list[str], target: str) -> dict[str, list[str]]:
     """Each group's formats, cheapest first: the candidates it has scores for (the lm_head has its own)."""
     table = COSTS[target]
@@ -64,10 +68,6 @@ def choose(scores: dict, sizes: dict[str, int], candidates: list[str], target: s
     table = COSTS[target]
     ladders = _ladders(scores, candidates, target)
     pos = {g: 0 for g in scores}
-
-    def cost() -> float:
-        return sum(sizes[g] * table[ladders[g][pos[g]]] for g in scores)
-
     limit = math.log(budget)
     while sum(scores[g][ladders[g][pos[g]]] for g in scores) > limit:
         best, gain = None, -1.0
@@ -85,7 +85,7 @@ def choose(scores: dict, sizes: dict[str, int], candidates: list[str], target: s
         pos[best] += 1
     _step_back(scores, sizes, ladders, pos, table, limit)
     formats = {g: ladders[g][pos[g]] for g in scores}
-    return Choice(formats, predicted_ratio(scores, formats), cost())
+    return Choice(formats, predicted_ratio(scores, formats), _cost(formats, sizes, table))
 
 
 def _step_back(scores: dict, sizes: dict, ladders: dict, pos: dict, table: dict, limit: float) -> None:
@@ -120,7 +120,7 @@ def move_up(choice: Choice, scores: dict, sizes: dict, candidates: list[str], ta
         if i + 1 < len(ladders[g]):
             choice.formats[g] = ladders[g][i + 1]
             choice.predicted_ratio = predicted_ratio(scores, choice.formats) ** choice.scale
-            choice.cost = sum(sizes[h] * table[choice.formats[h]] for h in choice.formats)
+            choice.cost = _cost(choice.formats, sizes, table)
             return g
     return None
 
