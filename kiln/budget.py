@@ -3,8 +3,8 @@
 1. Sensitivity of every input group to every candidate format (compress.budget.sensitivity).
 2. The cheapest assignment for the target whose predicted perplexity ratio is within the budget
    (compress.budget.search).
-3. Quantize with it (one pass per format: activation formats first, so smoothing still folds into float
-   ops), export the artifact the target runs (cpu: the ONNX Runtime form when it applies; h100: portable),
+3. Quantize with it (every format in one layer-by-layer run, a pass record per format: activation formats
+   first within each layer, so smoothing still folds into float ops), export the artifact the target runs (cpu: the ONNX Runtime form when it applies; h100: portable),
    and measure its perplexity on held-out windows (the start of the evaluation corpus; calibration comes from
    the end). Over budget: the proxy's scores are scaled by how much it under-predicted this artifact and the
    search runs again under them (search.recalibrate); where that changes nothing, the group with the highest
@@ -59,10 +59,11 @@ HEAD_FORMATS = ("int4", "int8-wo", "float")  # what the cpu target's lm_head (a 
 
 
 def apply(model, groups, formats: dict[str, str], calib, progress: bool, group: int = 128) -> None:
-    """Quantize ``model`` in place: each group to its format, activation formats first. ``formats["lm_head"]``
-    (int8-wo or int4; absent or float: the head stays float) is quantized by GPTQ on the stream through the
-    quantized decoder: in the last pass, that of its own format (one pass less), else in a pass of its own."""
-    from compress.quant import quantize_
+    """Quantize ``model`` in place: each group to its format, in one layer-by-layer run (quantize_joint_: a
+    pass record per format, activation formats first within each layer). ``formats["lm_head"]`` (int8-wo or
+    int4; absent or float: the head stays float) is quantized by GPTQ on the stream through the quantized
+    decoder, in the pass record of its format."""
+    from compress.quant import quantize_joint_
 
     head = formats.get("lm_head", "float")
     if head not in HEAD_FORMATS:
@@ -72,19 +73,21 @@ def apply(model, groups, formats: dict[str, str], calib, progress: bool, group: 
         if formats[g.name] != "float":
             by.setdefault(formats[g.name], []).extend(g.linears)
     fine = tuple(by.pop("int8-fine", ()))
-    if fine:  # int8-wo weights too: one int8-wo pass, which records the fine kernel for these
+    if fine:  # int8-wo weights too: one int8-wo config, which records the fine kernel for these
         by["int8-wo"] = by.get("int8-wo", []) + list(fine)
     if head != "float":
-        by.setdefault(head, [])  # a pass of the head's format, for the head alone where no group has it
-    order = sorted(by, key=lambda f: (f not in ACT_FORMATS, f == head, f))  # the head's format last
-    for fmt in order:
+        by.setdefault(head, [])  # a config of the head's format, for the head alone where no group has it
+    configs = []
+    for fmt in sorted(by, key=lambda f: (f not in ACT_FORMATS, f == head, f)):  # the head's record last
         targets = tuple(by[fmt]) + (("lm_head",) if fmt == head else ())
         config = format_config(fmt, targets, group)
         if fmt == "int8-wo" and fine:
             config = dataclasses.replace(config, fine=fine)
         if fmt == "int4" == head:
             config = dataclasses.replace(config, lm_head="int4")
-        quantize_(model, config, calib=calib, progress=progress)
+        configs.append(config)
+    if configs:
+        quantize_joint_(model, configs, calib=calib, progress=progress)
 
 
 def quantize_budget(source: str, out, *, budget: float, formats: str, target: str = "cpu",

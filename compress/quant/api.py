@@ -50,34 +50,68 @@ def _head_is_float(model) -> bool:
 def quantize_(model, config: QuantConfig, calib=None, progress: bool = False) -> QuantReport:
     """Quantize the selected, still float Linears of ``model`` in place, decoder layer by decoder layer;
     returns the pass report (also kept, with the passes before it, in ``model.kiln_quant``)."""
+    return quantize_joint_(model, [config], calib, progress)[0]
+
+
+def quantize_joint_(model, configs: list[QuantConfig], calib=None, progress: bool = False) -> list[QuantReport]:
+    """Several configs with disjoint selections (a per-layer mix of formats) in ONE layer-by-layer run:
+    the calibration inputs are captured once and each layer is run through once per stream, whatever the
+    number of formats (compress.quant.schemes.joint says the order within a layer). One report per config,
+    as separate passes would give (kiln.json keeps a pass per config); each report's stats carry the run's
+    time and, when there are several, ``joint``: the schemes of the run in order."""
     from ..sequential import InMemory
 
-    check(model.config, config, calib)
+    configs = list(configs)
+    if not configs:
+        raise CompressError("quantize_joint_ needs at least one config")
+    for c in configs:
+        check(model.config, c, calib)
     loop = _as_loop(calib)
-    sel = config.selection
-    targets = {n for n, _ in layer_linears(model) if sel(n)}
-    head = sel("lm_head") and _head_is_float(model)
-    if not targets and not head:
+    names = [n for n, _ in layer_linears(model)]
+    targets = [{n for n in names if c.selection(n)} for c in configs]
+    head_float = _head_is_float(model)
+    heads = [k for k, c in enumerate(configs) if c.selection("lm_head") and head_float]
+    _check_disjoint(configs, targets, heads)
+    if not any(targets) and not heads:
         if is_quantized(model):
             raise CompressError("this model is already quantized where the config selects; quantize the float "
                                 "(or pruned) model, or select Linears that are still float")
-        raise CompressError(f"no Linear matches targets {list(config.targets)} minus ignore {list(config.ignore)}")
+        c = configs[0]
+        raise CompressError(f"no Linear matches targets {list(c.targets)} minus ignore {list(c.ignore)}")
     before = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     hidden = model.config.hidden_size
-    hf = HeadFactor(model.model.norm, hidden, config.damp) if HeadFactor.wanted(config, head) else None
-    stats = run_pass(InMemory(model), config, targets, loop, progress, last=hf)
+    head = heads[0] if heads else None
+    hc = configs[head] if head is not None else None
+    hf = HeadFactor(model.model.norm, hidden, hc.damp) if hc is not None and HeadFactor.wanted(hc, True) else None
+    stats = run_joint(InMemory(model), list(zip(configs, targets)), loop, progress, last=hf)
     head_rec = None
-    if head:
+    if hc is not None:
         with torch.no_grad():
-            head_rec = quantize_lm_head(model, config.head_spec(hidden), hf.factor if hf else None)
-    layers = {n: m.spec for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in before}
-    if head_rec is not None:
-        layers["lm_head"] = head_rec["spec"]
-    report = QuantReport(config=config, layers=layers, stats=stats)
+            head_rec = quantize_lm_head(model, hc.head_spec(hidden), hf.factor if hf else None)
+    made = {n: m.spec for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in before}
+    reports = []
+    for k, (c, t) in enumerate(zip(configs, targets)):
+        layers = {n: spec for n, spec in made.items() if n in t}
+        if k == head:
+            layers["lm_head"] = head_rec["spec"]
+        reports.append(QuantReport(config=c, layers=layers, stats=stats[k]))
     state = quant_state(model)
     tied = head_rec if head_rec is not None and "codes" in head_rec else state["lm_head"]
-    object.__setattr__(model, STATE_ATTR, {"passes": state["passes"] + [report], "lm_head": tied})
-    return report
+    object.__setattr__(model, STATE_ATTR, {"passes": state["passes"] + reports, "lm_head": tied})
+    return reports
+
+
+def _check_disjoint(configs, targets: list[set], heads: list[int]) -> None:
+    """One config per Linear: two that select the same one would leave it to whichever runs first."""
+    for a in range(len(configs)):
+        for b in range(a + 1, len(configs)):
+            both = targets[a] & targets[b]
+            if both:
+                raise CompressError(f"{configs[a].scheme} and {configs[b].scheme} both select {min(both)}: "
+                                    "a joint run takes disjoint selections")
+    if len(heads) > 1:
+        raise CompressError(f"{configs[heads[0]].scheme} and {configs[heads[1]].scheme} both select the lm_head: "
+                            "a joint run takes disjoint selections")
 
 
 def check(hf_config, config: QuantConfig, calib) -> None:
@@ -96,22 +130,40 @@ def run_pass(source, config: QuantConfig, targets: set, loop, progress: bool, do
     """Quantize ``targets`` of every decoder layer of ``source`` (compress.sequential); ``last(stream)`` gets
     the quant stream after the last layer; ``observe(i, layer)`` wraps the quant stream's run through each
     finished layer (a quant stream is carried for it when the scheme needs none). Returns the stats."""
+    return run_joint(source, [(config, targets)], loop, progress, done, activation_budget, last, observe)[0]
+
+
+def run_joint(source, parts: list, loop, progress: bool, done=None, activation_budget: int | None = None,
+              last=None, observe=None) -> list[dict]:
+    """run_pass for several (config, targets) at once, in one layer-by-layer run; the stats of each."""
     from ..sequential import run_sequential
-    from .schemes import QuantContext, streams_for
+    from .schemes import QuantContext, joint, streams_for
 
     cfg = source.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    ctx = QuantContext(targets=set(targets), head_dim=head_dim, calibrated=loop is not None)
-    transform = QUANT_TRANSFORMS.get(config)
-    own = streams_for(config, loop is not None)
+    ctxs = [QuantContext(targets=set(t), head_dim=head_dim, calibrated=loop is not None) for _, t in parts]
+    configs = [c for c, _ in parts]
+    rows = {getattr(c, "rows_per_batch", 0) for c in configs} - {0}
+    if len(rows) > 1:
+        raise CompressError(f"a joint run samples one number of rows per batch; these configs ask for {sorted(rows)}")
+    if len(parts) == 1:
+        transform = (lambda job, c=configs[0], x=ctxs[0], f=QUANT_TRANSFORMS.get(configs[0]): f(job, c, x))
+    else:
+        transform = joint(list(zip(configs, ctxs)))
+    own = frozenset().union(*(streams_for(c, loop is not None) for c in configs))
     streams = own | ({"quant"} if observe is not None else set())
-    label = f"{'gptq' if 'quant' in own else 'quantize'} {config.scheme}" if progress else None
-    run = run_sequential(source, lambda job: transform(job, config, ctx), loop=loop, streams=streams,
-                         rows=getattr(config, "rows_per_batch", 0), draw_seed=0, progress=label, done=done,
-                         activation_budget=activation_budget, last=last, observe=observe)
-    if run["calibration_tokens"]:
-        ctx.stats["calibration_tokens"] = run["calibration_tokens"]
-    if run["activations_on_disk"]:
-        ctx.stats["activations_on_disk"] = True
-    ctx.stats["seconds"] = run["seconds"]
-    return ctx.stats
+    label = None
+    if progress:
+        label = f"{'gptq' if 'quant' in own else 'quantize'} {'+'.join(c.scheme for c in configs)}"
+    run = run_sequential(source, transform, loop=loop, streams=streams, rows=max(rows, default=0), draw_seed=0,
+                         progress=label, done=done, activation_budget=activation_budget, last=last,
+                         observe=observe)
+    for ctx in ctxs:
+        if run["calibration_tokens"]:
+            ctx.stats["calibration_tokens"] = run["calibration_tokens"]
+        if run["activations_on_disk"]:
+            ctx.stats["activations_on_disk"] = True
+        ctx.stats["seconds"] = run["seconds"]
+        if len(configs) > 1:
+            ctx.stats["joint"] = [c.scheme for c in configs]
+    return [ctx.stats for ctx in ctxs]

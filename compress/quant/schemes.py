@@ -6,6 +6,7 @@ calibration streams the pass reads, so the sequential runner carries only those.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,19 +50,48 @@ def _spec(job, config, name):
 
 
 def gptq_layer(job, config, names: list[str], extra=lambda n: (None, None)) -> None:
-    """GPTQ for ``names`` of this layer: Hessians on the quant stream through the layer as it is (float), one
-    factorisation per group of Linears sharing an input, then each Linear's codes."""
-    hess = job.hessians(names)
+    """GPTQ for ``names`` of this layer, each to ``config``'s spec (gptq_mixed)."""
+    gptq_mixed(job, {n: config for n in names}, extra)
+
+
+def gptq_mixed(job, configs: dict, extra=lambda n: (None, None)) -> None:
+    """GPTQ for the Linears ``configs`` names, each to its own config's spec: Hessians on the quant stream
+    through the layer as it is (float), in one run through it; one factorisation per group of Linears
+    sharing an input (per damping), then each Linear's codes."""
+    hess = job.hessians(list(configs))
     for g in job.groups:
         live = [n for n in g.linears if n in hess]
         if not live:
             continue
-        f = factor(hess.pop(live[0]), config.damp)
+        h = hess.pop(live[0])
+        damps = list(dict.fromkeys(configs[n].damp for n in live))
+        factors = {d: factor(h.clone() if k < len(damps) - 1 else h, d) for k, d in enumerate(damps)}
+        del h
         for n in live:
             hess.pop(n, None)
-            spec = _spec(job, config, n)
-            codes, s = gptq(job.get_submodule(n).weight, f, spec.weight, spec.group_size or 0)
+            spec = _spec(job, configs[n], n)
+            codes, s = gptq(job.get_submodule(n).weight, factors[configs[n].damp], spec.weight, spec.group_size or 0)
             replace_linear(job, n, codes, s, spec, *extra(n))
+
+
+def joint(parts: list) -> Callable:
+    """The transform of several configs quantized in one layer-by-layer run (``parts``: [(config, ctx)],
+    disjoint selections): per layer, the activation schemes first (in order; their smoothing folds into ops
+    still float), then every weight-only GPTQ config's Linears by gptq_mixed (one Hessian run), then the
+    weight-only ones rounded to nearest."""
+    acts = [(c, x) for c, x in parts if isinstance(c, ActivationScheme)]
+    wo = [(c, x) for c, x in parts if not isinstance(c, ActivationScheme)]
+
+    def transform(job) -> None:
+        for c, x in acts:
+            QUANT_TRANSFORMS.get(c)(job, c, x)
+        mixed = {n: c for c, x in wo if getattr(c, "method", "rtn") == "gptq" for n in x.live(job)}
+        if mixed:
+            gptq_mixed(job, mixed)
+        for c, x in wo:
+            if getattr(c, "method", "rtn") != "gptq":
+                QUANT_TRANSFORMS.get(c)(job, c, x)
+    return transform
 
 
 def _rtn(job, config, names) -> None:

@@ -86,9 +86,9 @@ def test_cpu_scores_see_the_kernels_activation_blocks(tiny_dir):
     assert sum(v["int8-fine"] for v in cpu.values()) < sum(v["int8-wo"] for v in cpu.values())
 
 
-def test_apply_quantizes_the_head_in_the_last_int8_pass(tiny_dir):
-    """With int8-wo chosen, the lm_head is quantized in that (last) pass: the same codes as in a pass of its own
-    after it, one sequential pass less."""
+def test_apply_quantizes_the_head_in_the_int8_pass_of_its_one_run(tiny_dir):
+    """With int8-wo chosen, the lm_head is quantized in the same layer-by-layer run as the decoder, in the
+    int8-wo pass record: the same codes as a pass of its own after that run, one run less."""
     import torch
 
     from compress.calib import calibration_batches, forward_loop
@@ -96,7 +96,7 @@ def test_apply_quantizes_the_head_in_the_last_int8_pass(tiny_dir):
     from compress.quant import Int8WeightOnly, quantize_
     from compress.quant.api import quant_state
     from compress.quant.calibrate import layer_groups
-    from kiln.budget import apply, format_config
+    from kiln.budget import apply
 
     batches = calibration_batches(*load_model(str(tiny_dir))[1:2], samples=2, seq_len=32)
     heads = []
@@ -107,12 +107,12 @@ def test_apply_quantizes_the_head_in_the_last_int8_pass(tiny_dir):
         if merged:
             apply(model, groups, formats | {"lm_head": "int8-wo"}, forward_loop(batches), progress=False, group=32)
         else:
-            for f in ("int4", "int8-wo"):
-                quantize_(model, format_config(f, tuple(n for g in groups if formats[g.name] == f
-                                                        for n in g.linears), 32), calib=forward_loop(batches))
+            apply(model, groups, formats, forward_loop(batches), progress=False, group=32)
             quantize_(model, Int8WeightOnly(targets=("lm_head",)), calib=forward_loop(batches))
         state = quant_state(model)
-        assert len(state["passes"]) == (2 if merged else 3) and state["lm_head"] is not None
+        assert [p.config.scheme for p in state["passes"]] == ["int4", "int8-wo"] + ([] if merged else ["int8-wo"])
+        assert state["passes"][0].stats["joint"] == ["int4", "int8-wo"]
+        assert state["lm_head"] is not None and "lm_head" in state["passes"][-1].layers
         heads.append(state["lm_head"]["codes"])
     assert torch.equal(heads[0], heads[1])
 
