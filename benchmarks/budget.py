@@ -2,6 +2,7 @@
 the search).
 
     KILN_CACHE=... python -m benchmarks.budget --work /tmp/budget [--runs h100,cpu,int8-sq,rank] [--rank-groups 12]
+    python -m benchmarks.budget --decode ART,ART,REF [--repeats 5]   (decode of artifacts already built)
 
 Runs (each writes WORK/NAME and prints one JSON line; all together print a markdown table at the end):
   h100    --target h100 --formats fp8,int8-wo,float --budget 1.015: measured artifact ratio on pydoc (the
@@ -56,6 +57,24 @@ def decode_rate(art: Path, tokens: int = 96) -> float:
         t0 = time.perf_counter()
         r = eng.generate("def fibonacci(n):", max_new_tokens=tokens, ignore_eos=True)
         return (len(r.token_ids) - 1) / (time.perf_counter() - t0)
+
+
+def compare_decode(arts: list[Path], repeats: int) -> int:
+    """Decode tok/s of each artifact, one after the other, ``repeats`` rounds; medians, and each against the
+    last one given (the reference)."""
+    missing = [str(a) for a in arts if not (a / "kiln.json").is_file()]
+    if missing or repeats < 1:
+        print(f"error: {'no artifact at ' + missing[0] if missing else '--repeats must be at least 1'}",
+              file=sys.stderr)
+        return 2
+    rates: dict[str, list[float]] = {str(a): [] for a in arts}
+    for _ in range(repeats):
+        for a in arts:
+            rates[str(a)].append(decode_rate(a))
+    ref = statistics.median(rates[str(arts[-1])])
+    print(json.dumps({a: {"tok_s": round(statistics.median(v), 1), "runs": [round(x, 1) for x in v],
+                          "vs_last": round(statistics.median(v) / ref, 3)} for a, v in rates.items()}))
+    return 0
 
 
 def search(work: Path, name: str, formats: str, target: str, budget: float) -> dict:
@@ -128,7 +147,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/budget")
     ap.add_argument("--runs", default="h100,cpu,int8-sq,rank")
     ap.add_argument("--rank-groups", type=int, default=12)
+    ap.add_argument("--decode", metavar="ART,ART,...",
+                    help="only this: decode tok/s of artifacts already built, alternating, medians of --repeats")
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
+    if args.decode:
+        return compare_decode([Path(a) for a in args.decode.split(",")], args.repeats)
     from benchmarks.corpora import heldout_english
 
     work = Path(args.work)
