@@ -71,7 +71,7 @@ def quantize_joint_(model, configs: list[QuantConfig], calib=None, progress: boo
     targets = [{n for n in names if c.selection(n)} for c in configs]
     head_float = _head_is_float(model)
     heads = [k for k, c in enumerate(configs) if c.selection("lm_head") and head_float]
-    _check_disjoint(configs, targets, heads)
+    _check_joint(model, configs, targets, heads)
     if not any(targets) and not heads:
         if is_quantized(model):
             raise CompressError("this model is already quantized where the config selects; quantize the float "
@@ -101,8 +101,11 @@ def quantize_joint_(model, configs: list[QuantConfig], calib=None, progress: boo
     return reports
 
 
-def _check_disjoint(configs, targets: list[set], heads: list[int]) -> None:
-    """One config per Linear: two that select the same one would leave it to whichever runs first."""
+def _check_joint(model, configs, targets: list[set], heads: list[int]) -> None:
+    """One config per Linear (two that select the same one would leave it to whichever runs first); in a run
+    of several, each selects something, and an input group read by a config that uses the float stream's
+    statistics (smoothing, static scales, clip search) is not split with another config: those statistics
+    are taken before the layer changes, so a split group's other config would see the wrong input."""
     for a in range(len(configs)):
         for b in range(a + 1, len(configs)):
             both = targets[a] & targets[b]
@@ -112,6 +115,22 @@ def _check_disjoint(configs, targets: list[set], heads: list[int]) -> None:
     if len(heads) > 1:
         raise CompressError(f"{configs[heads[0]].scheme} and {configs[heads[1]].scheme} both select the lm_head: "
                             "a joint run takes disjoint selections")
+    if len(configs) < 2:
+        return
+    from .calibrate import layer_groups
+    from .schemes import streams_for
+
+    for k, c in enumerate(configs):
+        if not targets[k] and k not in heads:
+            raise CompressError(f"{c.scheme} (targets {list(c.targets)} minus ignore {list(c.ignore)}) selects no "
+                                "Linear that is still float: leave it out of the joint run")
+    owner = {n: k for k, t in enumerate(targets) for n in t}
+    for g in layer_groups(model):
+        ks = sorted({owner[n] for n in g.linears if n in owner})
+        if len(ks) > 1 and any("float" in streams_for(configs[k], True) for k in ks):
+            raise CompressError(f"{g.name} is split between {' and '.join(configs[k].scheme for k in ks)}: a joint "
+                                "run keeps an input group with smoothing, static scales or clip search in one "
+                                "config; quantize them with separate quantize_ calls")
 
 
 def check(hf_config, config: QuantConfig, calib) -> None:

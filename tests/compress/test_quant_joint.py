@@ -99,3 +99,60 @@ def test_overlapping_selections_are_refused_in_one_line(tiny_dir, calib):
     with pytest.raises(CompressError, match="at least one config"):
         quantize_joint_(model, [], calib=calib)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())  # refused before any work
+
+
+def test_an_activation_format_and_gptq_weights_in_one_layer(tiny_dir, calib):
+    """fp8 attention and int8-wo MLP in every layer (the h100 search's kind of mix): fp8's smoothing and scales
+    come from the float stream and the MLP's GPTQ reads the stream through the fp8 attention, in one run as in
+    two passes (fp8 first): the same model, to the bit."""
+    x = _x()
+    logits = []
+    for joint_run in (True, False):
+        model, _, _ = load_model(str(tiny_dir))
+        configs = [Fp8(targets=(ATTN,), ignore=()), Int8WeightOnly(targets=(MLP, "lm_head"))]
+        if joint_run:
+            quantize_joint_(model, configs, calib=calib)
+        else:
+            for c in configs:
+                quantize_(model, c, calib=calib)
+        assert model.model.layers[1].self_attn.q_proj.spec.act == "fp8"
+        assert model.model.layers[1].mlp.down_proj.spec == LayerSpec("int8")
+        with torch.no_grad():
+            logits.append(model(input_ids=x).logits)
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_two_dampings_in_one_group_each_get_their_own_factor(tiny_dir, calib):
+    """q_proj at damp 0.01 and k/v at 0.1 share one Hessian; factor() rewrites it in place (a dead input's
+    diagonal), so each damping must start from its own copy: layer 0's codes equal single-config runs'."""
+    q, kv = r"re:model\.layers\.0\.self_attn\.q_proj", r"re:model\.layers\.0\.self_attn\.[kv]_proj"
+
+    def dead_input():  # input 5 of layer 0's q/k/v always zero: a dead column in their Hessian
+        m, _, _ = load_model(str(tiny_dir))
+        with torch.no_grad():
+            m.model.layers[0].input_layernorm.weight[5] = 0.0
+        return m
+
+    joint = dead_input()
+    quantize_joint_(joint, [Int8WeightOnly(targets=(q,), damp=0.01), Int8WeightOnly(targets=(kv,), damp=0.1)],
+                    calib=calib)
+    got = _codes(joint)
+    for pattern, damp in ((q, 0.01), (kv, 0.1)):
+        alone = dead_input()
+        quantize_(alone, Int8WeightOnly(targets=(pattern,), damp=damp), calib=calib)
+        want = _codes(alone)
+        assert want and all(torch.equal(got[n], want[n]) for n in want), pattern
+
+
+def test_joint_runs_refuse_what_they_cannot_do_in_one_line(tiny_dir, calib):
+    model, _, _ = load_model(str(tiny_dir))
+    qkv = r"re:model\.layers\.\d+\.self_attn\.[qk]_proj"
+    rest = r"re:model\.layers\.\d+\.(self_attn\.[vo]_proj|mlp\.\w+_proj)"
+    with pytest.raises(CompressError, match=r"^model\.layers\.0\.\w+ is split between fp8 and int8-wo: "):
+        quantize_joint_(model, [Fp8(targets=(qkv,), ignore=()), Int8WeightOnly(targets=(rest,))], calib=calib)
+    with pytest.raises(CompressError, match=r"^int4 \(targets .*\) selects no Linear that is still float"):
+        quantize_joint_(model, [Int8WeightOnly(), Int4(targets=("re:nothing",))], calib=calib)
+    with pytest.raises(CompressError, match="one number of rows per batch"):
+        quantize_joint_(model, [Fp8(targets=(ATTN,), ignore=(), rows_per_batch=8),
+                                Fp8(targets=(MLP,), ignore=(), rows_per_batch=16)], calib=calib)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
