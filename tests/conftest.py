@@ -9,9 +9,9 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
-import pytest
+import pytest  # noqa: E402 - after the thread setting above
 
-from tests.tiny import save_tiny
+from tests.tiny import save_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

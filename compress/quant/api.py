@@ -152,6 +152,15 @@ def run_pass(source, config: QuantConfig, targets: set, loop, progress: bool, do
     return run_joint(source, [(config, targets)], loop, progress, done, activation_budget, last, observe)[0]
 
 
+def _one(config: QuantConfig, ctx):
+    """The transform of a run of one config: its registered transform."""
+    f = QUANT_TRANSFORMS.get(config)
+
+    def transform(job) -> None:
+        f(job, config, ctx)
+    return transform
+
+
 def run_joint(source, parts: list, loop, progress: bool, done=None, activation_budget: int | None = None,
               last=None, observe=None) -> list[dict]:
     """run_pass for several (config, targets) at once, in one layer-by-layer run; the stats of each."""
@@ -164,11 +173,9 @@ def run_joint(source, parts: list, loop, progress: bool, done=None, activation_b
     configs = [c for c, _ in parts]
     rows = {getattr(c, "rows_per_batch", 0) for c in configs} - {0}
     if len(rows) > 1:
-        raise CompressError(f"a joint run samples one number of rows per batch; these configs ask for {sorted(rows)}")
-    if len(parts) == 1:
-        transform = (lambda job, c=configs[0], x=ctxs[0], f=QUANT_TRANSFORMS.get(configs[0]): f(job, c, x))
-    else:
-        transform = joint(list(zip(configs, ctxs)))
+        raise CompressError("a joint run samples one number of rows per batch; these configs ask for "
+                            f"{sorted(rows)}")
+    transform = joint(list(zip(configs, ctxs))) if len(parts) > 1 else _one(configs[0], ctxs[0])
     own = frozenset().union(*(streams_for(c, loop is not None) for c in configs))
     streams = own | ({"quant"} if observe is not None else set())
     label = None

@@ -94,8 +94,8 @@ def test_overlapping_selections_are_refused_in_one_line(tiny_dir, calib):
     with pytest.raises(CompressError, match=r"^int4 and int8-wo both select model\.layers\.0\.self_attn\.k_proj: "):
         quantize_joint_(model, [Int4(targets=(ATTN,)), Int8WeightOnly()], calib=calib)
     with pytest.raises(CompressError, match="both select the lm_head"):
-        quantize_joint_(model, [Int4(targets=(ATTN, "lm_head"), lm_head="int4"), Int8WeightOnly(targets=(MLP, "lm_head"))],
-                        calib=calib)
+        quantize_joint_(model, [Int4(targets=(ATTN, "lm_head"), lm_head="int4"),
+                                Int8WeightOnly(targets=(MLP, "lm_head"))], calib=calib)
     with pytest.raises(CompressError, match="at least one config"):
         quantize_joint_(model, [], calib=calib)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())  # refused before any work
