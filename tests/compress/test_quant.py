@@ -17,12 +17,6 @@ from runtime.layerspec import LayerSpec
 from runtime.records import PrunePass
 
 
-@pytest.fixture(scope="module")
-def calib(tiny_dir):
-    _, tok, _ = load_model(str(tiny_dir))
-    return calibration_batches(tok, samples=4, seq_len=64)
-
-
 def _ids():
     return torch.randint(3, 500, (2, 48), generator=torch.Generator().manual_seed(5))
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from compress import CompressError
-from compress.calib import calibration_batches
 from compress.checkpoint import source_record
 from compress.loading import load_model
 from compress.quant import Fp8, Int4, Int8WeightOnly, quantize_, quantize_joint_, save_quantized
@@ -16,12 +15,6 @@ ATTN = r"re:model\.layers\.\d+\.self_attn\.\w+_proj"
 MLP = r"re:model\.layers\.\d+\.mlp\.\w+_proj"
 LATER_ATTN = r"re:model\.layers\.[1-9]\d*\.self_attn\.\w+_proj"
 LATER_MLP = r"re:model\.layers\.[1-9]\d*\.mlp\.\w+_proj"
-
-
-@pytest.fixture(scope="module")
-def calib(tiny_dir):
-    _, tok, _ = load_model(str(tiny_dir))
-    return calibration_batches(tok, samples=4, seq_len=64)
 
 
 def _x():
