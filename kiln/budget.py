@@ -5,8 +5,8 @@
    (compress.budget.search).
 3. Quantize with it (every format in one layer-by-layer run, a pass record per format: activation formats
    first within each layer, so smoothing still folds into float ops), export the artifact the target runs
-   (cpu: the ONNX Runtime form when it applies; h100: portable), and measure its perplexity on held-out windows (the start of the evaluation corpus; calibration comes from
-   the end). Over budget: the proxy's scores are scaled by how much it under-predicted this artifact and the
+   (cpu: the ONNX Runtime form when it applies; h100: portable), and measure its perplexity on held-out
+   windows (the start of the evaluation corpus; calibration comes from the end). Over budget: the proxy's scores are scaled by how much it under-predicted this artifact and the
    search runs again under them (search.recalibrate); where that changes nothing, the group with the highest
    predicted loss moves up one format. Up to ``max_rounds`` artifacts.
 The checkpoint goes to OUT, the measured artifact to OUT-onnx (unless ``keep_artifact`` is False: `kiln pipeline`

@@ -9,6 +9,6 @@ from .checkpoint import load_quantized, save_quantized
 from .config import (SCHEMES, ActivationScheme, Fp8, Int4, Int8Dynamic, Int8Grouped, Int8WeightOnly, QuantConfig,
                      SmoothQuantInt8, config_for)
 
-__all__ = ["quantize_", "quantize_joint_", "is_quantized", "save_quantized", "load_quantized", "SCHEMES", "config_for",
-           "QuantConfig", "ActivationScheme", "Int8WeightOnly", "Int8Grouped", "Fp8", "SmoothQuantInt8",
+__all__ = ["quantize_", "quantize_joint_", "is_quantized", "save_quantized", "load_quantized", "SCHEMES",
+           "config_for", "QuantConfig", "ActivationScheme", "Int8WeightOnly", "Int8Grouped", "Fp8", "SmoothQuantInt8",
            "Int8Dynamic", "Int4"]

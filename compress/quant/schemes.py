@@ -79,18 +79,19 @@ def joint(parts: list) -> Callable:
     disjoint selections): per layer, the activation schemes first (in order; their smoothing folds into ops
     still float), then every weight-only GPTQ config's Linears by gptq_mixed (one Hessian run), then the
     weight-only ones rounded to nearest."""
-    acts = [(c, x) for c, x in parts if isinstance(c, ActivationScheme)]
+    acts = [(QUANT_TRANSFORMS.get(c), c, x) for c, x in parts if isinstance(c, ActivationScheme)]
     wo = [(c, x) for c, x in parts if not isinstance(c, ActivationScheme)]
+    gptq_wo = [(c, x) for c, x in wo if getattr(c, "method", "rtn") == "gptq"]
+    rtn_wo = [(QUANT_TRANSFORMS.get(c), c, x) for c, x in wo if getattr(c, "method", "rtn") != "gptq"]
 
     def transform(job) -> None:
-        for c, x in acts:
-            QUANT_TRANSFORMS.get(c)(job, c, x)
-        mixed = {n: c for c, x in wo if getattr(c, "method", "rtn") == "gptq" for n in x.live(job)}
+        for f, c, x in acts:
+            f(job, c, x)
+        mixed = {n: c for c, x in gptq_wo for n in x.live(job)}
         if mixed:
             gptq_mixed(job, mixed)
-        for c, x in wo:
-            if getattr(c, "method", "rtn") != "gptq":
-                QUANT_TRANSFORMS.get(c)(job, c, x)
+        for f, c, x in rtn_wo:
+            f(job, c, x)
     return transform
 
 
